@@ -1,0 +1,26 @@
+"""The command line: ``LightningCLI`` over ``SPPOModule`` and ``RolloutDataModule``, with omegaconf configs.
+
+Mistakes in the input (a missing file, a malformed row, an impossible setting) end the run with one message
+and exit code 2; set ``SPPO_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from sppo_lightning.data.datamodule import RolloutDataModule
+from sppo_lightning.errors import UserInputError
+from sppo_lightning.module import SPPOModule
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        LightningCLI(SPPOModule, RolloutDataModule, parser_kwargs={"parser_mode": "omegaconf+"}, args=args)
+    except UserInputError as e:
+        if os.environ.get("SPPO_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

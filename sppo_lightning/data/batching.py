@@ -1,0 +1,46 @@
+"""Micro-batches of whole groups, collated into the tensors the module trains on."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from sppo_lightning.data.examples import Example
+
+
+def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompt + response ids right-padded to one width; ``response_mask`` marks the response tokens."""
+    seqs = [r.prompt_ids + r.response_ids for r in rows]
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, (row, seq) in enumerate(zip(rows, seqs)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        response_mask[i, len(row.prompt_ids) : len(seq)] = 1.0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "win_rates": torch.tensor([r.win_rate for r in rows]),
+        "targets": torch.tensor([r.target for r in rows]),
+        "rewards": torch.tensor([r.reward for r in rows]),
+        "group": torch.tensor([r.group for r in rows]),
+    }
+
+
+def micro_batches(groups: list[list[Example]], micro_batch_size: int, pad_id: int, seed: int) -> list[dict]:
+    """Shuffle the groups (never the rows inside them) and pack ``micro_batch_size`` rows per micro-batch."""
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    batches, current = [], []
+    for g in order:
+        current.extend(groups[g])
+        if len(current) >= micro_batch_size:
+            batches.append(collate(current, pad_id))
+            current = []
+    if current:
+        batches.append(collate(current, pad_id))
+    return batches

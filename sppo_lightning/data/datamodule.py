@@ -1,0 +1,257 @@
+"""RolloutDataModule: every epoch, a fresh self-play iteration of preference data from the current policy.
+
+``train_dataloader()`` runs the pipeline, one named stage each:
+
+    draw prompts → rollout (K samples from π_t) → oracle → win-rates → examples (per loss_type)
+    → micro-batches → π_t log-probs (no_grad, same micro-batches as training) → DataLoader
+
+so the Trainer must call it again every epoch (``reload_dataloaders_every_n_epochs: 1``).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from sppo_lightning.data.batching import micro_batches
+from sppo_lightning.data.draw import draw_indices, shard
+from sppo_lightning.data.examples import LOSS_TYPES, PAIR_LOSSES, build_groups
+from sppo_lightning.data.prompts import PromptRecord, PromptSource
+from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.rewards.base import Oracle, RuleOracle
+from sppo_lightning.rollout.base import Rollout, RolloutEngine, SamplingParams
+from sppo_lightning.rollout.hf import HFEngine
+
+
+@contextmanager
+def _timed(metrics: dict, name: str):
+    start = time.perf_counter()
+    yield
+    metrics[name] = time.perf_counter() - start
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class RolloutDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train: PromptSource,
+        val: PromptSource | None = None,
+        engine: RolloutEngine | None = None,
+        oracle: Oracle | None = None,
+        prompts_per_epoch: int | None = None,
+        samples_per_prompt: int = 4,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        max_prompt_length: int = 512,
+        max_response_length: int = 256,
+        overlong_prompts: str = "filter",
+        micro_batch_size: int = 8,
+        val_batch_size: int = 64,
+        val_samples_per_prompt: int = 1,
+        val_temperature: float = 0.0,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            train: Training prompts (``class_path``: ``sppo_lightning.data.PromptFiles``, a toy task, ...).
+            val: Held-out prompts for ``val/accuracy``; None disables validation.
+            engine: Rollout engine; default ``sppo_lightning.rollout.HFEngine``.
+            oracle: What decides which responses win; default ``sppo_lightning.rewards.RuleOracle``.
+            prompts_per_epoch: Prompts per iteration; None = the whole set each iteration (the paper).
+            samples_per_prompt: K, responses sampled per prompt.
+            temperature: Sampling temperature of the rollout.
+            top_p: Nucleus sampling threshold of the rollout.
+            top_k: Top-k of the rollout; -1 disables it.
+            max_prompt_length: Longer prompts (in tokens, after the chat template) are filtered or refused.
+            max_response_length: Maximum new tokens per response.
+            overlong_prompts: ``filter`` (dropped, with a count) or ``error``.
+            micro_batch_size: Rows per training micro-batch (a multiple of the rows each prompt contributes).
+            val_batch_size: Prompts per validation batch.
+            val_samples_per_prompt: Responses per validation prompt; accuracy is their mean (mean@k).
+            val_temperature: 0 = greedy validation.
+            seed: Seeds the prompt draw, the rollout sampling and the shuffling, per iteration.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["train", "val", "engine", "oracle"])
+        self.train_source, self.val_source = train, val
+        self.engine = engine if engine is not None else HFEngine()
+        self.oracle = oracle if oracle is not None else RuleOracle()
+        self.train_prompts: list[PromptRecord] = []
+        self.train_prompt_ids: list[list[int]] = []
+        self.val_prompts: list[PromptRecord] = []
+        self.val_prompt_ids: list[list[int]] = []
+        self.rollout_metrics: dict[str, float] = {}
+        self.last_rollout: Rollout | None = None
+        problems = self._config_problems()
+        if problems:
+            raise ConfigError("invalid data settings:\n  " + "\n  ".join(problems))
+
+    def _config_problems(self, loss_type: str | None = None) -> list[str]:
+        h = self.hparams
+        problems = []
+        if h.samples_per_prompt < 1:
+            problems.append(f"data.samples_per_prompt must be >= 1, got {h.samples_per_prompt}")
+        if h.prompts_per_epoch is not None and h.prompts_per_epoch < 1:
+            problems.append(f"data.prompts_per_epoch must be >= 1 or null, got {h.prompts_per_epoch}")
+        if h.micro_batch_size < 1:
+            problems.append(f"data.micro_batch_size must be >= 1, got {h.micro_batch_size}")
+        if h.overlong_prompts not in ("filter", "error"):
+            problems.append(f"data.overlong_prompts must be 'filter' or 'error', got {h.overlong_prompts!r}")
+        if h.temperature < 0 or h.val_temperature < 0:
+            problems.append("data.temperature and data.val_temperature must be >= 0")
+        if not 0 < h.top_p <= 1:
+            problems.append(f"data.top_p must be in (0, 1], got {h.top_p}")
+        if loss_type is not None:
+            if loss_type not in LOSS_TYPES:
+                problems.append(f"model.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+            rows = 2 if loss_type in PAIR_LOSSES else h.samples_per_prompt
+            if loss_type in PAIR_LOSSES and h.samples_per_prompt < 2:
+                problems.append(f"model.loss_type={loss_type} needs data.samples_per_prompt >= 2 (a winner and a loser)")
+            if loss_type == "sppo" and h.samples_per_prompt < 2:
+                problems.append("model.loss_type=sppo estimates win-rates within a prompt's samples: "
+                                "data.samples_per_prompt must be >= 2 (use sppo_softmean for 1)")
+            if h.micro_batch_size % rows:
+                problems.append(f"data.micro_batch_size={h.micro_batch_size} must be a multiple of the {rows} rows "
+                                f"each prompt contributes under model.loss_type={loss_type}")
+        return problems
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _tokenize(self, records: list[PromptRecord], what: str) -> tuple[list[PromptRecord], list[list[int]]]:
+        tok = self.trainer.lightning_module.tokenizer
+        limit = self.hparams.max_prompt_length
+        kept, ids = [], []
+        for i, rec in enumerate(records):
+            p = tok.apply_chat_template(rec.messages, add_generation_prompt=True, tokenize=False)
+            p_ids = tok(p, add_special_tokens=False)["input_ids"]
+            if len(p_ids) > limit:
+                if self.hparams.overlong_prompts == "error":
+                    raise DataError(f"{what} prompt {i} has {len(p_ids)} tokens > data.max_prompt_length={limit}")
+                continue
+            kept.append(rec)
+            ids.append(p_ids)
+        if len(kept) < len(records):
+            self._log_info(f"{what}: filtered {len(records) - len(kept)} of {len(records)} prompts longer than "
+                           f"data.max_prompt_length={limit} tokens")
+        if not kept:
+            raise DataError(f"{what}: no prompt left after filtering by data.max_prompt_length={limit}")
+        return kept, ids
+
+    def _log_info(self, msg: str) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(msg)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self.train_prompts:
+            self.train_prompts, self.train_prompt_ids = self._tokenize(self.train_source.load(), "train")
+        if self.val_source is not None and not self.val_prompts:
+            self.val_prompts, self.val_prompt_ids = self._tokenize(self.val_source.load(), "val")
+
+    # ------------------------------------------------------------------------------------------- pipeline
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ConfigError(
+                "RolloutDataModule generates new data from the current policy every epoch: set "
+                "trainer.reload_dataloaders_every_n_epochs=1 (it is "
+                f"{trainer.reload_dataloaders_every_n_epochs})"
+            )
+        module = trainer.lightning_module
+        loss_type, eta = module.hparams.loss_type, module.hparams.eta
+        problems = self._config_problems(loss_type)
+        if problems:
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+        epoch, seed = trainer.current_epoch, self.hparams.seed
+        metrics: dict[str, float] = {}
+
+        indices = shard(draw_indices(len(self.train_prompts), self.hparams.prompts_per_epoch, epoch, seed),
+                        trainer.global_rank, trainer.world_size)
+        with _timed(metrics, "time/rollout"):
+            rollout = self.generate(module, indices, seed=seed * 100_003 + epoch * 1_009 + trainer.global_rank)
+        with _timed(metrics, "time/scoring"):
+            self.oracle.score(rollout)
+        rewards_all = trainer.strategy.all_gather(rollout.rewards).reshape(-1)  # softmean's batch-wide baseline
+        groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)
+        batches = micro_batches(groups, self.hparams.micro_batch_size, module.tokenizer.pad_token_id, seed + epoch)
+        with _timed(metrics, "time/ref_logprobs"):
+            self.attach_ref_logps(module, batches)
+
+        metrics.update(rollout_metrics(rollout))
+        self.rollout_metrics, self.last_rollout = metrics, rollout
+        return DataLoader(_ListDataset(batches), batch_size=None, shuffle=False)
+
+    def sampling_params(self) -> SamplingParams:
+        h = self.hparams
+        return SamplingParams(n=h.samples_per_prompt, temperature=h.temperature, top_p=h.top_p, top_k=h.top_k,
+                              max_new_tokens=h.max_response_length)
+
+    def generate(self, module, indices: list[int], seed: int) -> Rollout:
+        """Stage: K responses per drawn prompt from the current policy, decoded once for the oracle."""
+        prompt_ids = [self.train_prompt_ids[i] for i in indices]
+        response_ids = self.engine.generate(module, prompt_ids, self.sampling_params(), seed)
+        self.engine.after_rollout(module)
+        tok = module.tokenizer
+        return Rollout(
+            prompts=[self.train_prompts[i] for i in indices],
+            prompt_ids=prompt_ids,
+            response_ids=response_ids,
+            response_text=[[tok.decode(r, skip_special_tokens=True) for r in group] for group in response_ids],
+        )
+
+    @staticmethod
+    @torch.no_grad()
+    def attach_ref_logps(module, batches: list[dict]) -> None:
+        """Stage: log π_t(y|x) for every row, computed once by the policy before any update of this iteration,
+        on exactly the micro-batches training will see (so the first step's log-ratio is exactly 0)."""
+        was_training = module.policy.training
+        module.policy.eval()
+        try:
+            for batch in batches:
+                on_device = {k: v.to(module.device) for k, v in batch.items()}
+                batch["ref_logps"] = module.sequence_logps(on_device).float().cpu()
+        finally:
+            module.policy.train(was_training)
+
+    # ----------------------------------------------------------------------------------------- validation
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        params = SamplingParams(n=h.val_samples_per_prompt, temperature=h.val_temperature, top_p=h.top_p,
+                                max_new_tokens=h.max_response_length)
+        items = list(zip(self.val_prompt_ids, self.val_prompts))
+        return DataLoader(
+            _ListDataset(items),
+            batch_size=h.val_batch_size,
+            shuffle=False,
+            collate_fn=lambda rows: {"prompt_ids": [r[0] for r in rows], "records": [r[1] for r in rows],
+                                     "params": params},
+        )
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """What an iteration's samples looked like: reward, length, truncation and how much signal they carry."""
+    lengths = torch.tensor([len(r) for group in rollout.response_ids for r in group], dtype=torch.float32)
+    rewards, win_rates = rollout.rewards, rollout.win_rates
+    all_tie = (win_rates.max(dim=1).values == win_rates.min(dim=1).values).float()
+    return {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "rollout/response_length": float(lengths.mean()),
+        "rollout/all_tie_share": float(all_tie.mean()),
+        "rollout/winner_win_rate": float(win_rates.max(dim=1).values.mean()),
+        "rollout/loser_win_rate": float(win_rates.min(dim=1).values.mean()),
+    }

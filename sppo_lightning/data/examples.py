@@ -1,0 +1,71 @@
+"""From a scored rollout to training micro-batches: which responses train, with which targets.
+
+A *group* is the set of rows that come from one prompt and must land in the same micro-batch: all K responses
+for ``sppo`` and ``sppo_softmean``, the winner and the loser for ``sppo_pair`` and ``dpo``. Micro-batches are
+made of whole groups, shuffled as groups, so group membership survives shuffling.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from sppo_lightning.loss import softmean_targets
+from sppo_lightning.rollout.base import Rollout
+
+LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo")
+PAIR_LOSSES = ("sppo_pair", "dpo")
+
+
+@dataclass
+class Example:
+    """One training row: a prompt, one of its responses, and what the loss needs to know about it."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float
+    win_rate: float
+    target: float
+    """The log-ratio the SPPO losses regress onto: η(P̂ − ½), or η(r − SoftMean_η(r)) for ``sppo_softmean``."""
+    group: int
+
+
+def build_groups(rollout: Rollout, loss_type: str, eta: float, rewards_all: torch.Tensor | None = None) -> list[list[Example]]:
+    """Select the rows each loss trains on and attach their targets.
+
+    ``rewards_all`` is every rank's rewards for the batch-wide softmean baseline (defaults to this rollout's).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    rewards, win_rates = rollout.rewards, rollout.win_rates
+    if loss_type == "sppo_softmean":
+        targets = softmean_targets(rewards, eta, pool=rewards_all)
+    else:
+        targets = eta * (win_rates - 0.5)
+    groups = []
+    for p in range(rollout.num_prompts):
+        if loss_type in PAIR_LOSSES:
+            # Winner and loser by win-rate (the first one on ties, as argmax/argmin do).
+            w, l = int(win_rates[p].argmax()), int(win_rates[p].argmin())
+            if loss_type == "dpo" and win_rates[p, w] == win_rates[p, l]:
+                continue  # all K tie: DPO has no preference to learn from
+            keep = [w, l]
+        else:
+            keep = range(rollout.group_size)
+        groups.append(
+            [
+                Example(
+                    prompt_ids=rollout.prompt_ids[p],
+                    response_ids=rollout.response_ids[p][k],
+                    reward=float(rewards[p, k]),
+                    win_rate=float(win_rates[p, k]),
+                    target=float(targets[p, k]),
+                    group=p,
+                )
+                for k in keep
+            ]
+        )
+    return groups
+

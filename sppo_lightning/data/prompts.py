@@ -1,0 +1,119 @@
+"""Prompt sets: chat messages plus the ground truth the oracle checks against.
+
+Rows are accepted in verl's parquet schema unchanged (``prompt`` = chat messages, ``reward_model.ground_truth``,
+``data_source``, ``extra_info``) and in a plain form (``prompt`` or ``problem`` as a string, ``ground_truth`` or
+``answer``). Files may be jsonl or parquet; a hub id is read with ``datasets.load_dataset``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sppo_lightning.errors import DataError
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    messages: list[dict[str, str]]
+    """Chat messages, the last one the user's turn."""
+    ground_truth: str
+    data_source: str = ""
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+
+def record_from_row(row: dict[str, Any], where: str) -> PromptRecord:
+    """Normalise one row (verl schema or plain) into a PromptRecord; ``where`` names it in errors."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+    prompt = row.get("prompt", row.get("problem"))
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        messages = [{"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in prompt]
+    else:
+        raise DataError(f"{where}: missing 'prompt' (a string or a list of chat messages)")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: the prompt is empty")
+    reward_model = row.get("reward_model") or {}
+    truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
+    if truth is None:
+        truth = row.get("ground_truth", row.get("answer"))
+    if truth is None or str(truth).strip() == "":
+        raise DataError(f"{where}: missing or empty ground truth ('reward_model.ground_truth' or 'ground_truth')")
+    extra = row.get("extra_info") or {}
+    return PromptRecord(
+        messages=messages,
+        ground_truth=str(truth),
+        data_source=str(row.get("data_source") or ""),
+        extra_info=dict(extra) if isinstance(extra, dict) else {},
+    )
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[dict, str]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), f"{path}:{lineno}"
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[dict, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield row, f"{path}: row {i}"
+
+
+def read_prompts(source: str, split: str = "train") -> list[PromptRecord]:
+    """Read a jsonl or parquet file, or a hub dataset id (``split`` picks its split)."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{source}: file not found")
+        rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+        records = [record_from_row(row, where) for row, where in rows]
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(source, split=split)
+        records = [record_from_row(row, f"{source}[{split}] row {i}") for i, row in enumerate(ds)]
+    if not records:
+        raise DataError(f"{source}: no prompts")
+    return records
+
+
+class PromptSource:
+    """Anything that yields prompt records; subclasses are picked by ``class_path`` in the config."""
+
+    def load(self) -> list[PromptRecord]:
+        raise NotImplementedError
+
+
+class PromptFiles(PromptSource):
+    """Prompts from jsonl / parquet files or a hub dataset."""
+
+    def __init__(self, paths: str | list[str], split: str = "train", limit: int | None = None):
+        """
+        Args:
+            paths: One or more jsonl / parquet files, or a hub dataset id.
+            split: The split to read when ``paths`` is a hub dataset id.
+            limit: Keep only the first ``limit`` prompts (quick experiments, evaluation subsets).
+        """
+        self.paths = [paths] if isinstance(paths, str) else list(paths)
+        self.split = split
+        self.limit = limit
+
+    def load(self) -> list[PromptRecord]:
+        records = [r for p in self.paths for r in read_prompts(p, self.split)]
+        return records[: self.limit] if self.limit is not None else records

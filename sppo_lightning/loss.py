@@ -1,0 +1,88 @@
+"""SPPO objectives and the iterative-DPO baseline: pure tensor functions, no state, torch only.
+
+Notation: for a prompt x and a response y, ``logps`` are sequence log-probabilities log π(y|x) summed over the
+response tokens; ``ref`` is π_t, the policy at the start of the iteration; P̂(y ≻ π_t | x) is the estimated
+win-rate of y against π_t; η is the step size of the multiplicative-weights update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sppo_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, win_rates: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """Per-sample SPPO loss, no reduction (Wu et al. 2024, eq. 3.6).
+
+        ℓ(y) = ( log π_θ(y|x) / π_t(y|x) − η · (P̂(y ≻ π_t | x) − ½) )²
+
+    The normaliser log Z_πt(x) of the exact update is approximated by η/2, which is what the ½ stands for.
+    """
+    return (policy_logps - ref_logps - eta * (win_rates - 0.5)) ** 2
+
+
+def sppo_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_win_rates: torch.Tensor,
+    rejected_win_rates: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    """SPPO on the winner and the loser of each group, as in the authors' code: the mean of their two
+    squared terms of eq. 3.6 (each with its own soft win-rate), no reduction."""
+    chosen = sppo_loss(policy_chosen_logps, ref_chosen_logps, chosen_win_rates, eta)
+    rejected = sppo_loss(policy_rejected_logps, ref_rejected_logps, rejected_win_rates, eta)
+    return (chosen + rejected) / 2
+
+
+def softmean(x: torch.Tensor, beta: float, dim: int = -1) -> torch.Tensor:
+    """SoftMean_β(x) = (1/β) · log( (1/n) Σ_i exp(β x_i) ) along ``dim``; the arithmetic mean at β = 0.
+
+    It moves from the mean (β → 0) to the max (β → ∞); logsumexp keeps it stable for large β.
+    """
+    if beta == 0:
+        return x.mean(dim=dim)
+    # Centred on the mean and in float64: for small β the correction term is O(β·var) and would otherwise be
+    # lost to cancellation before the division by β.
+    x64 = x.double()
+    mean = x64.mean(dim=dim, keepdim=True)
+    correction = (torch.logsumexp(beta * (x64 - mean), dim=dim) - math.log(x.size(dim))) / beta
+    return (mean.squeeze(dim) + correction).to(x.dtype)
+
+
+def softmean_targets(rewards: torch.Tensor, eta: float, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """The seed recipe's regression target η · (r − SoftMean_η(r)), elementwise over ``rewards``.
+
+    The baseline is one number taken over the whole rollout batch ``pool`` (every rank's rewards; by default
+    ``rewards`` itself). It stands in for η(P̂ − ½) when a prompt has a single sample and no win-rate exists:
+    SoftMean_η(r) plays the role of the normaliser log Z_πt / η, estimated from the batch.
+    """
+    pool = rewards if pool is None else pool
+    return eta * (rewards - softmean(pool.flatten(), eta, dim=0))
+
+
+def sppo_target_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The regression every SPPO variant shares, ( log π_θ/π_t − target )², with a precomputed target."""
+    return (policy_logps - ref_logps - targets) ** 2
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7), no reduction; iterated with π_t as reference it is the SPPO paper's
+    main baseline:
+
+        ℓ = −log σ( β · [ log π_θ(y_w|x)/π_t(y_w|x) − log π_θ(y_l|x)/π_t(y_l|x) ] )
+    """
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * margin)

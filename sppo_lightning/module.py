@@ -1,0 +1,200 @@
+"""SPPOModule: the policy, the SPPO objective and greedy-accuracy validation.
+
+The module owns everything that has gradients. π_t is not a second model: its log-probs are computed by this
+policy, under ``no_grad``, at the start of each iteration (``sequence_logps``) and arrive in the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss
+from sppo_lightning.rewards.math import compute_score
+from sppo_lightning.rollout.hf import hf_generate
+
+LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+    """Σ over response tokens of log π(y_t | x, y_<t), one value per row: ``[B, T] -> [B]``.
+
+    Logits at position t predict token t+1, hence the shift; prompt and padding tokens are masked out.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    logits = logits.float()
+    targets = input_ids[:, 1:]  # (B, T-1)
+    # log_softmax gathered at the target, without materialising the full (B, T-1, V) log-probabilities.
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+    return (token_logps * response_mask[:, 1:]).sum(-1)
+
+
+class SPPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        loss_type: LossType = "sppo",
+        eta: float = 1.0,
+        dpo_beta: float = 0.1,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.01,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        accuracy_fn: Callable[[str, str], float] = compute_score,
+    ):
+        """
+        Args:
+            model_name_or_path: A hub id or a local folder, loaded with ``from_pretrained``.
+            loss_type: ``sppo`` (all K samples, the paper), ``sppo_pair`` (winner and loser, the authors' code),
+                ``sppo_softmean`` (η(r − SoftMean_η(r)), the verl recipe) or ``dpo`` (iterative DPO baseline).
+            eta: η, the step size of the multiplicative-weights update; SPPO targets are η(P̂ − ½).
+            dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
+            learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
+            weight_decay: AdamW weight decay, not applied to biases and norms.
+            adam_betas: AdamW betas.
+            warmup_steps: Optimizer steps of linear warm-up from 0, then constant.
+            dtype: Parameter dtype of the policy.
+            attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
+            trust_remote_code: Run a model repository's own code. Off unless you trust its author.
+            gradient_checkpointing: Recompute activations in backward to save memory (generation still uses the
+                KV cache).
+            accuracy_fn: ``f(response_text, ground_truth) -> float`` used for ``val/accuracy``.
+        """
+        super().__init__()
+        if eta <= 0:
+            raise ConfigError(f"model.eta must be > 0, got {eta}")
+        self.save_hyperparameters(ignore=["accuracy_fn"])
+        self.accuracy_fn = accuracy_fn
+        self.policy = None
+        self.tokenizer = self._load_tokenizer()
+        self.val_accuracy = MeanMetric()
+        self.initial_val_accuracy: float | None = None
+        self._train_start = 0.0
+
+    # ----------------------------------------------------------------------------------------------- model
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(
+            self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code
+        )
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def configure_model(self) -> None:
+        """Load the policy (called by Lightning inside the strategy's context; idempotent)."""
+        if self.policy is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        self.policy = AutoModelForCausalLM.from_pretrained(
+            self.hparams.model_name_or_path,
+            dtype=getattr(torch, self.hparams.dtype),
+            attn_implementation=self.hparams.attn_implementation,
+            trust_remote_code=self.hparams.trust_remote_code,
+            use_safetensors=True,
+        )
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+
+    # -------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logps = self.sequence_logps(batch)  # (B,)
+        ref, loss_type, eta = batch["ref_logps"], self.hparams.loss_type, self.hparams.eta
+        if loss_type == "sppo":
+            losses = sppo_loss(logps, ref, batch["win_rates"], eta)
+        elif loss_type == "sppo_softmean":
+            losses = sppo_target_loss(logps, ref, batch["targets"])
+        elif loss_type == "sppo_pair":  # rows alternate winner, loser
+            wr = batch["win_rates"]
+            losses = sppo_pair_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], wr[0::2], wr[1::2], eta)
+        else:
+            losses = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], self.hparams.dpo_beta)
+        loss = losses.mean()
+        n = logps.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/log_ratio", (logps - ref).mean().detach(), batch_size=n)
+        self.log("train/target", batch["targets"].mean(), batch_size=n)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)  # before clipping: the norm the gradient actually had
+            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def on_train_start(self) -> None:
+        # The first point of the learning curve: accuracy of the policy before any update.
+        if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
+            acc = self.evaluate(self.trainer.datamodule.val_dataloader())
+            if acc is not None:
+                self.initial_val_accuracy = acc
+                for logger in self.loggers:
+                    logger.log_metrics({"val/accuracy": acc, "epoch": -1}, step=0)
+
+    def on_train_epoch_start(self) -> None:
+        self._train_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        metrics = dict(getattr(self.trainer.datamodule, "rollout_metrics", {}) or {})
+        metrics["time/train"] = time.perf_counter() - self._train_start
+        self.log_dict(metrics, on_epoch=True, on_step=False, rank_zero_only=True)
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _score_batch(self, batch) -> torch.Tensor:
+        """Generate for a batch of validation prompts and score each response: ``[P * n]`` values in [0, 1]."""
+        params = batch["params"]
+        responses = hf_generate(
+            self.policy, batch["prompt_ids"], params, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+            batch_size=len(batch["prompt_ids"]) * params.n,
+        )
+        scores = [
+            float(self.accuracy_fn(self.tokenizer.decode(r, skip_special_tokens=True), rec.ground_truth))
+            for group, rec in zip(responses, batch["records"])
+            for r in group
+        ]
+        return torch.tensor(scores, device=self.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        scores = self._score_batch(batch)
+        self.val_accuracy.update(scores)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=scores.numel())
+
+    @torch.no_grad()
+    def evaluate(self, dataloader) -> float | None:
+        """Accuracy over a whole dataloader, outside Lightning's validation loop (synchronised across ranks)."""
+        metric = MeanMetric().to(self.device)
+        for batch in dataloader:
+            metric.update(self._score_batch(batch))
+        return None if metric.update_count == 0 else float(metric.compute())
+
+    # ----------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate,
+            betas=self.hparams.adam_betas,
+        )
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,43 @@
+"""Oracles: what makes one response better than another. Every oracle ends in win-rates."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from sppo_lightning.preference import win_rates_from_rewards
+from sppo_lightning.rewards.math import compute_score
+from sppo_lightning.rollout.base import Rollout
+
+
+class Oracle(ABC):
+    """Scores a rollout in place: sets ``rollout.rewards`` [P, K] and ``rollout.win_rates`` [P, K]."""
+
+    @abstractmethod
+    def score(self, rollout: Rollout) -> None: ...
+
+
+class RuleOracle(Oracle):
+    """A rule that checks each response against the prompt's ground truth (e.g. MATH answer correctness).
+
+    Rewards are the rule's values; y_k beats y_j when its reward is higher, ties count ½.
+    """
+
+    def __init__(self, score_fn: Callable[[str, str], float] = compute_score, include_self: bool = True):
+        """
+        Args:
+            score_fn: ``f(response_text, ground_truth) -> float``, given as an import path in YAML.
+            include_self: Count each response against itself (½) in its win-rate, as the SPPO authors' code does.
+        """
+        self.score_fn = score_fn
+        self.include_self = include_self
+
+    def score(self, rollout: Rollout) -> None:
+        rewards = [
+            [float(self.score_fn(text, rec.ground_truth)) for text in texts]
+            for texts, rec in zip(rollout.response_text, rollout.prompts)
+        ]
+        rollout.rewards = torch.tensor(rewards, dtype=torch.float32)
+        rollout.win_rates = win_rates_from_rewards(rollout.rewards, include_self=self.include_self)

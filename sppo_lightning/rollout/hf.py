@@ -1,0 +1,70 @@
+"""Rollouts with ``transformers``' ``generate`` on the policy itself: the CPU default, and what tests use.
+
+One batched call per chunk of prompts with ``num_return_sequences=K``, left padding, always with the KV cache
+(even when training uses gradient checkpointing), seeded so that an iteration's samples are reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sppo_lightning.rollout.base import RolloutEngine, SamplingParams, truncate_at_stop
+
+
+@torch.no_grad()
+def hf_generate(
+    model, prompt_ids: list[list[int]], params: SamplingParams, pad_id: int, eos_id: int, batch_size: int
+) -> list[list[list[int]]]:
+    """Sample ``params.n`` responses for each prompt with ``model.generate``; returns ``[P][K]`` token ids."""
+    from transformers import GenerationConfig
+
+    stop = {eos_id, *params.stop_token_ids}
+    gen_config = GenerationConfig(
+        do_sample=not params.greedy,
+        temperature=params.temperature if not params.greedy else None,
+        top_p=params.top_p if not params.greedy else None,
+        # HF's default top_k=50 would silently truncate sampling; 0 disables it.
+        top_k=(params.top_k if params.top_k > 0 else 0) if not params.greedy else None,
+        max_new_tokens=params.max_new_tokens,
+        num_return_sequences=params.n,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(stop),
+        use_cache=True,
+    )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[list[int]]] = []
+    per_call = max(1, batch_size // params.n)
+    try:
+        for start in range(0, len(prompt_ids), per_call):
+            chunk = prompt_ids[start : start + per_call]
+            width = max(map(len, chunk))
+            input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+            new = seqs[:, width:].tolist()  # (len(chunk) * K, new_tokens), grouped by prompt
+            for i in range(len(chunk)):
+                out.append([truncate_at_stop(r, stop, pad_id) for r in new[i * params.n : (i + 1) * params.n]])
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class HFEngine(RolloutEngine):
+    """``generate`` from transformers on the live policy; no second copy of the weights."""
+
+    batch_size: int = 256
+    """Sequences (prompts × K) per ``generate`` call."""
+
+    def generate(self, module, prompt_ids, params, seed):
+        # A private RNG stream per iteration: the samples depend on (seed, iteration) only, so a resumed run
+        # draws exactly what the uninterrupted one drew, whatever else consumed random numbers before.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            tok = module.tokenizer
+            return hf_generate(module.policy, prompt_ids, params, tok.pad_token_id, tok.eos_token_id, self.batch_size)

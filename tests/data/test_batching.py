@@ -1,0 +1,65 @@
+"""Examples per loss_type, grouping through shuffling, response-only masks."""
+
+import torch
+
+from sppo_lightning.data.batching import collate, micro_batches
+from sppo_lightning.data.examples import Example, build_groups
+from sppo_lightning.data.prompts import PromptRecord
+from sppo_lightning.preference import win_rates_from_rewards
+from sppo_lightning.rollout.base import Rollout
+
+
+def make_rollout(rewards):
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    p, k = rewards.shape
+    return Rollout(
+        prompts=[PromptRecord([{"role": "user", "content": f"q{i}"}], "1") for i in range(p)],
+        prompt_ids=[[10 + i, 11 + i] for i in range(p)],
+        response_ids=[[[100 * i + j] * (j + 1) for j in range(k)] for i in range(p)],
+        response_text=[["x"] * k for _ in range(p)],
+        rewards=rewards,
+        win_rates=win_rates_from_rewards(rewards),
+    )
+
+
+def test_sppo_keeps_all_k_with_eta_times_win_rate_minus_half():
+    groups = build_groups(make_rollout([[1, 0, 0, 0]]), "sppo", eta=2.0)
+    assert len(groups) == 1 and len(groups[0]) == 4
+    # the winner: (0.5 + 3) / 4 = 0.875 -> 2 * 0.375; each loser: (0.5 + 0.5 + 0.5) / 4 = 0.375 -> 2 * -0.125
+    assert [e.target for e in groups[0]] == [0.75, -0.25, -0.25, -0.25]
+
+
+def test_pair_losses_take_winner_then_loser_and_dpo_drops_ties():
+    rollout = make_rollout([[0, 1, 0], [1, 1, 1]])
+    pair = build_groups(rollout, "sppo_pair", eta=1.0)
+    assert [e.response_ids for e in pair[0]] == [rollout.response_ids[0][1], rollout.response_ids[0][0]]
+    assert len(pair) == 2  # the all-tie group stays for SPPO (its targets are 0)
+    assert [e.target for e in pair[1]] == [0.0, 0.0]
+    assert len(build_groups(rollout, "dpo", eta=1.0)) == 1
+
+
+def test_softmean_targets_use_the_pool():
+    rollout = make_rollout([[1], [0]])
+    groups = build_groups(rollout, "sppo_softmean", eta=1.0, rewards_all=torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    assert [g[0].target for g in groups] == [1.0, 0.0]  # baseline softmean(0,0,0,0) = 0
+
+
+def test_groups_stay_whole_through_shuffling():
+    rollout = make_rollout([[1, 0, 0, 1]] * 6)
+    groups = build_groups(rollout, "sppo", eta=1.0)
+    batches = micro_batches(groups, micro_batch_size=8, pad_id=0, seed=3)
+    assert [b["input_ids"].shape[0] for b in batches] == [8, 8, 8]
+    order = [int(g) for b in batches for g in b["group"]]
+    assert order != sorted(order)  # shuffled ...
+    for b in batches:  # ... but each group's 4 rows are together, in one micro-batch
+        ids, counts = b["group"].unique(return_counts=True)
+        assert counts.tolist() == [4] * len(ids)
+
+
+def test_collate_masks_the_response_only():
+    rows = [Example([1, 2, 3], [7, 8], 1.0, 0.75, 0.25, 0), Example([4], [9, 9, 9], 0.0, 0.25, -0.25, 0)]
+    b = collate(rows, pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 7, 8], [4, 9, 9, 9, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    assert b["targets"].tolist() == [0.25, -0.25]

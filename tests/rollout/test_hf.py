@@ -1,0 +1,61 @@
+"""The HF engine: K samples per prompt as token ids, EOS handling, padding-independence, seeding."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sppo_lightning.rollout.base import SamplingParams, truncate_at_stop
+from sppo_lightning.rollout.hf import HFEngine, hf_generate
+
+
+class _Module:  # what an engine needs from the LightningModule: the live policy and its tokenizer
+    def __init__(self, path):
+        self.policy = AutoModelForCausalLM.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+
+def test_truncate_at_stop_keeps_eos_and_drops_padding():
+    assert truncate_at_stop([5, 6, 2, 7, 0], {2}, pad_id=0) == [5, 6, 2]
+    assert truncate_at_stop([5, 6, 0, 0], {2}, pad_id=0) == [5, 6]
+    assert truncate_at_stop([5, 6, 7], {2}, pad_id=0) == [5, 6, 7]  # truncated by max_new_tokens: no EOS
+
+
+def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
+    m = _Module(toy_model_dir)
+    tok = m.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+               for c in ["What is 1+2?", "What is 40+41?", "What is 9+99?"]]
+    prompts = [p["input_ids"] if isinstance(p, dict) else p for p in prompts]
+    out = HFEngine(batch_size=8).generate(m, prompts, SamplingParams(n=4, max_new_tokens=12), seed=0)
+    assert len(out) == 3 and all(len(g) == 4 for g in out)
+    for group in out:
+        for r in group:
+            assert 1 <= len(r) <= 12
+            assert tok.eos_token_id not in r[:-1]  # EOS, when present, is the last token
+    texts = [tok.decode(r, skip_special_tokens=True) for r in out[0]]
+    assert all(t.startswith("\\boxed{") for t in texts)  # the shipped model answers in the task's format
+
+
+def test_same_seed_same_samples_and_rng_untouched(toy_model_dir):
+    m = _Module(toy_model_dir)
+    prompts = [[1, 88, 86, 72, 85, 98, 58, 75, 68, 87, 2, 98, 1]]
+    params = SamplingParams(n=4, max_new_tokens=8)
+    torch.manual_seed(123)
+    a = HFEngine().generate(m, prompts, params, seed=5)
+    after_a = torch.rand(1)
+    torch.manual_seed(123)
+    b = HFEngine().generate(m, prompts, params, seed=5)
+    assert a == b
+    assert torch.rand(1) == after_a  # the engine's private RNG stream leaves the global one alone
+    assert HFEngine().generate(m, prompts, params, seed=6) != a
+
+
+def test_greedy_result_does_not_depend_on_left_padding(toy_model_dir):
+    m = _Module(toy_model_dir)
+    tok = m.tokenizer
+    short = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True, tokenize=False)
+    long = tok.apply_chat_template([{"role": "user", "content": "What is 33+44?"}], add_generation_prompt=True, tokenize=False)
+    ids = [tok(short, add_special_tokens=False)["input_ids"], tok(long, add_special_tokens=False)["input_ids"]]
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+    batched = hf_generate(m.policy, ids, greedy, tok.pad_token_id, tok.eos_token_id, batch_size=2)
+    alone = hf_generate(m.policy, ids[:1], greedy, tok.pad_token_id, tok.eos_token_id, batch_size=1)
+    assert batched[0] == alone[0]

@@ -1,0 +1,91 @@
+"""Loss values against arithmetic written out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from sppo_lightning.loss import dpo_loss, softmean, softmean_targets, sppo_loss, sppo_pair_loss, sppo_target_loss
+
+
+def test_sppo_loss_by_hand():
+    policy = torch.tensor([-1.0, -2.0, -3.0])
+    ref = torch.tensor([-1.5, -2.0, -2.0])
+    win = torch.tensor([1.0, 0.5, 0.25])
+    eta = 2.0
+    # log-ratios 0.5, 0, -1; targets 2*(0.5) = 1, 0, 2*(-0.25) = -0.5
+    expected = torch.tensor([(0.5 - 1.0) ** 2, 0.0, (-1.0 + 0.5) ** 2])
+    out = sppo_loss(policy, ref, win, eta)
+    assert out.shape == (3,)  # no reduction
+    torch.testing.assert_close(out, expected)
+
+
+def test_sppo_loss_is_zero_when_the_log_ratio_hits_the_target():
+    ref = torch.tensor([-4.0, -6.0])
+    win = torch.tensor([0.875, 0.375])
+    eta = 4.0
+    policy = ref + eta * (win - 0.5)
+    torch.testing.assert_close(sppo_loss(policy, ref, win, eta), torch.zeros(2))
+
+
+def test_sppo_pair_loss_is_the_mean_of_both_squared_terms():
+    out = sppo_pair_loss(
+        policy_chosen_logps=torch.tensor([-1.0]),
+        policy_rejected_logps=torch.tensor([-3.0]),
+        ref_chosen_logps=torch.tensor([-2.0]),
+        ref_rejected_logps=torch.tensor([-2.0]),
+        chosen_win_rates=torch.tensor([0.8]),
+        rejected_win_rates=torch.tensor([0.3]),
+        eta=1.0,
+    )
+    chosen = (1.0 - 0.3) ** 2  # log-ratio 1, target 0.3
+    rejected = (-1.0 + 0.2) ** 2  # log-ratio -1, target -0.2
+    torch.testing.assert_close(out, torch.tensor([(chosen + rejected) / 2]))
+
+
+def test_softmean_by_hand_and_limits():
+    x = torch.tensor([0.0, 1.0])
+    beta = 2.0
+    expected = math.log((math.exp(0.0) + math.exp(2.0)) / 2) / 2
+    assert softmean(x, beta).item() == pytest.approx(expected, rel=1e-6)
+    assert softmean(x, 0.0).item() == pytest.approx(0.5)  # arithmetic mean at beta = 0
+    assert softmean(x, 1e4).item() == pytest.approx(1.0, abs=1e-3)  # the max for large beta, and stable
+    assert softmean(x, 1e-6).item() == pytest.approx(0.5, abs=1e-5)  # continuous at 0
+
+
+def test_softmean_along_dim():
+    x = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    out = softmean(x, 1.0, dim=-1)
+    torch.testing.assert_close(out[1], torch.tensor(2.0))
+    assert out.shape == (2,)
+
+
+def test_softmean_targets_use_one_batch_wide_baseline():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    eta = 1.0
+    baseline = math.log((2 * math.e + 2) / 4)  # (1/1) * log mean exp(r)
+    expected = torch.tensor([1 - baseline, -baseline, -baseline, 1 - baseline])
+    torch.testing.assert_close(softmean_targets(rewards, eta), expected)
+    # With a pool (all ranks' rewards) the baseline comes from the pool.
+    pool = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(softmean_targets(rewards, eta, pool=pool), rewards)
+
+
+def test_target_loss_equals_sppo_loss_with_eta_times_win_rate():
+    policy, ref, win = torch.randn(5), torch.randn(5), torch.rand(5)
+    torch.testing.assert_close(sppo_target_loss(policy, ref, 3.0 * (win - 0.5)), sppo_loss(policy, ref, win, 3.0))
+
+
+def test_dpo_loss_by_hand():
+    out = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    margin = (1.0) - (-1.0)
+    torch.testing.assert_close(out, torch.tensor([math.log1p(math.exp(-0.5 * margin))]))
+    # At the reference point the loss is log 2 whatever beta.
+    zero = dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1)
+    assert zero.item() == pytest.approx(math.log(2))
+
+
+def test_gradient_pushes_winners_up_and_losers_down():
+    policy = torch.zeros(2, requires_grad=True)
+    sppo_loss(policy, torch.zeros(2), torch.tensor([0.9, 0.1]), eta=1.0).sum().backward()
+    assert policy.grad[0] < 0 < policy.grad[1]  # gradient descent raises the winner's log-prob
