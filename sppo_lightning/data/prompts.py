@@ -16,7 +16,7 @@ from typing import Any
 from sppo_lightning.errors import DataError
 
 
-@dataclass(frozen=True)
+@dataclass
 class PromptRecord:
     messages: list[dict[str, str]]
     """Chat messages, the last one the user's turn."""

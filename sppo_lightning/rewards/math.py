@@ -15,7 +15,7 @@ measured with, for like-for-like comparisons.
 1.0
 >>> compute_score("\\\\boxed{0.5}", "\\\\frac{1}{2}")
 1.0
->>> compute_score("\\\\boxed{0.5}", "\\\\frac{1}{2}", strict=True)
+>>> compute_score("\\\\boxed{0.25}", "\\\\frac{1}{4}", strict=True)
 0.0
 >>> compute_score("\\\\boxed{3} then \\\\boxed{4}", "4")
 1.0

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from sppo_lightning.data.prompts import PromptRecord
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingParams:
     """How responses are sampled; the same fields SGLang's ``sampling_params`` take."""
 

@@ -31,17 +31,21 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    """A character-level tokenizer: every printable ASCII character and newline is one token."""
-    from tokenizers import Tokenizer, decoders, models
+    """A byte-level BPE tokenizer without merges: every byte is one token, as in Qwen2's scheme minus the merges.
+
+    Being byte-level is what makes it safe: transformers loads any folder whose config says ``qwen2`` with
+    ``Qwen2Tokenizer``, whatever ``tokenizer_config.json`` pins, and that class re-applies its own byte-level
+    pre-tokenizer to the vocabulary in ``tokenizer.json``. A vocabulary of plain characters would lose every space.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, *chars])}
-    # BPE without merges splits text into single characters; Fuse joins them back without the spaces
-    # a default decoder would insert between tokens.
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for the bytes
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, *byte_chars])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([PAD, BOS, EOS])
-    backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
@@ -55,11 +59,10 @@ def build_tokenizer():
 
 def save_tokenizer(tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
-    # Pin the class: without it AutoTokenizer picks Qwen2Tokenizer from config.json's model_type, which
-    # re-splits the text with its own pre-tokenizer and silently drops the spaces.
+    # Name the class transformers will use anyway for a qwen2 config, so the folder says what it is.
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["tokenizer_class"] = "Qwen2Tokenizer"
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
