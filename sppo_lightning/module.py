@@ -105,6 +105,7 @@ class SPPOModule(L.LightningModule):
             trust_remote_code=self.hparams.trust_remote_code,
             use_safetensors=True,
         )
+        self.policy.train()  # from_pretrained returns the model in eval mode
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -57,3 +57,28 @@ def test_bad_config_value_is_one_message_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "data.samples_per_prompt >= 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reload_every_epoch_is_required(tmp_path):
+    proc = run("fit", "--config", DEMO, "--trainer.reload_dataloaders_every_n_epochs=0",
+               f"--trainer.default_root_dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert "set trainer.reload_dataloaders_every_n_epochs=1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_reports_the_starting_accuracy(tmp_path):
+    out = run("validate", "--config", DEMO, f"--trainer.default_root_dir={tmp_path}", "--data.val.init_args.num_prompts=100",
+              "--data.val_batch_size=100").stdout
+    assert "val/accuracy" in out
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """The README's promise: the demo raises greedy accuracy by at least 15 points (measured: 31.5% -> 58%)."""
+    out = run("fit", "--config", DEMO, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false").stdout
+    assert "val/accuracy" in out and "->" in out  # the end-of-fit summary table
+    acc = [float(r["val/accuracy"]) for r in read_metrics(tmp_path) if r.get("val/accuracy")]
+    assert len(acc) == 21
+    assert 0.15 <= acc[0] <= 0.60
+    assert acc[-1] - acc[0] >= 0.15, acc

