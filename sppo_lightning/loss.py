@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 
 
-def sppo_loss(
-    policy_logps: torch.Tensor, ref_logps: torch.Tensor, win_rates: torch.Tensor, eta: float
-) -> torch.Tensor:
+def sppo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, win_rates: torch.Tensor, eta: float) -> torch.Tensor:
     """Per-sample SPPO loss, no reduction (Wu et al. 2024, eq. 3.6).
 
         ℓ(y) = ( log π_θ(y|x) / π_t(y|x) − η · (P̂(y ≻ π_t | x) − ½) )²

@@ -160,12 +160,16 @@ class SPPOModule(L.LightningModule):
         """Generate for a batch of validation prompts and score each response: ``[P * n]`` values in [0, 1]."""
         params = batch["params"]
         responses = hf_generate(
-            self.policy, batch["prompt_ids"], params, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+            self.policy,
+            batch["prompt_ids"],
+            params,
+            self.tokenizer.pad_token_id,
+            self.tokenizer.eos_token_id,
             batch_size=len(batch["prompt_ids"]) * params.n,
         )
         scores = [
             float(self.accuracy_fn(self.tokenizer.decode(r, skip_special_tokens=True), rec.ground_truth))
-            for group, rec in zip(responses, batch["records"])
+            for group, rec in zip(responses, batch["records"], strict=True)
             for r in group
         ]
         return torch.tensor(scores, device=self.device)

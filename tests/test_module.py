@@ -30,8 +30,13 @@ def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
 
     L.seed_everything(0)
     module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=1.0, learning_rate=1e-3)
-    data = RolloutDataModule(train=AdditionPrompts("train", num_prompts=16), prompts_per_epoch=8, samples_per_prompt=4,
-                             max_response_length=12, micro_batch_size=16)
+    data = RolloutDataModule(
+        train=AdditionPrompts("train", num_prompts=16),
+        prompts_per_epoch=8,
+        samples_per_prompt=4,
+        max_response_length=12,
+        micro_batch_size=16,
+    )
     seen = []
 
     class Probe(L.Callback):
@@ -39,8 +44,16 @@ def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
             with torch.no_grad():
                 seen.append((pl_module.sequence_logps(batch), batch["ref_logps"].clone()))
 
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", reload_dataloaders_every_n_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[Probe()], limit_val_batches=0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Probe()],
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=data)
     assert len(seen) == 2  # 8 prompts x 4 samples / 16 rows
     policy, ref = seen[0]

@@ -18,7 +18,9 @@ def test_rewards_with_ties_by_hand():
     expected = torch.tensor([[3 / 4, 1 / 4, 1 / 4, 3 / 4]])
     torch.testing.assert_close(win_rates_from_rewards(rewards), expected)
     # without self: over the 3 others
-    torch.testing.assert_close(win_rates_from_rewards(rewards, include_self=False), torch.tensor([[5 / 6, 1 / 6, 1 / 6, 5 / 6]]))
+    torch.testing.assert_close(
+        win_rates_from_rewards(rewards, include_self=False), torch.tensor([[5 / 6, 1 / 6, 1 / 6, 5 / 6]])
+    )
 
 
 def test_all_ties_give_one_half():

@@ -16,7 +16,7 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     response_mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, (row, seq) in enumerate(zip(rows, seqs)):
+    for i, (row, seq) in enumerate(zip(rows, seqs, strict=True)):
         input_ids[i, : len(seq)] = torch.tensor(seq)
         attention_mask[i, : len(seq)] = 1
         response_mask[i, len(row.prompt_ids) : len(seq)] = 1.0

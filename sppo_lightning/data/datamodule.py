@@ -121,13 +121,19 @@ class RolloutDataModule(L.LightningDataModule):
                 problems.append(f"model.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
             rows = 2 if loss_type in PAIR_LOSSES else h.samples_per_prompt
             if loss_type in PAIR_LOSSES and h.samples_per_prompt < 2:
-                problems.append(f"model.loss_type={loss_type} needs data.samples_per_prompt >= 2 (a winner and a loser)")
+                problems.append(
+                    f"model.loss_type={loss_type} needs data.samples_per_prompt >= 2 (a winner and a loser)"
+                )
             if loss_type == "sppo" and h.samples_per_prompt < 2:
-                problems.append("model.loss_type=sppo estimates win-rates within a prompt's samples: "
-                                "data.samples_per_prompt must be >= 2 (use sppo_softmean for 1)")
+                problems.append(
+                    "model.loss_type=sppo estimates win-rates within a prompt's samples: "
+                    "data.samples_per_prompt must be >= 2 (use sppo_softmean for 1)"
+                )
             if h.micro_batch_size % rows:
-                problems.append(f"data.micro_batch_size={h.micro_batch_size} must be a multiple of the {rows} rows "
-                                f"each prompt contributes under model.loss_type={loss_type}")
+                problems.append(
+                    f"data.micro_batch_size={h.micro_batch_size} must be a multiple of the {rows} rows "
+                    f"each prompt contributes under model.loss_type={loss_type}"
+                )
         return problems
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -145,8 +151,10 @@ class RolloutDataModule(L.LightningDataModule):
             kept.append(rec)
             ids.append(p_ids)
         if len(kept) < len(records):
-            self._log_info(f"{what}: filtered {len(records) - len(kept)} of {len(records)} prompts longer than "
-                           f"data.max_prompt_length={limit} tokens")
+            self._log_info(
+                f"{what}: filtered {len(records) - len(kept)} of {len(records)} prompts longer than "
+                f"data.max_prompt_length={limit} tokens"
+            )
         if not kept:
             raise DataError(f"{what}: no prompt left after filtering by data.max_prompt_length={limit}")
         return kept, ids
@@ -179,8 +187,11 @@ class RolloutDataModule(L.LightningDataModule):
         epoch, seed = trainer.current_epoch, self.hparams.seed
         metrics: dict[str, float] = {}
 
-        indices = shard(draw_indices(len(self.train_prompts), self.hparams.prompts_per_epoch, epoch, seed),
-                        trainer.global_rank, trainer.world_size)
+        indices = shard(
+            draw_indices(len(self.train_prompts), self.hparams.prompts_per_epoch, epoch, seed),
+            trainer.global_rank,
+            trainer.world_size,
+        )
         with _timed(metrics, "time/rollout"):
             rollout = self.generate(module, indices, seed=seed * 100_003 + epoch * 1_009 + trainer.global_rank)
         with _timed(metrics, "time/scoring"):
@@ -197,8 +208,13 @@ class RolloutDataModule(L.LightningDataModule):
 
     def sampling_params(self) -> SamplingParams:
         h = self.hparams
-        return SamplingParams(n=h.samples_per_prompt, temperature=h.temperature, top_p=h.top_p, top_k=h.top_k,
-                              max_new_tokens=h.max_response_length)
+        return SamplingParams(
+            n=h.samples_per_prompt,
+            temperature=h.temperature,
+            top_p=h.top_p,
+            top_k=h.top_k,
+            max_new_tokens=h.max_response_length,
+        )
 
     def generate(self, module, indices: list[int], seed: int) -> Rollout:
         """Stage: K responses per drawn prompt from the current policy, decoded once for the oracle."""
@@ -230,15 +246,22 @@ class RolloutDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------- validation
     def val_dataloader(self) -> DataLoader:
         h = self.hparams
-        params = SamplingParams(n=h.val_samples_per_prompt, temperature=h.val_temperature, top_p=h.top_p,
-                                max_new_tokens=h.max_response_length)
-        items = list(zip(self.val_prompt_ids, self.val_prompts))
+        params = SamplingParams(
+            n=h.val_samples_per_prompt,
+            temperature=h.val_temperature,
+            top_p=h.top_p,
+            max_new_tokens=h.max_response_length,
+        )
+        items = list(zip(self.val_prompt_ids, self.val_prompts, strict=True))
         return DataLoader(
             _ListDataset(items),
             batch_size=h.val_batch_size,
             shuffle=False,
-            collate_fn=lambda rows: {"prompt_ids": [r[0] for r in rows], "records": [r[1] for r in rows],
-                                     "params": params},
+            collate_fn=lambda rows: {
+                "prompt_ids": [r[0] for r in rows],
+                "records": [r[1] for r in rows],
+                "params": params,
+            },
         )
 
 

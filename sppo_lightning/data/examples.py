@@ -7,7 +7,6 @@ made of whole groups, shuffled as groups, so group membership survives shuffling
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,9 @@ class Example:
     group: int
 
 
-def build_groups(rollout: Rollout, loss_type: str, eta: float, rewards_all: torch.Tensor | None = None) -> list[list[Example]]:
+def build_groups(
+    rollout: Rollout, loss_type: str, eta: float, rewards_all: torch.Tensor | None = None
+) -> list[list[Example]]:
     """Select the rows each loss trains on and attach their targets.
 
     ``rewards_all`` is every rank's rewards for the batch-wide softmean baseline (defaults to this rollout's).
@@ -48,10 +49,10 @@ def build_groups(rollout: Rollout, loss_type: str, eta: float, rewards_all: torc
     for p in range(rollout.num_prompts):
         if loss_type in PAIR_LOSSES:
             # Winner and loser by win-rate (the first one on ties, as argmax/argmin do).
-            w, l = int(win_rates[p].argmax()), int(win_rates[p].argmin())
-            if loss_type == "dpo" and win_rates[p, w] == win_rates[p, l]:
+            win, lose = int(win_rates[p].argmax()), int(win_rates[p].argmin())
+            if loss_type == "dpo" and win_rates[p, win] == win_rates[p, lose]:
                 continue  # all K tie: DPO has no preference to learn from
-            keep = [w, l]
+            keep = [win, lose]
         else:
             keep = range(rollout.group_size)
         groups.append(
@@ -68,4 +69,3 @@ def build_groups(rollout: Rollout, loss_type: str, eta: float, rewards_all: torc
             ]
         )
     return groups
-

@@ -37,7 +37,7 @@ class RuleOracle(Oracle):
     def score(self, rollout: Rollout) -> None:
         rewards = [
             [float(self.score_fn(text, rec.ground_truth)) for text in texts]
-            for texts, rec in zip(rollout.response_text, rollout.prompts)
+            for texts, rec in zip(rollout.response_text, rollout.prompts, strict=True)
         ]
         rollout.rewards = torch.tensor(rewards, dtype=torch.float32)
         rollout.win_rates = win_rates_from_rewards(rollout.rewards, include_self=self.include_self)

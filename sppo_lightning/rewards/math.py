@@ -109,7 +109,9 @@ def strip_string(s: str) -> str:
     s = re.sub(r"\\mbox\{\s*([^{}]*)\}", r"\1", s)
     s = s.replace("\\%", "").replace("%", "")
     # Trailing units: "5 cm", "10 inches", "3 square units".
-    s = re.sub(r"(?<=\d)\s*(square\s+)?(units?|cm|m|km|inches|inch|feet|ft|meters?|degrees?|dollars?|cents?)\s*$", "", s)
+    s = re.sub(
+        r"(?<=\d)\s*(square\s+)?(units?|cm|m|km|inches|inch|feet|ft|meters?|degrees?|dollars?|cents?)\s*$", "", s
+    )
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if s.startswith("."):
         s = "0" + s

@@ -73,9 +73,7 @@ class RolloutEngine(ABC):
     """
 
     @abstractmethod
-    def generate(
-        self, module, prompt_ids: list[list[int]], params: SamplingParams, seed: int
-    ) -> list[list[list[int]]]:
+    def generate(self, module, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> list[list[list[int]]]:
         """Return ``[P][K]`` response token ids for ``prompt_ids`` ([P] lists of ids), sampled with ``seed``."""
 
     def after_rollout(self, module) -> None:  # noqa: B027 - optional hook

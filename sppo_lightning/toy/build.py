@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sppo_lightning.toy.task import addition_records, format_answer
-
 from sppo_lightning.toy import MODEL_DIR
+from sppo_lightning.toy.task import addition_records, format_answer
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -116,7 +115,8 @@ def greedy_accuracy(model, tokenizer, records: list[dict]) -> float:
     model.train()
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    return sum(compute_score(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, records)) / len(records)
+    scores = [compute_score(t, r["reward_model"]["ground_truth"]) for t, r in zip(texts, records, strict=True)]
+    return sum(scores) / len(records)
 
 
 def main(argv: list[str] | None = None) -> None:

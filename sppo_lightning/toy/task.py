@@ -54,7 +54,7 @@ def format_answer(total: int) -> str:
 
 
 class AdditionPrompts(PromptSource):
-    """The addition task as a prompt source for ``RolloutDataModule`` (``class_path: sppo_lightning.toy.AdditionPrompts``)."""
+    """The addition task as a prompt source (``class_path: sppo_lightning.toy.AdditionPrompts``)."""
 
     def __init__(self, split: str = "train", num_prompts: int | None = None, seed: int = 0):
         """

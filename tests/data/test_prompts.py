@@ -11,7 +11,12 @@ from sppo_lightning.errors import DataError
 
 VERL_ROW = {
     "data_source": "DigitalLearningGmbH/MATH-lighteval",
-    "prompt": [{"role": "user", "content": "What is $1+1$? Let's think step by step and output the final answer within \\boxed{}."}],
+    "prompt": [
+        {
+            "role": "user",
+            "content": "What is $1+1$? Let's think step by step and output the final answer within \\boxed{}.",
+        }
+    ],
     "ability": "math",
     "reward_model": {"style": "rule", "ground_truth": "2"},
     "extra_info": {"split": "train", "index": 0, "level": "Level 1", "subject": "Algebra"},
@@ -20,7 +25,12 @@ VERL_ROW = {
 
 def test_verl_parquet_schema_read_unchanged(tmp_path):
     path = tmp_path / "train.parquet"
-    pq.write_table(pa.Table.from_pylist([VERL_ROW, {**VERL_ROW, "reward_model": {"style": "rule", "ground_truth": "\\frac{1}{2}"}}]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [VERL_ROW, {**VERL_ROW, "reward_model": {"style": "rule", "ground_truth": "\\frac{1}{2}"}}]
+        ),
+        path,
+    )
     records = read_prompts(str(path))
     assert len(records) == 2
     assert records[0].messages == VERL_ROW["prompt"]
@@ -32,9 +42,17 @@ def test_verl_parquet_schema_read_unchanged(tmp_path):
 
 def test_plain_jsonl_with_string_prompt(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"prompt": "2+2?", "answer": 4}) + "\n\n" + json.dumps({"problem": "3+3?", "ground_truth": "6"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "2+2?", "answer": 4})
+        + "\n\n"
+        + json.dumps({"problem": "3+3?", "ground_truth": "6"})
+        + "\n"
+    )
     records = PromptFiles(str(path)).load()
-    assert [r.messages for r in records] == [[{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "3+3?"}]]
+    assert [r.messages for r in records] == [
+        [{"role": "user", "content": "2+2?"}],
+        [{"role": "user", "content": "3+3?"}],
+    ]
     assert [r.ground_truth for r in records] == ["4", "6"]
 
 
@@ -53,7 +71,7 @@ def test_limit_and_several_files(tmp_path):
         ('{"answer": 1}', "p.jsonl:2: missing 'prompt'"),
         ('{"prompt": "x"}', "p.jsonl:2: missing or empty ground truth"),
         ('{"prompt": "   ", "answer": 1}', "p.jsonl:2: the prompt is empty"),
-        ('[1, 2]', "p.jsonl:2: expected an object"),
+        ("[1, 2]", "p.jsonl:2: expected an object"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, line, message):

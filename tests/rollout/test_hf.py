@@ -22,8 +22,10 @@ def test_truncate_at_stop_keeps_eos_and_drops_padding():
 def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
     m = _Module(toy_model_dir)
     tok = m.tokenizer
-    texts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
-             for c in ["What is 1+2?", "What is 40+41?", "What is 9+99?"]]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+        for c in ["What is 1+2?", "What is 40+41?", "What is 9+99?"]
+    ]
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = HFEngine(batch_size=8).generate(m, prompts, SamplingParams(n=4, max_new_tokens=12), seed=0)
     assert len(out) == 3 and all(len(g) == 4 for g in out)
@@ -38,8 +40,14 @@ def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
 def test_same_seed_same_samples_and_rng_untouched(toy_model_dir):
     m = _Module(toy_model_dir)
     tok = m.tokenizer
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": "What is 5+6?"}], add_generation_prompt=True,
-                                       tokenize=False), add_special_tokens=False)["input_ids"]]
+    prompts = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": "What is 5+6?"}], add_generation_prompt=True, tokenize=False
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+    ]
     params = SamplingParams(n=4, max_new_tokens=8)
     torch.manual_seed(123)
     a = HFEngine().generate(m, prompts, params, seed=5)
@@ -54,8 +62,12 @@ def test_same_seed_same_samples_and_rng_untouched(toy_model_dir):
 def test_greedy_result_does_not_depend_on_left_padding(toy_model_dir):
     m = _Module(toy_model_dir)
     tok = m.tokenizer
-    short = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True, tokenize=False)
-    long = tok.apply_chat_template([{"role": "user", "content": "What is 33+44?"}], add_generation_prompt=True, tokenize=False)
+    short = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True, tokenize=False
+    )
+    long = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 33+44?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = [tok(short, add_special_tokens=False)["input_ids"], tok(long, add_special_tokens=False)["input_ids"]]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
     batched = hf_generate(m.policy, ids, greedy, tok.pad_token_id, tok.eos_token_id, batch_size=2)

@@ -27,8 +27,9 @@ def test_shipped_tokenizer_round_trips_text_exactly(toy_model_dir):
     tok = AutoTokenizer.from_pretrained(toy_model_dir)
     for text in ["What is 12 + 3?", "  two  spaces\nnew line\t tab", "\\boxed{\\frac{1}{2}}", "héllo ☃"]:
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True,
-                                     tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt == "<|im_start|>user\nWhat is 3+4?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
 
@@ -39,9 +40,10 @@ def test_shipped_model_is_small_and_answers_in_the_format(toy_model_dir):
     assert model.config.model_type == "qwen2"
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     assert sum(f.stat().st_size for f in toy_model_dir.iterdir()) < 5 * 2**20  # a few MB at most
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 21+30?"}], add_generation_prompt=True,
-                                     tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 21+30?"}], add_generation_prompt=True, tokenize=False
+    )
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.startswith("\\boxed{") and text.endswith("}")
