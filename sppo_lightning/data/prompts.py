@@ -8,6 +8,7 @@ Rows are accepted in verl's parquet schema unchanged (``prompt`` = chat messages
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,11 @@ def read_prompts(source: str, split: str = "train") -> list[PromptRecord]:
     return records
 
 
-class PromptSource:
+class PromptSource(ABC):
     """Anything that yields prompt records; subclasses are picked by ``class_path`` in the config."""
 
-    def load(self) -> list[PromptRecord]:
-        raise NotImplementedError
+    @abstractmethod
+    def load(self) -> list[PromptRecord]: ...
 
 
 class PromptFiles(PromptSource):

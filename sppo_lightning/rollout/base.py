@@ -7,7 +7,7 @@ sampled are the ids that are trained on (re-tokenizing a decoded response can si
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,7 +54,6 @@ class Rollout:
     """[P, K] the oracle's per-response reward or score."""
     win_rates: torch.Tensor | None = None
     """[P, K] P̂(y_k ≻ π_t | x)."""
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_prompts(self) -> int:
