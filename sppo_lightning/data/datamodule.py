@@ -15,11 +15,12 @@ from contextlib import contextmanager
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from sppo_lightning.data.batching import micro_batches
 from sppo_lightning.data.draw import draw_indices, shard
-from sppo_lightning.data.examples import LOSS_TYPES, PAIR_LOSSES, build_groups
+from sppo_lightning.data.examples import PAIR_LOSSES, build_groups
 from sppo_lightning.data.prompts import PromptRecord, PromptSource
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.rewards.base import Oracle, RuleOracle
@@ -96,12 +97,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.val_prompts: list[PromptRecord] = []
         self.val_prompt_ids: list[list[int]] = []
         self.rollout_metrics: dict[str, float] = {}
-        self.last_rollout: Rollout | None = None
-        problems = self._config_problems()
-        if problems:
-            raise ConfigError("invalid data settings:\n  " + "\n  ".join(problems))
+        self._check_settings()
 
-    def _config_problems(self, loss_type: str | None = None) -> list[str]:
+    def _check_settings(self, loss_type: str | None = None) -> None:
+        """Raise one ConfigError listing every impossible setting (with the loss type once the module is known)."""
         h = self.hparams
         problems = []
         if h.samples_per_prompt < 1:
@@ -117,8 +116,6 @@ class RolloutDataModule(L.LightningDataModule):
         if not 0 < h.top_p <= 1:
             problems.append(f"data.top_p must be in (0, 1], got {h.top_p}")
         if loss_type is not None:
-            if loss_type not in LOSS_TYPES:
-                problems.append(f"model.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
             rows = 2 if loss_type in PAIR_LOSSES else h.samples_per_prompt
             if loss_type in PAIR_LOSSES and h.samples_per_prompt < 2:
                 problems.append(
@@ -134,7 +131,8 @@ class RolloutDataModule(L.LightningDataModule):
                     f"data.micro_batch_size={h.micro_batch_size} must be a multiple of the {rows} rows "
                     f"each prompt contributes under model.loss_type={loss_type}"
                 )
-        return problems
+        if problems:
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
     # ----------------------------------------------------------------------------------------------- setup
     def _tokenize(self, records: list[PromptRecord], what: str) -> tuple[list[PromptRecord], list[list[int]]]:
@@ -151,18 +149,13 @@ class RolloutDataModule(L.LightningDataModule):
             kept.append(rec)
             ids.append(p_ids)
         if len(kept) < len(records):
-            self._log_info(
+            rank_zero_info(
                 f"{what}: filtered {len(records) - len(kept)} of {len(records)} prompts longer than "
                 f"data.max_prompt_length={limit} tokens"
             )
         if not kept:
             raise DataError(f"{what}: no prompt left after filtering by data.max_prompt_length={limit}")
         return kept, ids
-
-    def _log_info(self, msg: str) -> None:
-        from lightning.pytorch.utilities import rank_zero_info
-
-        rank_zero_info(msg)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.train_prompts:
@@ -181,9 +174,7 @@ class RolloutDataModule(L.LightningDataModule):
             )
         module = trainer.lightning_module
         loss_type, eta = module.hparams.loss_type, module.hparams.eta
-        problems = self._config_problems(loss_type)
-        if problems:
-            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+        self._check_settings(loss_type)
         epoch, seed = trainer.current_epoch, self.hparams.seed
         metrics: dict[str, float] = {}
 
@@ -203,7 +194,7 @@ class RolloutDataModule(L.LightningDataModule):
             self.attach_ref_logps(module, batches)
 
         metrics.update(rollout_metrics(rollout))
-        self.rollout_metrics, self.last_rollout = metrics, rollout
+        self.rollout_metrics = metrics
         return DataLoader(_ListDataset(batches), batch_size=None, shuffle=False)
 
     def sampling_params(self) -> SamplingParams:
@@ -266,7 +257,7 @@ class RolloutDataModule(L.LightningDataModule):
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """What an iteration's samples looked like: reward, length, truncation and how much signal they carry."""
+    """What an iteration's samples looked like: reward, length, and how much preference signal they carry."""
     lengths = torch.tensor([len(r) for group in rollout.response_ids for r in group], dtype=torch.float32)
     rewards, win_rates = rollout.rewards, rollout.win_rates
     all_tie = (win_rates.max(dim=1).values == win_rates.min(dim=1).values).float()

@@ -19,48 +19,40 @@ import json
 import sys
 from pathlib import Path
 
+from sppo_lightning.data.prompts import iter_rows
 from sppo_lightning.errors import DataError
 from sppo_lightning.rewards.math import extract_answer
 
 DEFAULT_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 SPLITS = ("train", "test")
-COLUMNS = ("problem", "level", "type", "solution")
 
 
-def _read_folder_split(root: Path, split: str) -> list[dict]:
-    """Rows of one split from a folder: MATH's ``split/<subject>/<n>.json`` layout or ``split.jsonl|parquet``."""
+Rows = list[tuple[dict, str]]
+"""``(row, where)`` pairs: a raw MATH problem and the file/line or hub row it came from."""
+
+
+def _read_folder_split(root: Path, split: str) -> Rows:
+    """One split from a folder: MATH's ``split/<subject>/<n>.json`` layout or ``split.jsonl|parquet``."""
     if (root / split).is_dir():
         rows = []
         for path in sorted(
             (root / split).glob("*/*.json"), key=lambda p: (p.parent.name, int(p.stem) if p.stem.isdigit() else p.stem)
         ):
             try:
-                rows.append(json.loads(path.read_text(encoding="utf-8")) | {"_where": str(path)})
+                rows.append((json.loads(path.read_text(encoding="utf-8")), str(path)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON ({e.msg})") from None
         return rows
-    if (root / f"{split}.jsonl").is_file():
-        path = root / f"{split}.jsonl"
-        rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line) | {"_where": f"{path}:{lineno}"})
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return rows
-    if (root / f"{split}.parquet").is_file():
-        import pyarrow.parquet as pq
-
-        path = root / f"{split}.parquet"
-        return [row | {"_where": f"{path}: row {i}"} for i, row in enumerate(pq.read_table(path).to_pylist())]
+    for suffix in (".jsonl", ".parquet"):
+        if (root / f"{split}{suffix}").is_file():
+            return list(iter_rows(root / f"{split}{suffix}"))
     raise DataError(
         f"{root}: no '{split}' split (expected {split}/<subject>/<n>.json, {split}.jsonl or {split}.parquet)"
     )
 
 
-def read_source(source: str) -> dict[str, list[dict]]:
+def read_source(source: str) -> dict[str, Rows]:
     """The raw MATH rows of each split."""
     root = Path(source)
     if root.exists():
@@ -70,16 +62,13 @@ def read_source(source: str) -> dict[str, list[dict]]:
     import datasets
 
     ds = datasets.load_dataset(source)
-    return {
-        split: [dict(r) | {"_where": f"{source}[{split}] row {i}"} for i, r in enumerate(ds[split])] for split in SPLITS
-    }
+    return {split: [(dict(r), f"{source}[{split}] row {i}") for i, r in enumerate(ds[split])] for split in SPLITS}
 
 
-def to_verl_rows(rows: list[dict], split: str, data_source: str) -> tuple[list[dict], list[str]]:
+def to_verl_rows(rows: Rows, split: str, data_source: str) -> tuple[list[dict], list[str]]:
     """verl-schema rows, and where each skipped problem (no boxed answer) came from."""
     out, skipped = [], []
-    for row in rows:
-        where = row.get("_where", split)
+    for row, where in rows:
         missing = [c for c in ("problem", "solution") if not str(row.get(c) or "").strip()]
         if missing:
             raise DataError(f"{where}: missing {', '.join(missing)}")
@@ -104,17 +93,19 @@ def to_verl_rows(rows: list[dict], split: str, data_source: str) -> tuple[list[d
     return out, skipped
 
 
-def prepare(source: str, out: Path, data_source: str | None = None) -> dict[str, int]:
+def prepare(source: str, out: Path, data_source: str = DEFAULT_SOURCE) -> dict[str, int]:
+    """Write ``out/train.parquet`` and ``out/test.parquet``; returns the problems kept per split.
+
+    ``data_source`` defaults to the name verl routes its MATH scorer on.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     raw = read_source(source)
-    # verl routes its scorer on data_source, so MATH keeps the name verl knows unless told otherwise.
-    name = data_source or DEFAULT_SOURCE
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split in SPLITS:
-        rows, skipped = to_verl_rows(raw[split], split, name)
+        rows, skipped = to_verl_rows(raw[split], split, data_source)
         for where in skipped:
             print(f"skipped (no \\boxed answer in the solution): {where}", file=sys.stderr)
         if not rows:

@@ -76,14 +76,18 @@ def _parquet_rows(path: Path) -> Iterator[tuple[dict, str]]:
         yield row, f"{path}: row {i}"
 
 
+def iter_rows(path: Path) -> Iterator[tuple[dict, str]]:
+    """``(row, where)`` for each row of a jsonl or parquet file; ``where`` names file and line/row for errors."""
+    return _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+
+
 def read_prompts(source: str, split: str = "train") -> list[PromptRecord]:
     """Read a jsonl or parquet file, or a hub dataset id (``split`` picks its split)."""
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
             raise DataError(f"{source}: file not found")
-        rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
-        records = [record_from_row(row, where) for row, where in rows]
+        records = [record_from_row(row, where) for row, where in iter_rows(path)]
     else:
         import datasets
 

@@ -21,12 +21,16 @@ def hf_generate(
     from transformers import GenerationConfig
 
     stop = {eos_id, *params.stop_token_ids}
+    # Sampling fields only when sampling (transformers warns about them under greedy decoding). top_k is always
+    # given: HF's default of 50 would silently truncate the distribution; 0 disables it.
+    sampling = (
+        {}
+        if params.greedy
+        else {"temperature": params.temperature, "top_p": params.top_p, "top_k": max(params.top_k, 0)}
+    )
     gen_config = GenerationConfig(
         do_sample=not params.greedy,
-        temperature=params.temperature if not params.greedy else None,
-        top_p=params.top_p if not params.greedy else None,
-        # HF's default top_k=50 would silently truncate sampling; 0 disables it.
-        top_k=(params.top_k if params.top_k > 0 else 0) if not params.greedy else None,
+        **sampling,
         max_new_tokens=params.max_new_tokens,
         num_return_sequences=params.n,
         pad_token_id=pad_id,
