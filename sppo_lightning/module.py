@@ -12,10 +12,11 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torchmetrics.aggregation import MeanMetric
 
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss
+from sppo_lightning.rewards.base import rule_scores
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.hf import hf_generate
 
@@ -77,7 +78,9 @@ class SPPOModule(L.LightningModule):
         self.accuracy_fn = accuracy_fn
         self.policy = None
         self.tokenizer = self._load_tokenizer()
-        self.val_accuracy = MeanMetric()
+        # The validation metric lives in a plain dict, not as a submodule: it is rebuilt each validation (its groups
+        # come from the data) and must not enter the state dict or the FSDP wrapping.
+        self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
         self._train_start = 0.0
 
@@ -141,11 +144,11 @@ class SPPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # The first point of the learning curve: accuracy of the policy before any update.
         if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
-            acc = self.evaluate(self.trainer.datamodule.val_dataloader())
-            if acc is not None:
-                self.initial_val_accuracy = acc
+            results = self.evaluate(self.trainer.datamodule.val_dataloader())
+            if results:
+                self.initial_val_accuracy = results["accuracy"]
                 for logger in self.loggers:
-                    logger.log_metrics({"val/accuracy": acc, "epoch": -1}, step=0)
+                    logger.log_metrics({**{f"val/{k}": v for k, v in results.items()}, "epoch": -1}, step=0)
 
     def on_train_epoch_start(self) -> None:
         self._train_start = time.perf_counter()
@@ -157,7 +160,7 @@ class SPPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ validation
     def _score_batch(self, batch) -> torch.Tensor:
-        """Generate for a batch of validation prompts and score each response: ``[P * n]`` values in [0, 1]."""
+        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1]."""
         params = batch["params"]
         responses = hf_generate(
             self.policy,
@@ -167,25 +170,33 @@ class SPPOModule(L.LightningModule):
             self.tokenizer.eos_token_id,
             batch_size=len(batch["prompt_ids"]) * params.n,
         )
-        scores = [
-            float(self.accuracy_fn(self.tokenizer.decode(r, skip_special_tokens=True), rec.ground_truth))
-            for group, rec in zip(responses, batch["records"], strict=True)
-            for r in group
-        ]
-        return torch.tensor(scores, device=self.device)
+        texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
+        return rule_scores(self.accuracy_fn, texts, batch["records"])
+
+    def _new_accuracy(self) -> GroupedAccuracy:
+        # The groups of the whole validation set, identical on every rank, so the metric's states line up.
+        prompts = getattr(self.trainer.datamodule, "val_prompts", None) or []
+        return GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val["accuracy"] = self._new_accuracy()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        scores = self._score_batch(batch)
-        self.val_accuracy.update(scores)
-        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=scores.numel())
+        self._val["accuracy"].update(self._score_batch(batch), batch["records"])
+
+    def on_validation_epoch_end(self) -> None:
+        results = self._val.pop("accuracy").compute()  # synchronised across ranks: the same on every rank
+        if "accuracy" in results:
+            self.log("val/accuracy", results.pop("accuracy"), prog_bar=True)
+        self.log_dict({f"val/{k}": v for k, v in results.items()})
 
     @torch.no_grad()
-    def evaluate(self, dataloader) -> float | None:
-        """Accuracy over a whole dataloader, outside Lightning's validation loop (synchronised across ranks)."""
-        metric = MeanMetric().to(self.device)
+    def evaluate(self, dataloader) -> dict[str, float]:
+        """The validation metrics over a whole dataloader, outside Lightning's loop (synchronised across ranks)."""
+        metric = self._new_accuracy()
         for batch in dataloader:
-            metric.update(self._score_batch(batch))
-        return None if metric.update_count == 0 else float(metric.compute())
+            metric.update(self._score_batch(batch), batch["records"])
+        return metric.compute()
 
     # ----------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

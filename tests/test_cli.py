@@ -93,6 +93,9 @@ def test_validate_reports_the_starting_accuracy(tmp_path):
         "--data.val_batch_size=100",
     ).stdout
     assert "val/accuracy" in out
+    # The toy task's levels (1 + number of carries) are reported like MATH's, and they partition the prompts.
+    for level in (1, 2, 3):
+        assert f"val/accuracy/level_{level}" in out
 
 
 @pytest.mark.slow

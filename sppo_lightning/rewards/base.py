@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from sppo_lightning.data.prompts import PromptRecord
 from sppo_lightning.preference import win_rates_from_rewards
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import Rollout
@@ -17,6 +18,17 @@ class Oracle(ABC):
 
     @abstractmethod
     def score(self, rollout: Rollout) -> None: ...
+
+
+def rule_scores(
+    score_fn: Callable[[str, str], float], response_text: list[list[str]], records: list[PromptRecord]
+) -> torch.Tensor:
+    """``[P, K]`` values of ``score_fn(response, ground_truth)`` for every response of every prompt."""
+    scores = [
+        [float(score_fn(text, rec.ground_truth)) for text in texts]
+        for texts, rec in zip(response_text, records, strict=True)
+    ]
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 class RuleOracle(Oracle):
@@ -35,9 +47,5 @@ class RuleOracle(Oracle):
         self.include_self = include_self
 
     def score(self, rollout: Rollout) -> None:
-        rewards = [
-            [float(self.score_fn(text, rec.ground_truth)) for text in texts]
-            for texts, rec in zip(rollout.response_text, rollout.prompts, strict=True)
-        ]
-        rollout.rewards = torch.tensor(rewards, dtype=torch.float32)
+        rollout.rewards = rule_scores(self.score_fn, rollout.response_text, rollout.prompts)
         rollout.win_rates = win_rates_from_rewards(rollout.rewards, include_self=self.include_self)

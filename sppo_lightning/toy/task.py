@@ -27,13 +27,23 @@ def addition_problems(split: str, max_operand: int = 99) -> list[tuple[int, int]
     return [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1) if _split_of(a, b) == split]
 
 
+def difficulty(a: int, b: int) -> int:
+    """1 + the number of carries, so validation reports accuracy by level as it does for MATH's levels 1-5."""
+    carries, carry = 0, 0
+    while a or b:
+        carry = int(a % 10 + b % 10 + carry >= 10)
+        carries += carry
+        a, b = a // 10, b // 10
+    return 1 + carries
+
+
 def make_record(a: int, b: int) -> dict:
     """One prompt in the same shape as a row of verl's parquet schema."""
     return {
         "data_source": "toy/addition",
         "prompt": [{"role": "user", "content": INSTRUCTION.format(a=a, b=b)}],
         "reward_model": {"style": "rule", "ground_truth": str(a + b)},
-        "extra_info": {"a": a, "b": b},
+        "extra_info": {"a": a, "b": b, "level": difficulty(a, b)},
     }
 
 
