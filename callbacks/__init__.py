@@ -1,5 +1,6 @@
 """Things around the training loop, wired in through the configs (nothing in sppo_lightning imports them)."""
 
+from callbacks.export import HFExport
 from callbacks.summary import FitSummary
 
-__all__ = ["FitSummary"]
+__all__ = ["FitSummary", "HFExport"]

@@ -12,6 +12,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
@@ -51,6 +52,8 @@ class SPPOModule(L.LightningModule):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        fsdp_cpu_offload: bool = False,
         accuracy_fn: Callable[[str, str], float] = compute_score,
     ):
         """
@@ -69,6 +72,9 @@ class SPPOModule(L.LightningModule):
             trust_remote_code: Run a model repository's own code. Off unless you trust its author.
             gradient_checkpointing: Recompute activations in backward to save memory (generation still uses the
                 KV cache).
+            fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype layers compute in, gradients are
+                reduced in float32. None = bfloat16 on GPU, the stored dtype on CPU.
+            fsdp_cpu_offload: Under FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory.
             accuracy_fn: ``f(response_text, ground_truth) -> float`` used for ``val/accuracy``.
         """
         super().__init__()
@@ -111,6 +117,33 @@ class SPPOModule(L.LightningModule):
         self.policy.train()  # from_pretrained returns the model in eval mode
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self._device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
+            self._fully_shard(self._device_mesh["data_parallel"])
+
+    def _fully_shard(self, mesh) -> None:
+        """FSDP2: one FSDP unit per decoder layer (its all-gather overlaps the previous layer's compute), then the
+        root for the embeddings, final norm and head. Parameters become DTensors sharded over ``mesh``."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        h = self.hparams
+        param_dtype = h.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
+        kwargs = {"mesh": mesh}
+        if param_dtype is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+        if h.fsdp_cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        layers = getattr(getattr(self.policy, "model", None), "layers", None)
+        if layers is None:
+            raise ConfigError(
+                f"FSDP2 sharding expects a decoder model with .model.layers; {type(self.policy).__name__} has none"
+            )
+        for layer in layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(self.policy, **kwargs)
+        rank_zero_info(
+            f"FSDP2: {len(layers)} decoder layers + root sharded over data_parallel={mesh.size()} "
+            f"(compute dtype {param_dtype or h.dtype}, cpu_offload={h.fsdp_cpu_offload})"
+        )
 
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
@@ -130,9 +163,10 @@ class SPPOModule(L.LightningModule):
             losses = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], self.hparams.dpo_beta)
         loss = losses.mean()
         n = logps.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/log_ratio", (logps - ref).mean().detach(), batch_size=n)
-        self.log("train/target", batch["targets"].mean(), batch_size=n)
+        # sync_dist: under FSDP/DDP each rank trains on its own rows; the logged value is their mean.
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/log_ratio", (logps - ref).mean().detach(), batch_size=n, sync_dist=True)
+        self.log("train/target", batch["targets"].mean(), batch_size=n, sync_dist=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -156,7 +190,7 @@ class SPPOModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         metrics = dict(getattr(self.trainer.datamodule, "rollout_metrics", {}) or {})
         metrics["time/train"] = time.perf_counter() - self._train_start
-        self.log_dict(metrics, on_epoch=True, on_step=False, rank_zero_only=True)
+        self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=True)  # each rank's rollout: their mean
 
     # ------------------------------------------------------------------------------------------ validation
     def _score_batch(self, batch) -> torch.Tensor:
@@ -187,8 +221,8 @@ class SPPOModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         results = self._val.pop("accuracy").compute()  # synchronised across ranks: the same on every rank
         if "accuracy" in results:
-            self.log("val/accuracy", results.pop("accuracy"), prog_bar=True)
-        self.log_dict({f"val/{k}": v for k, v in results.items()})
+            self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)  # equal on all ranks already
 
     @torch.no_grad()
     def evaluate(self, dataloader) -> dict[str, float]:

@@ -35,6 +35,17 @@ def _timed(metrics: dict, name: str):
     metrics[name] = time.perf_counter() - start
 
 
+class _MicroBatches(torch.utils.data.IterableDataset):
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:  # lets the progress bar and the scheduler know the epoch's length
+        return len(self.batches)
+
+
 class _ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: list):
         self.items = items
@@ -190,12 +201,24 @@ class RolloutDataModule(L.LightningDataModule):
         rewards_all = trainer.strategy.all_gather(rollout.rewards).reshape(-1)  # softmean's batch-wide baseline
         groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)
         batches = micro_batches(groups, self.hparams.micro_batch_size, module.tokenizer.pad_token_id, seed + epoch)
+        # Every rank must take the same number of optimizer steps (sharded and DDP training block in the gradient
+        # reduction), but DPO drops all-tie groups and the last micro-batch may be partial: keep the fewest.
+        fewest = self.fewest_on_any_rank(len(batches))
+        metrics["rollout/dropped_micro_batches"] = float(len(batches) - fewest)
+        batches = batches[:fewest]
         with _timed(metrics, "time/ref_logprobs"):
             self.attach_ref_logps(module, batches)
 
         metrics.update(rollout_metrics(rollout))
         self.rollout_metrics = metrics
-        return DataLoader(_ListDataset(batches), batch_size=None, shuffle=False)
+        # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
+        # of a map-style dataset with a DistributedSampler, which would shard them a second time.
+        return DataLoader(_MicroBatches(batches), batch_size=None)
+
+    def fewest_on_any_rank(self, count: int) -> int:
+        if self.trainer.world_size > 1:
+            count = int(self.trainer.strategy.all_gather(torch.tensor(count)).min())
+        return count
 
     def sampling_params(self) -> SamplingParams:
         h = self.hparams

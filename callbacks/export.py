@@ -1,0 +1,31 @@
+"""Leave the final policy as a Hugging Face folder under the run's ``default_root_dir`` at the end of fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from sppo_lightning.export import full_policy_state_dict, save_hf_folder
+
+
+class HFExport(L.Callback):
+    def __init__(self, dirname: str = "hf_model"):
+        """
+        Args:
+            dirname: Folder under ``trainer.default_root_dir`` that receives config, safetensors and tokenizer.
+        """
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:  # stopped by SIGTERM/Ctrl-C: last.ckpt holds the state, nothing half-trained here
+            return
+        state_dict = full_policy_state_dict(pl_module.policy)  # a collective under FSDP: every rank takes part
+        if trainer.is_global_zero:
+            h = pl_module.hparams
+            out = save_hf_folder(
+                h.model_name_or_path, state_dict, pl_module.tokenizer, Path(trainer.default_root_dir) / self.dirname,
+                trust_remote_code=h.trust_remote_code,
+            )
+            print(f"Exported the policy to {out}")
+        trainer.strategy.barrier("hf_export")

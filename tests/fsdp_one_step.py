@@ -1,0 +1,90 @@
+"""One optimizer step of SPPOModule on a fixed batch, single-process or FSDP2 over N CPU processes.
+
+Run by tests/test_fsdp.py in a subprocess (Lightning's ModelParallelStrategy re-launches this script per rank):
+
+    python tests/fsdp_one_step.py --devices 2 --out result.pt
+
+The global batch is the same whatever the process count: ROWS rows split evenly, each rank one contiguous shard.
+Writes the mean first-step loss over ranks and the full parameters after the step (rank 0).
+"""
+
+import argparse
+import random
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from sppo_lightning.data.batching import collate
+from sppo_lightning.data.datamodule import RolloutDataModule
+from sppo_lightning.data.examples import Example
+from sppo_lightning.export import full_policy_state_dict
+from sppo_lightning.module import SPPOModule
+from sppo_lightning.toy import MODEL_DIR
+
+ROWS = 16  # the global batch
+
+
+def fixed_rows() -> list[Example]:
+    rng = random.Random(0)
+    rows = []
+    for i in range(ROWS):
+        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(4, 9))]
+        response = [rng.randrange(3, 200) for _ in range(rng.randrange(2, 7))]
+        win_rate = rng.random()
+        rows.append(Example(prompt, response, 0.0, win_rate, 2.0 * (win_rate - 0.5), i // 4))
+    return rows
+
+
+class FixedBatch(L.LightningDataModule):
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        per_rank = ROWS // world
+        module = self.trainer.lightning_module
+        batch = collate(fixed_rows()[rank * per_rank : (rank + 1) * per_rank], module.tokenizer.pad_token_id)
+        RolloutDataModule.attach_ref_logps(module, [batch])
+        return torch.utils.data.DataLoader([batch], batch_size=None)
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach()
+        self.losses.append(float(trainer.strategy.reduce(loss, reduce_op="mean")))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    L.seed_everything(0)
+    module = SPPOModule(str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3, weight_decay=0.0)
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.devices > 1 else "auto"
+    )
+    record = Record()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    trainer.fit(module, datamodule=FixedBatch())
+    sharded = any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
+    params = full_policy_state_dict(module.policy)
+    if trainer.is_global_zero:
+        torch.save({"loss": record.losses[0], "params": params, "sharded": sharded}, args.out)
+
+
+if __name__ == "__main__":
+    main()
