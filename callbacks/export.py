@@ -24,7 +24,10 @@ class HFExport(L.Callback):
         if trainer.is_global_zero:
             h = pl_module.hparams
             out = save_hf_folder(
-                h.model_name_or_path, state_dict, pl_module.tokenizer, Path(trainer.default_root_dir) / self.dirname,
+                h.model_name_or_path,
+                state_dict,
+                pl_module.tokenizer,
+                Path(trainer.default_root_dir) / self.dirname,
                 trust_remote_code=h.trust_remote_code,
             )
             print(f"Exported the policy to {out}")

@@ -44,7 +44,9 @@ def save_hf_folder(
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     missing = [k for k in missing if k not in set(getattr(model, "_tied_weights_keys", None) or [])]
     if missing or unexpected:
-        raise UserInputError(f"the checkpoint does not match {base}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserInputError(
+            f"the checkpoint does not match {base}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.tie_weights()
     try:
         model.generation_config = GenerationConfig.from_pretrained(base)

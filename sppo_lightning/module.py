@@ -129,7 +129,8 @@ class SPPOModule(L.LightningModule):
         param_dtype = h.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
         kwargs = {"mesh": mesh}
         if param_dtype is not None:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+            dtype = getattr(torch, param_dtype)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         if h.fsdp_cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         layers = getattr(getattr(self.policy, "model", None), "layers", None)

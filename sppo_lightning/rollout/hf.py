@@ -39,7 +39,8 @@ def hf_generate(
     )
     # Sharded weights (FSDP) are all-gathered inside every forward, so all ranks must run the same number of
     # forwards: synced_gpus keeps a rank that has finished stepping until every rank has.
-    synced = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    dist = torch.distributed
+    synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -51,7 +52,9 @@ def hf_generate(
             width = max(map(len, chunk))
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config, synced_gpus=synced)
+            seqs = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config, synced_gpus=synced
+            )
             new = seqs[:, width:].tolist()  # (len(chunk) * K, new_tokens), grouped by prompt
             for i in range(len(chunk)):
                 out.append([truncate_at_stop(r, stop, pad_id) for r in new[i * params.n : (i + 1) * params.n]])
