@@ -198,7 +198,8 @@ class RolloutDataModule(L.LightningDataModule):
             rollout = self.generate(module, indices, seed=seed * 100_003 + epoch * 1_009 + trainer.global_rank)
         with _timed(metrics, "time/scoring"):
             self.oracle.score(rollout)
-        rewards_all = trainer.strategy.all_gather(rollout.rewards).reshape(-1)  # softmean's batch-wide baseline
+        # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
+        rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
         groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)
         batches = micro_batches(groups, self.hparams.micro_batch_size, module.tokenizer.pad_token_id, seed + epoch)
         # Every rank must take the same number of optimizer steps (sharded and DDP training block in the gradient
@@ -217,7 +218,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def fewest_on_any_rank(self, count: int) -> int:
         if self.trainer.world_size > 1:
-            count = int(self.trainer.strategy.all_gather(torch.tensor(count)).min())
+            strategy = self.trainer.strategy
+            count = int(strategy.all_gather(torch.tensor(count, device=strategy.root_device)).min())
         return count
 
     def sampling_params(self) -> SamplingParams:

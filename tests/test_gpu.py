@@ -1,0 +1,66 @@
+"""GPU runs of the real CLI, skipped without CUDA (CI has none; run them wherever a GPU is at hand: ``pytest -m gpu``).
+
+- the demo on one GPU (HF engine, fp32), as a newcomer with a GPU would run it;
+- FSDP2 (ModelParallelStrategy) on one GPU: NCCL, bf16 compute with fp32 gradient reduction, flash-attention 2
+  when the ``gpu`` extra is installed (sdpa otherwise), then the HF export;
+- the demo with SGLang generating the rollouts (colocated engine), skipped unless ``sglang`` is installed.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from tests.test_cli import DEMO, REPO, read_metrics, run
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GPU = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.max_epochs=3"]
+
+
+def accuracies(root) -> list[float]:
+    return [float(r["val/accuracy"]) for r in read_metrics(root) if r.get("val/accuracy")]
+
+
+def test_demo_on_one_gpu(tmp_path):
+    run("fit", "--config", DEMO, *GPU, f"--trainer.default_root_dir={tmp_path}")
+    acc = accuracies(tmp_path)
+    assert len(acc) == 4 and acc[-1] > acc[0]
+
+
+def test_fsdp2_bf16_on_one_gpu_with_flash_attention_when_installed(tmp_path):
+    attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    proc = run(
+        "fit",
+        "--config",
+        DEMO,
+        "--config",
+        str(REPO / "configs" / "fsdp_cpu.yaml"),
+        *GPU,
+        "--trainer.strategy.init_args.data_parallel_size=1",
+        "--data.micro_batch_size=64",
+        f"--model.attn_implementation={attn}",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
+    assert "compute dtype bfloat16" in proc.stdout + proc.stderr
+    acc = accuracies(tmp_path)
+    assert len(acc) == 4 and all(0.0 <= a <= 1.0 for a in acc)
+    assert (tmp_path / "hf_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs the sglang extra")
+def test_demo_with_sglang_rollouts(tmp_path):
+    run(
+        "fit",
+        "--config",
+        DEMO,
+        *GPU,
+        "--data.engine=sppo_lightning.rollout.sglang.SGLangEngine",
+        "--data.engine.init_args.mem_fraction_static=0.3",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
+    acc = accuracies(tmp_path)
+    assert len(acc) == 4 and acc[-1] > acc[0]
