@@ -13,35 +13,48 @@ PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train")
 class FitSummary(L.Callback):
     """Collects ``val/accuracy`` and the per-phase times each epoch and prints them when fit ends."""
 
+    # Callback hooks run before the module's (which logs the epoch's times in on_train_epoch_end and the accuracy
+    # in on_validation_epoch_end), so values are read one hook later: accuracy in on_validation_end, an epoch's
+    # times at the start of the next epoch and, for the last one, at the end of fit.
+
     def __init__(self) -> None:
         self.accuracy: list[float] = []
         self.seconds: dict[str, float] = defaultdict(float)
+        self.epochs = 0
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        # Callback hooks run before the module's, so the module's pre-training accuracy is read here, not in
-        # on_train_start.
-        if not self.accuracy and getattr(pl_module, "initial_val_accuracy", None) is not None:
-            self.accuracy.append(pl_module.initial_val_accuracy)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking and "val/accuracy" in trainer.callback_metrics:
-            self.accuracy.append(float(trainer.callback_metrics["val/accuracy"]))
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def _add_epoch_times(self, trainer) -> None:
         for name in PHASES:
             if name in trainer.callback_metrics:
                 self.seconds[name] += float(trainer.callback_metrics[name])
 
-    @rank_zero_only
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.epochs:
+            self._add_epoch_times(trainer)
+        elif getattr(pl_module, "initial_val_accuracy", None) is not None:  # measured in on_train_start
+            self.accuracy.append(pl_module.initial_val_accuracy)
+        self.epochs += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val/accuracy" in trainer.callback_metrics:
+            self.accuracy.append(float(trainer.callback_metrics["val/accuracy"]))
+
     def on_fit_end(self, trainer, pl_module) -> None:
+        if self.epochs:
+            self._add_epoch_times(trainer)
+        self._print(trainer)
+
+    @rank_zero_only
+    def _print(self, trainer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"SPPO: {trainer.current_epoch} iterations")
+        table = Table(title=f"SPPO: {self.epochs} iterations" + (" (resumed)" if trainer.ckpt_path else ""))
         table.add_column("")
         table.add_column("value", justify="right")
-        if self.accuracy:
+        if len(self.accuracy) > 1:
             table.add_row("val/accuracy", f"{self.accuracy[0]:.1%} -> {self.accuracy[-1]:.1%}")
+        elif self.accuracy:
+            table.add_row("val/accuracy", f"{self.accuracy[0]:.1%}")
         total = sum(self.seconds.values()) or 1.0
         for name in PHASES:
             if name in self.seconds:

@@ -19,7 +19,8 @@ from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss
 from sppo_lightning.rewards.base import rule_scores
 from sppo_lightning.rewards.math import compute_score
-from sppo_lightning.rollout.hf import hf_generate
+from sppo_lightning.rollout.base import RolloutEngine
+from sppo_lightning.rollout.hf import HFEngine
 
 LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
 
@@ -194,17 +195,14 @@ class SPPOModule(L.LightningModule):
         self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=True)  # each rank's rollout: their mean
 
     # ------------------------------------------------------------------------------------------ validation
+    def rollout_engine(self) -> RolloutEngine:
+        """Validation samples through the same engine as the rollout (SGLang on GPU), HF generate otherwise."""
+        engine = getattr(self.trainer.datamodule, "engine", None) if self._trainer is not None else None
+        return engine if engine is not None else HFEngine()
+
     def _score_batch(self, batch) -> torch.Tensor:
         """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1]."""
-        params = batch["params"]
-        responses = hf_generate(
-            self.policy,
-            batch["prompt_ids"],
-            params,
-            self.tokenizer.pad_token_id,
-            self.tokenizer.eos_token_id,
-            batch_size=len(batch["prompt_ids"]) * params.n,
-        )
+        responses = self.rollout_engine().generate(self, batch["prompt_ids"], batch["params"], seed=self.current_epoch)
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
         return rule_scores(self.accuracy_fn, texts, batch["records"])
 
@@ -220,6 +218,7 @@ class SPPOModule(L.LightningModule):
         self._val["accuracy"].update(self._score_batch(batch), batch["records"])
 
     def on_validation_epoch_end(self) -> None:
+        self.rollout_engine().after_rollout(self)
         results = self._val.pop("accuracy").compute()  # synchronised across ranks: the same on every rank
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
@@ -231,6 +230,7 @@ class SPPOModule(L.LightningModule):
         metric = self._new_accuracy()
         for batch in dataloader:
             metric.update(self._score_batch(batch), batch["records"])
+        self.rollout_engine().after_rollout(self)
         return metric.compute()
 
     # ----------------------------------------------------------------------------------------- optimizers

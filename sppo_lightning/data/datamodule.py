@@ -11,6 +11,7 @@ so the Trainer must call it again every epoch (``reload_dataloaders_every_n_epoc
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 
 import lightning as L
@@ -33,6 +34,10 @@ def _timed(metrics: dict, name: str):
     start = time.perf_counter()
     yield
     metrics[name] = time.perf_counter() - start
+
+
+# Our iterable has an exact length (a list, read in one process); Lightning's caution about workers does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class _MicroBatches(torch.utils.data.IterableDataset):
