@@ -169,3 +169,8 @@ def compute_score(solution_str: str, ground_truth: str, strict: bool = False) ->
         return 1.0 if is_equiv(answer, str(ground_truth), strict=strict) else 0.0
     except Exception:  # noqa: BLE001 - an oracle must score every response; a crash is a wrong answer
         return 0.0
+
+
+def compute_score_strict(solution_str: str, ground_truth: str) -> float:
+    """``compute_score(..., strict=True)`` under a name a config can give (``model.accuracy_fn``)."""
+    return compute_score(solution_str, ground_truth, strict=True)
