@@ -32,3 +32,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory):
+    """A random 2-layer Qwen2 with a one-logit classification head and the toy tokenizer, saved like any HF folder."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from sppo_lightning.toy.build import build_tokenizer, save_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    tok = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    save_tokenizer(tok, out)
+    return out

@@ -131,6 +131,11 @@ class RolloutDataModule(L.LightningDataModule):
             problems.append("data.temperature and data.val_temperature must be >= 0")
         if not 0 < h.top_p <= 1:
             problems.append(f"data.top_p must be in (0, 1], got {h.top_p}")
+        if h.samples_per_prompt < self.oracle.min_samples:
+            problems.append(
+                f"data.oracle {type(self.oracle).__name__} compares responses with each other: "
+                f"data.samples_per_prompt must be >= {self.oracle.min_samples}"
+            )
         if loss_type is not None:
             rows = 2 if loss_type in PAIR_LOSSES else h.samples_per_prompt
             if loss_type in PAIR_LOSSES and h.samples_per_prompt < 2:
@@ -202,7 +207,7 @@ class RolloutDataModule(L.LightningDataModule):
         with _timed(metrics, "time/rollout"):
             rollout = self.generate(module, indices, seed=seed * 100_003 + epoch * 1_009 + trainer.global_rank)
         with _timed(metrics, "time/scoring"):
-            self.oracle.score(rollout)
+            self.oracle.score(rollout, device=module.device)
         # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
         groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)

@@ -48,8 +48,10 @@ def build_groups(
     groups = []
     for p in range(rollout.num_prompts):
         if loss_type in PAIR_LOSSES:
-            # Winner and loser by win-rate (the first one on ties, as argmax/argmin do).
-            win, lose = int(win_rates[p].argmax()), int(win_rates[p].argmin())
+            # Winner: the first of the best; loser: the last of the worst, so that they are two different
+            # responses even when all K tie (sppo_pair then regresses both onto 0, DPO skips the group).
+            k = rollout.group_size
+            win, lose = int(win_rates[p].argmax()), k - 1 - int(win_rates[p].flip(0).argmin())
             if loss_type == "dpo" and win_rates[p, win] == win_rates[p, lose]:
                 continue  # all K tie: DPO has no preference to learn from
             keep = [win, lose]

@@ -16,8 +16,12 @@ from sppo_lightning.rollout.base import Rollout
 class Oracle(ABC):
     """Scores a rollout in place: sets ``rollout.rewards`` [P, K] and ``rollout.win_rates`` [P, K]."""
 
+    min_samples: int = 1
+    """Fewest responses per prompt this oracle can judge (a pairwise one needs two)."""
+
     @abstractmethod
-    def score(self, rollout: Rollout) -> None: ...
+    def score(self, rollout: Rollout, device: torch.device | None = None) -> None:
+        """``device``: where a model-based oracle may run (the policy's device); rule oracles ignore it."""
 
 
 def rule_scores(
@@ -46,6 +50,6 @@ class RuleOracle(Oracle):
         self.score_fn = score_fn
         self.include_self = include_self
 
-    def score(self, rollout: Rollout) -> None:
+    def score(self, rollout: Rollout, device: torch.device | None = None) -> None:
         rollout.rewards = rule_scores(self.score_fn, rollout.response_text, rollout.prompts)
         rollout.win_rates = win_rates_from_rewards(rollout.rewards, include_self=self.include_self)

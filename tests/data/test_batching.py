@@ -32,9 +32,11 @@ def test_sppo_keeps_all_k_with_eta_times_win_rate_minus_half():
 def test_pair_losses_take_winner_then_loser_and_dpo_drops_ties():
     rollout = make_rollout([[0, 1, 0], [1, 1, 1]])
     pair = build_groups(rollout, "sppo_pair", eta=1.0)
-    assert [e.response_ids for e in pair[0]] == [rollout.response_ids[0][1], rollout.response_ids[0][0]]
-    assert len(pair) == 2  # the all-tie group stays for SPPO (its targets are 0)
+    # winner: the best; loser: the last of the worst
+    assert [e.response_ids for e in pair[0]] == [rollout.response_ids[0][1], rollout.response_ids[0][2]]
+    assert len(pair) == 2  # the all-tie group stays for SPPO (its targets are 0), with two different responses
     assert [e.target for e in pair[1]] == [0.0, 0.0]
+    assert [e.response_ids for e in pair[1]] == [rollout.response_ids[1][0], rollout.response_ids[1][2]]
     assert len(build_groups(rollout, "dpo", eta=1.0)) == 1
 
 
