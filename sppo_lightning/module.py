@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning.errors import ConfigError
+from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss
 from sppo_lightning.rewards.base import rule_scores
@@ -55,6 +55,7 @@ class SPPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         fsdp_cpu_offload: bool = False,
+        max_nonfinite_steps: int = 10,
         accuracy_fn: Callable[[str, str], float] = compute_score,
     ):
         """
@@ -76,6 +77,8 @@ class SPPOModule(L.LightningModule):
             fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype layers compute in, gradients are
                 reduced in float32. None = bfloat16 on GPU, the stored dtype on CPU.
             fsdp_cpu_offload: Under FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory.
+            max_nonfinite_steps: A step whose loss or gradient is NaN/inf is skipped and counted
+                (``train/skipped_steps``); this many in a row stop the run. 0 = never stop.
             accuracy_fn: ``f(response_text, ground_truth) -> float`` used for ``val/accuracy``.
         """
         super().__init__()
@@ -89,15 +92,17 @@ class SPPOModule(L.LightningModule):
         # come from the data) and must not enter the state dict or the FSDP wrapping.
         self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
+        self.skipped_steps = 0
+        self._nonfinite_in_a_row = 0
         self._train_start = 0.0
 
     # ----------------------------------------------------------------------------------------------- model
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(
-            self.hparams.model_name_or_path, trust_remote_code=self.hparams.trust_remote_code
-        )
+        path = self.hparams.model_name_or_path
+        with refusing_remote_code(path, "model.trust_remote_code"):
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -108,13 +113,14 @@ class SPPOModule(L.LightningModule):
             return
         from transformers import AutoModelForCausalLM
 
-        self.policy = AutoModelForCausalLM.from_pretrained(
-            self.hparams.model_name_or_path,
-            dtype=getattr(torch, self.hparams.dtype),
-            attn_implementation=self.hparams.attn_implementation,
-            trust_remote_code=self.hparams.trust_remote_code,
-            use_safetensors=True,
-        )
+        with refusing_remote_code(self.hparams.model_name_or_path, "model.trust_remote_code"):
+            self.policy = AutoModelForCausalLM.from_pretrained(
+                self.hparams.model_name_or_path,
+                dtype=getattr(torch, self.hparams.dtype),
+                attn_implementation=self.hparams.attn_implementation,
+                trust_remote_code=self.hparams.trust_remote_code,
+                use_safetensors=True,  # never unpickle a .bin from a repository
+            )
         self.policy.train()  # from_pretrained returns the model in eval mode
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -164,6 +170,9 @@ class SPPOModule(L.LightningModule):
         else:
             losses = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], self.hparams.dpo_beta)
         loss = losses.mean()
+        if not self._all_ranks_finite(loss):
+            self._count_nonfinite("loss")
+            return None  # Lightning skips this micro-batch: no backward, no optimizer step
         n = logps.shape[0]
         # sync_dist: under FSDP/DDP each rank trains on its own rows; the logged value is their mean.
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
@@ -172,10 +181,43 @@ class SPPOModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)  # before clipping: the norm the gradient actually had
-            self.log("train/grad_norm", norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # before clipping: the norm it really had
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the global norm, on every rank
+        if not torch.isfinite(norm):
+            for p in params:  # AdamW leaves parameters without a gradient untouched: the step is skipped
+                p.grad = None
+            self._count_nonfinite("gradient")
+            return
+        self._nonfinite_in_a_row = 0
+        self.log("train/grad_norm", norm)
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """Every rank must skip together, or the others would wait in the gradient reduction forever."""
+        bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad == 0)
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.skipped_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), reduce_fx="max")
+        limit = self.hparams.max_nonfinite_steps
+        if limit and self._nonfinite_in_a_row >= limit:
+            raise DivergenceError(
+                f"training stopped: {self._nonfinite_in_a_row} steps in a row had a non-finite {what} (last at "
+                f"global step {self.global_step}). Lower model.learning_rate or model.eta, or raise "
+                "model.max_nonfinite_steps"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sppo_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("sppo_skipped_steps", 0)
 
     def on_train_start(self) -> None:
         # The first point of the learning curve: accuracy of the policy before any update.

@@ -1,6 +1,7 @@
 """The module: response-only log-probs, π_t log-probs equal to the policy's before the first update, losses."""
 
 import lightning as L
+import pytest
 import torch
 
 from sppo_lightning.data.batching import collate
@@ -60,3 +61,59 @@ def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
     torch.testing.assert_close(policy, ref, atol=1e-6, rtol=0)  # before any update
     policy, ref = seen[1]
     assert (policy - ref).abs().max() > 1e-4  # after one update the policy has moved away from π_t
+
+
+def _fit_with(module, callback, epochs=1):
+    from sppo_lightning.toy import AdditionPrompts
+
+    data = RolloutDataModule(
+        train=AdditionPrompts("train", num_prompts=32),
+        prompts_per_epoch=16,
+        samples_per_prompt=4,
+        max_response_length=8,
+        micro_batch_size=16,
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", reload_dataloaders_every_n_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+class Poison(L.Callback):
+    """NaN in the targets of some micro-batches (a NaN loss), NaN in a gradient after others."""
+
+    def __init__(self, nan_loss_at=(), nan_grad_at=()):
+        self.nan_loss_at, self.nan_grad_at, self.seen = set(nan_loss_at), set(nan_grad_at), 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen = batch_idx
+        if batch_idx in self.nan_loss_at:
+            batch["win_rates"][0] = float("nan")
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.seen in self.nan_grad_at:
+            next(pl_module.policy.parameters()).grad[0, 0] = float("inf")
+
+
+def test_nan_loss_and_nan_gradient_steps_are_skipped_and_counted(toy_model_dir):
+    L.seed_everything(0)
+    module = SPPOModule(str(toy_model_dir), learning_rate=1e-3)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    trainer = _fit_with(module, Poison(nan_loss_at={0}, nan_grad_at={2}))
+    assert module.skipped_steps == 2  # of 4 micro-batches: one without backward, one whose update was dropped
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    optimizer = trainer.optimizers[0]
+    assert {int(s["step"]) for s in optimizer.state.values()} == {2}  # AdamW stepped twice, not four times
+    assert any(not torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_with_one_message(toy_model_dir):
+    from sppo_lightning.errors import DivergenceError
+
+    module = SPPOModule(str(toy_model_dir), max_nonfinite_steps=3)
+    with pytest.raises(DivergenceError, match="3 steps in a row had a non-finite loss"):
+        _fit_with(module, Poison(nan_loss_at={0, 1, 2, 3}))

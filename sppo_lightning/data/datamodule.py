@@ -300,6 +300,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "rollout/response_length": float(lengths.mean()),
+        "rollout/empty_share": sum(not t.strip() for g in rollout.response_text for t in g) / lengths.numel(),
         "rollout/all_tie_share": float(all_tie.mean()),
         "rollout/winner_win_rate": float(win_rates.max(dim=1).values.mean()),
         "rollout/loser_win_rate": float(win_rates.min(dim=1).values.mean()),

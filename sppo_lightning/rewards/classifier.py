@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from sppo_lightning.errors import refusing_remote_code
+
 
 class SequenceClassifier:
     def __init__(
@@ -29,17 +31,19 @@ class SequenceClassifier:
             return
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        with refusing_remote_code(self.model_name_or_path, "data.oracle.init_args.trust_remote_code"):
+            tok = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "right"
         tok.truncation_side = "left"  # an overlong input loses the start of the prompt, never the response's end
-        model = AutoModelForSequenceClassification.from_pretrained(
-            self.model_name_or_path,
-            dtype=getattr(torch, self.dtype),
-            trust_remote_code=self.trust_remote_code,
-            use_safetensors=True,
-        )
+        with refusing_remote_code(self.model_name_or_path, "data.oracle.init_args.trust_remote_code"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.model_name_or_path,
+                dtype=getattr(torch, self.dtype),
+                trust_remote_code=self.trust_remote_code,
+                use_safetensors=True,
+            )
         model.config.pad_token_id = tok.pad_token_id  # the classifier reads the last non-pad token
         self.model, self.tokenizer = model.eval(), tok
 

@@ -1,0 +1,61 @@
+"""Every loss_type on the demo, same seed and budget: accuracy before -> after and wall time.
+
+    python benchmarks/compare_losses.py [--epochs 20] [--out runs/compare_losses] [-- extra CLI overrides]
+
+Each run is the real CLI in its own process (``train.py fit --config configs/demo.yaml --model.loss_type=...``);
+the table is printed and written as JSON next to the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo")
+
+
+def accuracies(root: Path) -> list[float]:
+    rows = []
+    for path in sorted(root.glob("**/metrics.csv")):
+        with path.open() as f:
+            rows.extend(csv.DictReader(f))
+    return [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
+
+
+def run(loss_type: str, epochs: int, out: Path, extra: list[str]) -> dict:
+    root = out / loss_type
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml")]
+    cmd += [f"--model.loss_type={loss_type}", f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={root}"]
+    start = time.perf_counter()
+    subprocess.run(cmd + extra, check=True, capture_output=True, cwd=REPO)
+    acc = accuracies(root)
+    return {"loss_type": loss_type, "before": acc[0], "after": acc[-1], "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare_losses")
+    parser.add_argument("--loss-types", nargs="+", default=list(LOSS_TYPES))
+    parser.add_argument("extra", nargs="*", help="more CLI overrides, after --")
+    args = parser.parse_args()
+
+    results = [run(lt, args.epochs, args.out, args.extra) for lt in args.loss_types]
+    print(f"| loss_type | val/accuracy before -> after | gain | wall time ({args.epochs} iterations) |")
+    print("|---|---|---|---|")
+    for r in results:
+        gain = 100 * (r["after"] - r["before"])
+        accuracy = f"{r['before']:.1%} -> {r['after']:.1%}"
+        print(f"| `{r['loss_type']}` | {accuracy} | {gain:+.1f} pts | {r['seconds']:.0f} s |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
