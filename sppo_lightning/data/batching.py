@@ -20,7 +20,7 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(seq)] = torch.tensor(seq)
         attention_mask[i, : len(seq)] = 1
         response_mask[i, len(row.prompt_ids) : len(seq)] = 1.0
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
@@ -29,6 +29,9 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         "rewards": torch.tensor([r.reward for r in rows]),
         "group": torch.tensor([r.group for r in rows]),
     }
+    if all(r.ref_logp is not None for r in rows):  # π_t log-probs from the rollout: no forward pass needed
+        batch["ref_logps"] = torch.tensor([r.ref_logp for r in rows], dtype=torch.float32)
+    return batch
 
 
 def micro_batches(groups: list[list[Example]], micro_batch_size: int, pad_id: int, seed: int) -> list[dict]:

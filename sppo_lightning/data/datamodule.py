@@ -179,6 +179,8 @@ class RolloutDataModule(L.LightningDataModule):
         return kept, ids
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":  # the loss type is known now: refuse impossible combinations before any work
+            self._check_settings(self.trainer.lightning_module.hparams.loss_type)
         if stage == "fit" and not self.train_prompts:
             self.train_prompts, self.train_prompt_ids = self._tokenize(self.train_source.load(), "train")
         if self.val_source is not None and not self.val_prompts:
@@ -195,7 +197,6 @@ class RolloutDataModule(L.LightningDataModule):
             )
         module = trainer.lightning_module
         loss_type, eta = module.hparams.loss_type, module.hparams.eta
-        self._check_settings(loss_type)
         epoch, seed = trainer.current_epoch, self.hparams.seed
         metrics: dict[str, float] = {}
 
@@ -245,7 +246,7 @@ class RolloutDataModule(L.LightningDataModule):
     def generate(self, module, indices: list[int], seed: int) -> Rollout:
         """Stage: K responses per drawn prompt from the current policy, decoded once for the oracle."""
         prompt_ids = [self.train_prompt_ids[i] for i in indices]
-        response_ids = self.engine.generate(module, prompt_ids, self.sampling_params(), seed)
+        response_ids, logprobs = self.engine.generate_with_logprobs(module, prompt_ids, self.sampling_params(), seed)
         self.engine.after_rollout(module)
         tok = module.tokenizer
         return Rollout(
@@ -253,6 +254,7 @@ class RolloutDataModule(L.LightningDataModule):
             prompt_ids=prompt_ids,
             response_ids=response_ids,
             response_text=[[tok.decode(r, skip_special_tokens=True) for r in group] for group in response_ids],
+            response_logprobs=logprobs,
         )
 
     @staticmethod
@@ -264,6 +266,8 @@ class RolloutDataModule(L.LightningDataModule):
         module.policy.eval()
         try:
             for batch in batches:
+                if "ref_logps" in batch:  # supplied by the engine with the rollout
+                    continue
                 on_device = {k: v.to(module.device) for k, v in batch.items()}
                 batch["ref_logps"] = module.sequence_logps(on_device).float().cpu()
         finally:

@@ -25,6 +25,7 @@ measured with, for like-for-like comparisons.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # Pathological inputs are cut short instead of handed to sympy: only the tail of a response can hold its last
@@ -160,13 +161,24 @@ def is_equiv(answer: str, ground_truth: str, strict: bool = False) -> bool:
     return _math_verify_equal(answer, ground_truth)
 
 
+CACHED_CHARS = 512
+
+
+@functools.lru_cache(maxsize=65536)
+def _cached_equiv(answer: str, ground_truth: str, strict: bool) -> bool:
+    return is_equiv(answer, ground_truth, strict=strict)
+
+
 def compute_score(solution_str: str, ground_truth: str, strict: bool = False) -> float:
     """1.0 if the last boxed answer of ``solution_str`` equals ``ground_truth``, else 0.0. Never raises."""
     try:
         answer = extract_answer(solution_str)
         if answer is None or not answer.strip():
             return 0.0
-        return 1.0 if is_equiv(answer, str(ground_truth), strict=strict) else 0.0
+        ground_truth = str(ground_truth)
+        if len(answer) + len(ground_truth) <= CACHED_CHARS:  # K samples often repeat an answer: check it once
+            return 1.0 if _cached_equiv(answer, ground_truth, strict) else 0.0
+        return 1.0 if is_equiv(answer, ground_truth, strict=strict) else 0.0
     except Exception:  # noqa: BLE001 - an oracle must score every response; a crash is a wrong answer
         return 0.0
 

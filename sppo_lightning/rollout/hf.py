@@ -15,9 +15,19 @@ from sppo_lightning.rollout.base import RolloutEngine, SamplingParams, truncate_
 
 @torch.no_grad()
 def hf_generate(
-    model, prompt_ids: list[list[int]], params: SamplingParams, pad_id: int, eos_id: int, batch_size: int
-) -> list[list[list[int]]]:
-    """Sample ``params.n`` responses for each prompt with ``model.generate``; returns ``[P][K]`` token ids."""
+    model,
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    pad_id: int,
+    eos_id: int,
+    batch_size: int,
+    with_logprobs: bool = False,
+):
+    """Sample ``params.n`` responses for each prompt with ``model.generate``; returns ``[P][K]`` token ids.
+
+    ``with_logprobs``: also return ``[P][K]`` Σ_t log π(y_t | x, y_<t) of each response under the model itself
+    (temperature 1, before any sampling warper), from the logits generation computed anyway.
+    """
     from transformers import GenerationConfig
 
     stop = {eos_id, *params.stop_token_ids}
@@ -45,6 +55,7 @@ def hf_generate(
     was_training = model.training
     model.eval()
     out: list[list[list[int]]] = []
+    logprobs: list[list[float]] = []
     per_call = max(1, batch_size // params.n)
     try:
         for start in range(0, len(prompt_ids), per_call):
@@ -52,15 +63,32 @@ def hf_generate(
             width = max(map(len, chunk))
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            seqs = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config, synced_gpus=synced
+            gen = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=gen_config,
+                synced_gpus=synced,
+                return_dict_in_generate=True,
+                output_logits=with_logprobs,  # raw logits, before temperature / top-p / top-k
             )
-            new = seqs[:, width:].tolist()  # (len(chunk) * K, new_tokens), grouped by prompt
+            new = gen.sequences[:, width:]  # (len(chunk) * K, new_tokens), grouped by prompt
+            responses = [truncate_at_stop(r, stop, pad_id) for r in new.tolist()]
+            if with_logprobs:
+                token_logps = _token_logps(gen.logits, new)  # (len(chunk) * K, new_tokens)
+                sums = [float(token_logps[r, : len(ids)].sum()) for r, ids in enumerate(responses)]
             for i in range(len(chunk)):
-                out.append([truncate_at_stop(r, stop, pad_id) for r in new[i * params.n : (i + 1) * params.n]])
+                out.append(responses[i * params.n : (i + 1) * params.n])
+                if with_logprobs:
+                    logprobs.append(sums[i * params.n : (i + 1) * params.n])
     finally:
         model.train(was_training)
-    return out
+    return (out, logprobs) if with_logprobs else out
+
+
+def _token_logps(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:
+    """log π(token_t) at each generated step, from the per-step logits ``[B, V]`` generate returns."""
+    logits = torch.stack(step_logits, dim=1).float()  # (B, steps, V)
+    return logits.gather(-1, tokens[:, : logits.shape[1], None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 @dataclass
@@ -69,12 +97,27 @@ class HFEngine(RolloutEngine):
 
     batch_size: int = 256
     """Sequences (prompts × K) per ``generate`` call."""
+    logprobs_from_rollout: bool = False
+    """Take log π_t(y|x) from the logits generation computes anyway, instead of a second forward pass over every
+    response. It differs from that forward only by float rounding (KV cache, padding side): about 1e-6 in fp32,
+    more in bf16. Its logits are kept for a whole ``generate`` call, (steps × batch_size × vocab) floats, so this
+    suits small vocabularies or small batches."""
+
+    def generate_with_logprobs(self, module, prompt_ids, params, seed):
+        if not self.logprobs_from_rollout:
+            return self.generate(module, prompt_ids, params, seed), None
+        return self._generate(module, prompt_ids, params, seed, with_logprobs=True)
 
     def generate(self, module, prompt_ids, params, seed):
+        return self._generate(module, prompt_ids, params, seed, with_logprobs=False)
+
+    def _generate(self, module, prompt_ids, params, seed, with_logprobs):
         # A private RNG stream per iteration: the samples depend on (seed, iteration) only, so a resumed run
         # draws exactly what the uninterrupted one drew, whatever else consumed random numbers before.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             tok = module.tokenizer
-            return hf_generate(module.policy, prompt_ids, params, tok.pad_token_id, tok.eos_token_id, self.batch_size)
+            return hf_generate(
+                module.policy, prompt_ids, params, tok.pad_token_id, tok.eos_token_id, self.batch_size, with_logprobs
+            )

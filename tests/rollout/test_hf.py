@@ -73,3 +73,30 @@ def test_greedy_result_does_not_depend_on_left_padding(toy_model_dir):
     batched = hf_generate(m.policy, ids, greedy, tok.pad_token_id, tok.eos_token_id, batch_size=2)
     alone = hf_generate(m.policy, ids[:1], greedy, tok.pad_token_id, tok.eos_token_id, batch_size=1)
     assert batched[0] == alone[0]
+
+
+def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
+    """With logprobs_from_rollout, log π_t(y|x) comes from generation's own logits: it must equal what the training
+    forward (right padding, no cache) computes for the same ids, up to float rounding; at temperature 0.7 too,
+    since π_t is the policy itself, not the sampling distribution."""
+    from sppo_lightning.data.batching import collate
+    from sppo_lightning.data.examples import Example
+    from sppo_lightning.module import sequence_logps
+    from sppo_lightning.rollout.hf import HFEngine
+
+    m = _Module(toy_model_dir)
+    tok = m.tokenizer
+    prompts = [
+        tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False)["input_ids"]
+        for q in ("What is 3+4?", "What is 33+44?", "What is 1+99?")
+    ]  # fmt: skip
+    params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12)
+    ids, logps = HFEngine(batch_size=4, logprobs_from_rollout=True).generate_with_logprobs(m, prompts, params, 0)
+    rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p) for p in range(3) for k in range(3)]
+    b = collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        expected = sequence_logps(m.policy.eval(), b["input_ids"], b["attention_mask"], b["response_mask"])
+    torch.testing.assert_close(torch.tensor(logps).flatten(), expected, atol=1e-4, rtol=1e-5)
+    # the same samples as without log-probs: the option changes nothing else
+    assert HFEngine(batch_size=4).generate(m, prompts, params, 0) == ids
