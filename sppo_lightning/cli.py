@@ -13,12 +13,19 @@ from lightning.pytorch.cli import LightningCLI
 
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.errors import UserInputError
+from sppo_lightning.loggers import ConfigToLoggers
 from sppo_lightning.module import SPPOModule
 
 
 def main(args: list[str] | None = None) -> None:
     try:
-        LightningCLI(SPPOModule, RolloutDataModule, parser_kwargs={"parser_mode": "omegaconf+"}, args=args)
+        LightningCLI(
+            SPPOModule,
+            RolloutDataModule,
+            save_config_callback=ConfigToLoggers,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            args=args,
+        )
     except UserInputError as e:
         if os.environ.get("SPPO_DEBUG"):
             raise

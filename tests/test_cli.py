@@ -1,6 +1,7 @@
 """The real CLI in a subprocess: a short demo run, config printing and round-trip, overrides, bad input."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ SHORT = [
 ]
 
 
-def run(*args, cwd=REPO, check=True):
+def run(*args, cwd=REPO, check=True, env=None):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -53,6 +54,13 @@ def test_short_fit_leaves_metrics_and_last_ckpt(tmp_path):
     ):
         assert any(r.get(name) for r in rows), name
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # what the demo's callbacks leave: sample rows per iteration and the learning-curve picture
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {s["epoch"] for s in samples} == {0, 1} and len(samples) == 16  # 8 prompts per iteration
+    for s in samples:
+        assert len(s["responses"]) == 4 and all(r["reward"] in (0.0, 1.0) for r in s["responses"])
+        assert sum(r["win_rate"] for r in s["responses"]) == pytest.approx(2.0)  # K/2: win-rates are a zero-sum split
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_print_config_round_trips_with_overrides_and_interpolation(tmp_path):

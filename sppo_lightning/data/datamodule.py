@@ -113,6 +113,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.val_prompts: list[PromptRecord] = []
         self.val_prompt_ids: list[list[int]] = []
         self.rollout_metrics: dict[str, float] = {}
+        self.rollout: Rollout | None = None
+        """The last iteration's scored rollout (for callbacks: sample tables, progress)."""
         self._check_settings()
 
     def _check_settings(self, loss_type: str | None = None) -> None:
@@ -208,7 +210,10 @@ class RolloutDataModule(L.LightningDataModule):
         with _timed(metrics, "time/rollout"):
             rollout = self.generate(module, indices, seed=seed * 100_003 + epoch * 1_009 + trainer.global_rank)
         with _timed(metrics, "time/scoring"):
+            n = rollout.num_prompts * rollout.group_size
+            self.progress("scoring", 0, n)
             self.oracle.score(rollout, device=module.device)
+            self.progress("scoring", n, n)
         # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
         groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)
@@ -222,7 +227,7 @@ class RolloutDataModule(L.LightningDataModule):
             self.attach_ref_logps(module, batches)
 
         metrics.update(rollout_metrics(rollout))
-        self.rollout_metrics = metrics
+        self.rollout_metrics, self.rollout = metrics, rollout
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
         return DataLoader(_MicroBatches(batches), batch_size=None)
@@ -243,10 +248,20 @@ class RolloutDataModule(L.LightningDataModule):
             max_new_tokens=h.max_response_length,
         )
 
+    def progress(self, stage: str, done: int, total: int, tokens: int = 0) -> None:
+        """Tell callbacks that implement ``on_rollout_progress`` how far a long stage has come."""
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "on_rollout_progress"):
+                callback.on_rollout_progress(self.trainer, stage, done, total, tokens)
+
     def generate(self, module, indices: list[int], seed: int) -> Rollout:
         """Stage: K responses per drawn prompt from the current policy, decoded once for the oracle."""
         prompt_ids = [self.train_prompt_ids[i] for i in indices]
+        total = len(prompt_ids) * self.hparams.samples_per_prompt
+        self.progress("rollout", 0, total)
+        self.engine.on_progress = lambda done, tokens: self.progress("rollout", done, total, tokens)
         response_ids, logprobs = self.engine.generate_with_logprobs(module, prompt_ids, self.sampling_params(), seed)
+        self.progress("rollout", total, total, sum(len(r) for group in response_ids for r in group))
         self.engine.after_rollout(module)
         tok = module.tokenizer
         return Rollout(

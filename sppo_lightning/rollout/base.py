@@ -7,6 +7,7 @@ sampled are the ids that are trained on (re-tokenizing a decoded response can si
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,9 @@ class RolloutEngine(ABC):
     ``generate`` is called once per iteration, at the start of the epoch, with the module whose policy is π_t:
     an engine that keeps its own copy of the weights (SGLang) refreshes it there.
     """
+
+    on_progress: Callable[[int, int], None] | None = None
+    """Set by the pipeline: an engine that works in chunks calls it with (sequences done, tokens generated)."""
 
     @abstractmethod
     def generate(self, module, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> list[list[list[int]]]:

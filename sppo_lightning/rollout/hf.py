@@ -22,11 +22,13 @@ def hf_generate(
     eos_id: int,
     batch_size: int,
     with_logprobs: bool = False,
+    on_chunk=None,
 ):
     """Sample ``params.n`` responses for each prompt with ``model.generate``; returns ``[P][K]`` token ids.
 
     ``with_logprobs``: also return ``[P][K]`` Σ_t log π(y_t | x, y_<t) of each response under the model itself
     (temperature 1, before any sampling warper), from the logits generation computed anyway.
+    ``on_chunk(sequences_done, tokens_generated)`` is called after each ``generate`` call.
     """
     from transformers import GenerationConfig
 
@@ -46,6 +48,8 @@ def hf_generate(
         pad_token_id=pad_id,
         eos_token_id=sorted(stop),
         use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=with_logprobs,  # raw logits, before temperature / top-p / top-k
     )
     # Sharded weights (FSDP) are all-gathered inside every forward, so all ranks must run the same number of
     # forwards: synced_gpus keeps a rank that has finished stepping until every rank has.
@@ -68,8 +72,6 @@ def hf_generate(
                 attention_mask=attention_mask,
                 generation_config=gen_config,
                 synced_gpus=synced,
-                return_dict_in_generate=True,
-                output_logits=with_logprobs,  # raw logits, before temperature / top-p / top-k
             )
             new = gen.sequences[:, width:]  # (len(chunk) * K, new_tokens), grouped by prompt
             responses = [truncate_at_stop(r, stop, pad_id) for r in new.tolist()]
@@ -80,6 +82,8 @@ def hf_generate(
                 out.append(responses[i * params.n : (i + 1) * params.n])
                 if with_logprobs:
                     logprobs.append(sums[i * params.n : (i + 1) * params.n])
+            if on_chunk is not None:
+                on_chunk(len(out) * params.n, sum(len(r) for group in out for r in group))
     finally:
         model.train(was_training)
     return (out, logprobs) if with_logprobs else out
@@ -119,5 +123,12 @@ class HFEngine(RolloutEngine):
             torch.manual_seed(seed)
             tok = module.tokenizer
             return hf_generate(
-                module.policy, prompt_ids, params, tok.pad_token_id, tok.eos_token_id, self.batch_size, with_logprobs
+                module.policy,
+                prompt_ids,
+                params,
+                tok.pad_token_id,
+                tok.eos_token_id,
+                self.batch_size,
+                with_logprobs,
+                on_chunk=self.on_progress,
             )

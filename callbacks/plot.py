@@ -1,0 +1,85 @@
+"""Learning curves as a picture: accuracy, rollout reward and training loss per iteration.
+
+Redrawn after every validation into ``<default_root_dir>/curves.png`` (and logged to wandb as an image when a wandb
+logger is configured).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class LearningCurves(L.Callback):
+    def __init__(self, filename: str = "curves.png"):
+        """
+        Args:
+            filename: File under ``trainer.default_root_dir``.
+        """
+        self.filename = filename
+        self.accuracy: list[tuple[int, float]] = []  # (iterations done, accuracy)
+        self.reward: list[tuple[int, float]] = []
+        self.loss: list[tuple[int, float]] = []
+        self._losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if outputs is not None:
+            self._losses.append(float(outputs["loss"]))
+
+    def _close_epoch(self, trainer) -> None:
+        """Record this iteration's reward and mean loss once: validation runs before on_train_epoch_end, and the
+        picture drawn after it should already show them (the datamodule holds the rollout's metrics)."""
+        done = trainer.current_epoch + 1
+        if self.reward and self.reward[-1][0] == done or trainer.sanity_checking:
+            return
+        metrics = getattr(trainer.datamodule, "rollout_metrics", {}) or {}
+        if "rollout/reward_mean" in metrics:
+            self.reward.append((done, metrics["rollout/reward_mean"]))
+        if self._losses:
+            self.loss.append((done, sum(self._losses) / len(self._losses)))
+        self._losses = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._close_epoch(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close_epoch(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.draw(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val/accuracy" not in trainer.callback_metrics:
+            return
+        if not self.accuracy and getattr(pl_module, "initial_val_accuracy", None) is not None:
+            self.accuracy.append((0, pl_module.initial_val_accuracy))
+        self.accuracy.append((trainer.current_epoch + 1, float(trainer.callback_metrics["val/accuracy"])))
+        self.draw(trainer)
+
+    @rank_zero_only
+    def draw(self, trainer) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        panels = [("val/accuracy", self.accuracy), ("rollout/reward_mean", self.reward), ("train/loss", self.loss)]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        for ax, (title, points) in zip(axes, panels, strict=True):
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+            ax.set_title(title)
+            ax.set_xlabel("iteration")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image(key="curves", images=[str(path)], step=trainer.global_step)

@@ -1,0 +1,57 @@
+"""wandb the way a run needs it: offline when there are no credentials, the resolved config uploaded, no secrets.
+
+``sppo_lightning.loggers.WandbLogger`` is Lightning's, except that ``offline`` defaults to "no API key found"
+(``WANDB_API_KEY`` or a ``wandb login`` in ~/.netrc): a run without an account still works and leaves a local run
+directory to ``wandb sync`` later. ``ConfigToLoggers`` (the CLI's save-config callback) writes ``config.yaml`` as
+Lightning does and hands the same resolved config to every logger, with secret-looking values masked.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+from typing import Any
+
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+MASK = "***"
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of a nested config with the values of secret-looking keys replaced by ``***``."""
+    if isinstance(value, dict):
+        return {k: MASK if SECRET_KEY.search(str(k)) else mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
+class WandbLogger(_WandbLogger):
+    def __init__(self, *args, offline: bool | None = None, **kwargs):
+        """Lightning's ``WandbLogger``; ``offline`` None = offline unless wandb credentials are found."""
+        super().__init__(*args, offline=not has_wandb_credentials() if offline is None else offline, **kwargs)
+
+    def log_hyperparams(self, params) -> None:
+        super().log_hyperparams(mask_secrets(dict(params) if not isinstance(params, dict) else params))
+
+
+class ConfigToLoggers(SaveConfigCallback):
+    """Also give the resolved config (what ``--print_config`` prints) to the loggers: wandb's run config."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = mask_secrets(self.config.as_dict())
+        config.pop("config", None)  # the paths of the config files, not settings
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
