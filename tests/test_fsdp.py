@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_cli import DEMO, REPO, read_metrics, run
+from tests.test_cli import DEMO, REPO, run, val_accuracies
 
 FSDP = str(REPO / "configs" / "fsdp_cpu.yaml")
 
@@ -48,10 +48,7 @@ def test_fsdp_demo_learns_like_single_process_and_exports(tmp_path):
     assert "sharded over data_parallel=2" in proc.stdout + proc.stderr
     run("fit", "--config", DEMO, f"--trainer.default_root_dir={tmp_path / 'single'}", *args)
 
-    def final_accuracy(root):
-        return [float(r["val/accuracy"]) for r in read_metrics(root) if r.get("val/accuracy")][-1]
-
-    assert abs(final_accuracy(tmp_path / "fsdp") - final_accuracy(tmp_path / "single")) <= 0.05
+    assert abs(val_accuracies(tmp_path / "fsdp")[-1] - val_accuracies(tmp_path / "single")[-1]) <= 0.05
     last = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard per rank
     assert (tmp_path / "fsdp" / "hf_model" / "model.safetensors").is_file()

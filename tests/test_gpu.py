@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.test_cli import DEMO, REPO, read_metrics, run
+from tests.test_cli import DEMO, REPO, run, val_accuracies
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,13 +21,9 @@ pytestmark = [
 GPU = ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.max_epochs=3"]
 
 
-def accuracies(root) -> list[float]:
-    return [float(r["val/accuracy"]) for r in read_metrics(root) if r.get("val/accuracy")]
-
-
 def test_demo_on_one_gpu(tmp_path):
     run("fit", "--config", DEMO, *GPU, f"--trainer.default_root_dir={tmp_path}")
-    acc = accuracies(tmp_path)
+    acc = val_accuracies(tmp_path)
     assert len(acc) == 4 and acc[-1] > acc[0]
 
 
@@ -46,7 +42,7 @@ def test_fsdp2_bf16_on_one_gpu_with_flash_attention_when_installed(tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
     )
     assert "compute dtype bfloat16" in proc.stdout + proc.stderr
-    acc = accuracies(tmp_path)
+    acc = val_accuracies(tmp_path)
     assert len(acc) == 4 and all(0.0 <= a <= 1.0 for a in acc)
     assert (tmp_path / "hf_model" / "model.safetensors").is_file()
 
@@ -62,5 +58,5 @@ def test_demo_with_sglang_rollouts(tmp_path):
         "--data.engine.init_args.mem_fraction_static=0.3",
         f"--trainer.default_root_dir={tmp_path}",
     )
-    acc = accuracies(tmp_path)
+    acc = val_accuracies(tmp_path)
     assert len(acc) == 4 and acc[-1] > acc[0]
