@@ -60,3 +60,31 @@ def test_demo_with_sglang_rollouts(tmp_path):
     )
     acc = val_accuracies(tmp_path)
     assert len(acc) == 4 and acc[-1] > acc[0]
+
+
+def test_reward_model_oracle_visits_the_gpu_only_while_scoring(tiny_classifier_dir):
+    """The reward model scores on the policy's GPU and goes back to CPU memory afterwards (offload)."""
+    from sppo_lightning.data.prompts import PromptRecord
+    from sppo_lightning.rewards.reward_model import RewardModelOracle
+    from sppo_lightning.rollout.base import Rollout
+
+    rollout = Rollout(
+        prompts=[PromptRecord([{"role": "user", "content": "What is 1+1?"}], "2")],
+        prompt_ids=[[1]],
+        response_ids=[[[5], [6]]],
+        response_text=[["\\boxed{2}", "\\boxed{3}"]],
+    )
+    oracle = RewardModelOracle(str(tiny_classifier_dir), dtype="float32")
+    oracle.score(rollout, device=torch.device("cuda"))
+    cpu_scores = rollout.rewards.clone()
+    assert next(oracle.classifier.model.parameters()).device.type == "cpu"
+    oracle.score(rollout, device=None)  # the same scores on CPU
+    torch.testing.assert_close(rollout.rewards, cpu_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_demo_with_a_reward_model_oracle_on_gpu(tmp_path, tiny_classifier_dir):
+    run(
+        "fit", "--config", DEMO, *GPU, "--data.oracle=sppo_lightning.rewards.RewardModelOracle",
+        f"--data.oracle.init_args.model_name_or_path={tiny_classifier_dir}", f"--trainer.default_root_dir={tmp_path}",
+    )  # fmt: skip
+    assert len(val_accuracies(tmp_path)) == 4
