@@ -84,7 +84,7 @@ def raw_run(cli, recorder: Recorder) -> dict:
 
     module, dm = cli.model, cli.datamodule
     h, tok = dm.hparams, module.tokenizer
-    device = module.device
+    device = cli.trainer.strategy.root_device  # the module itself is back on CPU after fit
     model = AutoModelForCausalLM.from_pretrained(module.hparams.model_name_or_path, dtype=module.policy.dtype)
     model.to(device)
     n_prompts = h.prompts_per_epoch or len(dm.train_prompts)
@@ -141,7 +141,7 @@ def main() -> None:
     trained = sum(e["train_tokens"] for e in recorder.epochs)
     tokens = {"time/rollout": generated, "time/scoring": generated, "time/ref_logprobs": trained, "time/train": trained}
     all_s = sum(total.values())
-    print(f"{len(recorder.epochs)} iterations of {args.config} on {cli.model.device} "
+    print(f"{len(recorder.epochs)} iterations of {args.config} on {cli.trainer.strategy.root_device} "
           f"({torch.get_num_threads()} threads)")  # fmt: skip
     print(f"{'phase':<20}{'seconds':>10}{'share':>8}{'tokens/s':>12}")
     for p in PHASES:
