@@ -139,7 +139,7 @@ class SPPOModule(L.LightningModule):
             dtype = getattr(torch, param_dtype)
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         if h.fsdp_cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         layers = getattr(getattr(self.policy, "model", None), "layers", None)
         if layers is None:
             raise ConfigError(

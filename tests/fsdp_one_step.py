@@ -59,10 +59,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cpu-offload", action="store_true")
     args = parser.parse_args()
 
     L.seed_everything(0)
-    module = SPPOModule(str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3, weight_decay=0.0)
+    module = SPPOModule(
+        str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3, weight_decay=0.0,
+        fsdp_cpu_offload=args.cpu_offload,
+    )  # fmt: skip
     strategy = (
         ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.devices > 1 else "auto"
     )

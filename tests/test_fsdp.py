@@ -1,7 +1,7 @@
 """FSDP2 through Lightning's ModelParallelStrategy on 2 CPU processes over gloo.
 
 Each check runs the real script or CLI in a subprocess, as users launch it (the strategy re-launches the script
-per rank). Not exercised here: NCCL, bf16 mixed precision and CPU offload, which only differ on a GPU
+per rank). Not exercised here: NCCL and bf16 mixed precision, which only exist on a GPU
 (tests/test_gpu.py).
 """
 
@@ -16,10 +16,18 @@ from tests.test_cli import DEMO, REPO, run, val_accuracies
 FSDP = str(REPO / "configs" / "fsdp_cpu.yaml")
 
 
-def one_step(tmp_path, devices: int) -> dict:
-    out = tmp_path / f"step_{devices}.pt"
+def one_step(tmp_path, devices: int, *flags: str) -> dict:
+    out = tmp_path / f"step_{devices}{''.join(flags)}.pt"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "fsdp_one_step.py"), "--devices", str(devices), "--out", str(out)],
+        [
+            sys.executable,
+            str(REPO / "tests" / "fsdp_one_step.py"),
+            "--devices",
+            str(devices),
+            "--out",
+            str(out),
+            *flags,
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -30,9 +38,11 @@ def one_step(tmp_path, devices: int) -> dict:
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_single_process(tmp_path):
-    """Same global batch: the first loss and the parameters after one AdamW step match the unsharded run."""
-    single, sharded = one_step(tmp_path, 1), one_step(tmp_path, 2)
+@pytest.mark.parametrize("flags", [(), ("--cpu-offload",)], ids=["sharded", "sharded+cpu-offload"])
+def test_sharded_step_equals_single_process(tmp_path, flags):
+    """Same global batch: the first loss and the parameters after one AdamW step match the unsharded run (with the
+    sharded parameters, gradients and optimizer state offloaded to CPU memory too)."""
+    single, sharded = one_step(tmp_path, 1), one_step(tmp_path, 2, *flags)
     assert sharded["sharded"] and not single["sharded"]  # parameters really were DTensors
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
     assert single["params"].keys() == sharded["params"].keys()
@@ -52,3 +62,8 @@ def test_fsdp_demo_learns_like_single_process_and_exports(tmp_path):
     last = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard per rank
     assert (tmp_path / "fsdp" / "hf_model" / "model.safetensors").is_file()
+
+    # the shards resume: one more iteration from last.ckpt continues the same run (epoch 2 of 3)
+    run("fit", "--config", DEMO, "--config", FSDP, f"--trainer.default_root_dir={tmp_path / 'fsdp'}", *args,
+        "--trainer.max_epochs=3", "--ckpt_path=last")  # fmt: skip
+    assert len(val_accuracies(tmp_path / "fsdp")) == 4  # before, after 1, after 2, then after 3 in a new version

@@ -34,10 +34,22 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def micro_batches(groups: list[list[Example]], micro_batch_size: int, pad_id: int, seed: int) -> list[dict]:
-    """Shuffle the groups (never the rows inside them) and pack ``micro_batch_size`` rows per micro-batch."""
+def micro_batches(
+    groups: list[list[Example]], micro_batch_size: int, pad_id: int, seed: int, balance_tokens: bool = False
+) -> list[dict]:
+    """Pack whole groups (never splitting one) into micro-batches of ``micro_batch_size`` rows.
+
+    Default: groups in a shuffled order. ``balance_tokens``: groups sorted by length, so that every rank's i-th
+    micro-batch holds its i-th longest groups and ranks that step together carry similar token counts (less waiting
+    in the gradient reduction, less padding); the micro-batches are then shuffled with ``seed``, the same order on
+    every rank.
+    """
+    rng = random.Random(seed)
     order = list(range(len(groups)))
-    random.Random(seed).shuffle(order)
+    if balance_tokens:
+        order.sort(key=lambda g: -sum(len(r.prompt_ids) + len(r.response_ids) for r in groups[g]))
+    else:
+        rng.shuffle(order)
     batches, current = [], []
     for g in order:
         current.extend(groups[g])
@@ -46,4 +58,6 @@ def micro_batches(groups: list[list[Example]], micro_batch_size: int, pad_id: in
             current = []
     if current:
         batches.append(collate(current, pad_id))
+    if balance_tokens:
+        rng.shuffle(batches)
     return batches

@@ -78,6 +78,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_response_length: int = 256,
         overlong_prompts: str = "filter",
         micro_batch_size: int = 8,
+        balance_tokens: bool = False,
         val_batch_size: int = 64,
         val_samples_per_prompt: int = 1,
         val_temperature: float = 0.0,
@@ -98,6 +99,8 @@ class RolloutDataModule(L.LightningDataModule):
             max_response_length: Maximum new tokens per response.
             overlong_prompts: ``filter`` (dropped, with a count) or ``error``.
             micro_batch_size: Rows per training micro-batch (a multiple of the rows each prompt contributes).
+            balance_tokens: Pack groups by length so that the micro-batches ranks train on together carry similar
+                token counts (for several processes); otherwise groups are packed in a shuffled order.
             val_batch_size: Prompts per validation batch.
             val_samples_per_prompt: Responses per validation prompt; accuracy is their mean (mean@k).
             val_temperature: 0 = greedy validation.
@@ -217,7 +220,10 @@ class RolloutDataModule(L.LightningDataModule):
         # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
         groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)
-        batches = micro_batches(groups, self.hparams.micro_batch_size, module.tokenizer.pad_token_id, seed + epoch)
+        h = self.hparams
+        batches = micro_batches(
+            groups, h.micro_batch_size, module.tokenizer.pad_token_id, seed + epoch, h.balance_tokens
+        )
         # Every rank must take the same number of optimizer steps (sharded and DDP training block in the gradient
         # reduction), but DPO drops all-tie groups and the last micro-batch may be partial: keep the fewest.
         fewest = self.fewest_on_any_rank(len(batches))

@@ -65,3 +65,30 @@ def test_collate_masks_the_response_only():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
     assert b["targets"].tolist() == [0.25, -0.25]
+
+
+def test_balanced_micro_batches_line_up_by_length_across_ranks():
+    """Two ranks with different responses: sorted packing gives each rank's i-th micro-batch similar token counts,
+    the same shuffled order on both, whole groups, and less padding than a random packing."""
+
+    def rank_groups(lengths):  # one group of 2 rows per prompt
+        return [[Example([1, 2], [5] * n, 0.0, 0.5, 0.0, g), Example([1, 2], [6] * n, 0.0, 0.5, 0.0, g)]
+                for g, n in enumerate(lengths)]  # fmt: skip
+
+    import random
+
+    lengths = list(range(2, 34, 2))
+    a, b = lengths[:], lengths[:]
+    random.Random(0).shuffle(a)
+    random.Random(1).shuffle(b)
+    batches_a = micro_batches(rank_groups(a), 4, pad_id=0, seed=7, balance_tokens=True)
+    batches_b = micro_batches(rank_groups(b), 4, pad_id=0, seed=7, balance_tokens=True)
+    tokens = [[int(x["attention_mask"].sum()) for x in bs] for bs in (batches_a, batches_b)]
+    assert tokens[0] == tokens[1]  # same lengths on both ranks: identical work per step
+    assert tokens[0] != sorted(tokens[0], reverse=True)  # but not trained longest-first
+    for bs in (batches_a, batches_b):
+        for x in bs:
+            assert x["group"].unique(return_counts=True)[1].tolist() == [2] * (len(x["group"]) // 2)
+    padded = sum(x["attention_mask"].numel() for x in batches_a)
+    shuffled = sum(x["attention_mask"].numel() for x in micro_batches(rank_groups(a), 4, 0, seed=7))
+    assert padded < shuffled
