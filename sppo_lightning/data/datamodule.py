@@ -266,7 +266,12 @@ class RolloutDataModule(L.LightningDataModule):
         total = len(prompt_ids) * self.hparams.samples_per_prompt
         self.progress("rollout", 0, total)
         self.engine.on_progress = lambda done, tokens: self.progress("rollout", done, total, tokens)
-        response_ids, logprobs = self.engine.generate_with_logprobs(module, prompt_ids, self.sampling_params(), seed)
+        try:
+            response_ids, logprobs = self.engine.generate_with_logprobs(
+                module, prompt_ids, self.sampling_params(), seed
+            )
+        finally:
+            self.engine.on_progress = None  # validation generates through the same engine, unreported
         self.progress("rollout", total, total, sum(len(r) for group in response_ids for r in group))
         self.engine.after_rollout(module)
         tok = module.tokenizer
