@@ -25,19 +25,29 @@ def test_sequence_logps_sums_response_tokens_only(tiny_model_dir):
             torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
-    """The cached π_t log-probs are the policy's own on the very batches training sees: log-ratio 0 at step 1."""
+def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_length=8):
+    """One SPPO iteration of the toy task (K = 4, micro-batches of 16 rows) with ``callback`` watching."""
     from sppo_lightning.toy import AdditionPrompts
 
-    L.seed_everything(0)
-    module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=1.0, learning_rate=1e-3)
     data = RolloutDataModule(
-        train=AdditionPrompts("train", num_prompts=16),
-        prompts_per_epoch=8,
+        train=AdditionPrompts("train", num_prompts=32),
+        prompts_per_epoch=prompts_per_epoch,
         samples_per_prompt=4,
-        max_response_length=12,
+        max_response_length=max_response_length,
         micro_batch_size=16,
     )
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", reload_dataloaders_every_n_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
+    """The cached π_t log-probs are the policy's own on the very batches training sees: log-ratio 0 at step 1."""
+    L.seed_everything(0)
+    module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=1.0, learning_rate=1e-3)
     seen = []
 
     class Probe(L.Callback):
@@ -45,40 +55,12 @@ def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
             with torch.no_grad():
                 seen.append((pl_module.sequence_logps(batch), batch["ref_logps"].clone()))
 
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        reload_dataloaders_every_n_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[Probe()],
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
+    fit_one_iteration(module, Probe(), prompts_per_epoch=8, max_response_length=12)
     assert len(seen) == 2  # 8 prompts x 4 samples / 16 rows
     policy, ref = seen[0]
     torch.testing.assert_close(policy, ref, atol=1e-6, rtol=0)  # before any update
     policy, ref = seen[1]
     assert (policy - ref).abs().max() > 1e-4  # after one update the policy has moved away from π_t
-
-
-def _fit_with(module, callback, epochs=1):
-    from sppo_lightning.toy import AdditionPrompts
-
-    data = RolloutDataModule(
-        train=AdditionPrompts("train", num_prompts=32),
-        prompts_per_epoch=16,
-        samples_per_prompt=4,
-        max_response_length=8,
-        micro_batch_size=16,
-    )
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", reload_dataloaders_every_n_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    return trainer
 
 
 class Poison(L.Callback):
@@ -102,7 +84,7 @@ def test_nan_loss_and_nan_gradient_steps_are_skipped_and_counted(toy_model_dir):
     module = SPPOModule(str(toy_model_dir), learning_rate=1e-3)
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
-    trainer = _fit_with(module, Poison(nan_loss_at={0}, nan_grad_at={2}))
+    trainer = fit_one_iteration(module, Poison(nan_loss_at={0}, nan_grad_at={2}))
     assert module.skipped_steps == 2  # of 4 micro-batches: one without backward, one whose update was dropped
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
@@ -116,4 +98,4 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_one_message(toy_model_dir):
 
     module = SPPOModule(str(toy_model_dir), max_nonfinite_steps=3)
     with pytest.raises(DivergenceError, match="3 steps in a row had a non-finite loss"):
-        _fit_with(module, Poison(nan_loss_at={0, 1, 2, 3}))
+        fit_one_iteration(module, Poison(nan_loss_at={0, 1, 2, 3}))
