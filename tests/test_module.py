@@ -25,7 +25,7 @@ def test_sequence_logps_sums_response_tokens_only(tiny_model_dir):
             torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
 
 
-def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_length=8):
+def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_length=8, progress_bar=False):
     """One SPPO iteration of the toy task (K = 4, micro-batches of 16 rows) with ``callback`` watching."""
     from sppo_lightning.toy import AdditionPrompts
 
@@ -38,7 +38,7 @@ def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_lengt
     )
     trainer = L.Trainer(
         max_epochs=1, accelerator="cpu", reload_dataloaders_every_n_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[callback],
+        enable_checkpointing=False, enable_progress_bar=progress_bar, limit_val_batches=0, callbacks=[callback],
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     return trainer
