@@ -42,7 +42,7 @@ class Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._train_tokens += int(batch["attention_mask"].sum())
-        self.batches.append({k: v.detach().cpu().clone() for k, v in batch.items()})
+        self.batches.append({"epoch": trainer.current_epoch, **{k: v.detach().cpu().clone() for k, v in batch.items()}})
 
     def on_train_epoch_end(self, trainer, pl_module):
         dm = trainer.datamodule
@@ -78,8 +78,9 @@ def framework_run(args) -> tuple[Recorder, object]:
     return recorder, cli
 
 
-def raw_run(cli, recorder: Recorder) -> dict:
-    """The same generate and forward/backward work on a fresh copy of the model, no Lightning, no pipeline."""
+def raw_run(cli, recorder: Recorder, warmup: int) -> dict:
+    """The same generate and forward/backward work on a fresh copy of the model, no Lightning, no pipeline; one
+    untimed round first, as the framework's first ``warmup`` epochs are left out of its figures."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     module, dm = cli.model, cli.datamodule
@@ -99,9 +100,12 @@ def raw_run(cli, recorder: Recorder) -> dict:
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     per_call = max(1, 256 // h.samples_per_prompt)  # the HF engine's default batching
     model.eval()
+    measured = len(recorder.epochs) - warmup
     start = time.perf_counter()
     with torch.no_grad():
-        for _ in range(len(recorder.epochs)):
+        for i in range(measured + 1):
+            if i == 1:  # the first round warms up kernels and allocators, as the framework's first epoch does
+                start = time.perf_counter()
             for s in range(0, len(prompts), per_call):
                 model.generate(input_ids=ids[s : s + per_call], attention_mask=mask[s : s + per_call],
                                generation_config=gen)  # fmt: skip
@@ -109,8 +113,10 @@ def raw_run(cli, recorder: Recorder) -> dict:
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    start = time.perf_counter()
-    for batch in recorder.batches:
+    batches = [b for b in recorder.batches if b["epoch"] >= warmup]
+    for i, batch in enumerate([batches[0], *batches]):
+        if i == 1:
+            start = time.perf_counter()
         input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
         logp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
@@ -127,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="first epochs left out of the figures (warm-up)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "breakdown")
     parser.add_argument("overrides", nargs="*", help="CLI overrides such as --data.samples_per_prompt=8")
     args = parser.parse_args()
@@ -134,15 +141,16 @@ def main() -> None:
 
     recorder, cli = framework_run(args)
     peak_framework = peak_rss_mib()
-    raw = raw_run(cli, recorder)
+    raw = raw_run(cli, recorder, args.warmup)
 
-    total = {p: sum(e[p] for e in recorder.epochs) for p in PHASES}
-    generated = sum(e["generated_tokens"] for e in recorder.epochs)
-    trained = sum(e["train_tokens"] for e in recorder.epochs)
+    epochs = recorder.epochs[args.warmup :]
+    total = {p: sum(e[p] for e in epochs) for p in PHASES}
+    generated = sum(e["generated_tokens"] for e in epochs)
+    trained = sum(e["train_tokens"] for e in epochs)
     tokens = {"time/rollout": generated, "time/scoring": generated, "time/ref_logprobs": trained, "time/train": trained}
     all_s = sum(total.values())
-    print(f"{len(recorder.epochs)} iterations of {args.config} on {cli.trainer.strategy.root_device} "
-          f"({torch.get_num_threads()} threads)")  # fmt: skip
+    where = f"{cli.trainer.strategy.root_device} ({torch.get_num_threads()} threads)"
+    print(f"{len(epochs)} iterations (after {args.warmup} warm-up) of {args.config} on {where}")
     print(f"{'phase':<20}{'seconds':>10}{'share':>8}{'tokens/s':>12}")
     for p in PHASES:
         print(f"{p:<20}{total[p]:>10.2f}{total[p] / all_s:>8.0%}{tokens[p] / total[p]:>12.0f}")
