@@ -1,15 +1,18 @@
 """The command line: ``LightningCLI`` over ``SPPOModule`` and ``RolloutDataModule``, with omegaconf configs.
 
 Mistakes in the input (a missing file, a malformed row, an impossible setting) end the run with one message
-and exit code 2; set ``SPPO_DEBUG=1`` to see the traceback.
+and exit code 2; set ``SPPO_DEBUG=1`` to see the traceback. A run stopped by SIGTERM (a preempted SLURM job, a
+``kill``) exits 143, as a killed process would, so schedulers do not take it for a finished run.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.errors import UserInputError
@@ -31,3 +34,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:  # Lightning's own exits with status 0
+        print("stopped by SIGTERM: checkpoints/last.ckpt holds the last finished iteration; resume with --ckpt_path=last",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(128 + signal.SIGTERM)

@@ -184,8 +184,10 @@ def test_sigterm_mid_run_leaves_a_last_ckpt_that_resumes_exactly(tmp_path):
     import signal
     import time
 
+    import torch
+
     small = ["--config", DEMO, "--data.prompts_per_epoch=16", "--data.val.init_args.num_prompts=100",
-             "--data.val_batch_size=100", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=3"]  # fmt: skip
+             "--data.val_batch_size=100", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=4"]  # fmt: skip
     run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'full'}")
     part = tmp_path / "part"
     proc = subprocess.Popen(
@@ -195,9 +197,13 @@ def test_sigterm_mid_run_leaves_a_last_ckpt_that_resumes_exactly(tmp_path):
     deadline = time.monotonic() + 300
     while not (part / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0, "the interrupted run must not look successful"
+    assert proc.returncode == 143, err  # as a killed process: a scheduler must not take it for a finished run
+    assert "resume with --ckpt_path=last" in err
+    stopped = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    assert stopped < 3  # last.ckpt is written every iteration, not only when the run ends
     assert not (part / "hf_model").exists()  # no export of a half-trained policy
     run("fit", *small, f"--trainer.default_root_dir={part}", "--ckpt_path=last")
 
