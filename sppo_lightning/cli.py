@@ -35,6 +35,6 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException:  # Lightning's own exits with status 0
-        print("stopped by SIGTERM: checkpoints/last.ckpt holds the last finished iteration; resume with --ckpt_path=last",
-              file=sys.stderr)  # fmt: skip
+        message = "stopped by SIGTERM: last.ckpt holds the last finished iteration; resume with --ckpt_path=last"
+        print(message, file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
