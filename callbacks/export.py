@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
-from sppo_lightning.export import full_policy_state_dict, save_hf_folder
+from sppo_lightning.export import save_hf_folder
 
 
 class HFExport(L.Callback):
@@ -20,7 +20,7 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:  # stopped by SIGTERM/Ctrl-C: last.ckpt holds the state, nothing half-trained here
             return
-        state_dict = full_policy_state_dict(pl_module.policy)  # a collective under FSDP: every rank takes part
+        state_dict = pl_module.full_policy_state_dict()  # a collective under FSDP: every rank takes part
         if trainer.is_global_zero:
             h = pl_module.hparams
             out = save_hf_folder(

@@ -20,13 +20,6 @@ from sppo_lightning.errors import UserInputError
 POLICY_PREFIX = "policy."
 
 
-def full_policy_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's full (unsharded) weights on CPU. Under FSDP2 this is a collective: call it on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def save_hf_folder(
     base: str, state_dict: dict[str, torch.Tensor], tokenizer, out: str | Path, trust_remote_code: bool = False
 ) -> Path:
@@ -64,13 +57,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.exists():
         raise UserInputError(f"checkpoint not found: {path}")
     try:
-        if path.is_dir():  # ModelParallelStrategy / FSDP: shards + meta.pt
+        if path.is_dir():  # ModelParallelStrategy / FSDPStrategy: shards + meta.pt
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
             meta = torch.load(path / "meta.pt", weights_only=True, map_location="cpu")
             with tempfile.TemporaryDirectory() as tmp:
                 dcp_to_torch_save(path, Path(tmp) / "full.pt")
-                weights = torch.load(Path(tmp) / "full.pt", weights_only=True, map_location="cpu")["state_dict"]
+                full = torch.load(Path(tmp) / "full.pt", weights_only=True, map_location="cpu")
+            weights = full["state_dict"] if "state_dict" in full else full["model"]  # FSDP2 / FSDP1 key
         else:
             meta = torch.load(path, weights_only=True, map_location="cpu")
             weights = meta["state_dict"]

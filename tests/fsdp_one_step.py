@@ -18,7 +18,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from sppo_lightning.data.batching import collate
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.data.examples import Example
-from sppo_lightning.export import full_policy_state_dict
 from sppo_lightning.module import SPPOModule
 from sppo_lightning.toy import MODEL_DIR
 
@@ -85,7 +84,7 @@ def main():
     )
     trainer.fit(module, datamodule=FixedBatch())
     sharded = any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
-    params = full_policy_state_dict(module.policy)
+    params = module.full_policy_state_dict()
     if trainer.is_global_zero:
         torch.save({"loss": record.losses[0], "params": params, "sharded": sharded}, args.out)
 

@@ -79,3 +79,12 @@ def test_print_config_passes(config, tmp_path):
     configs = ["--config", SEED_RECIPE] + (["--config", PAPER] if config == PAPER else [])
     out = run("fit", *configs, "--print_config").stdout
     assert "model_name_or_path: Qwen/Qwen2.5-7B-Instruct" in out
+
+
+def test_fsdp1_overlay_replaces_the_strategy():
+    from tests.test_cli import run
+
+    out = run("fit", "--config", SEED_RECIPE, "--config", str(REPO / "configs" / "fsdp1.yaml"), "--print_config").stdout
+    assert "class_path: lightning.pytorch.strategies.FSDPStrategy" in out
+    assert "state_dict_type: sharded" in out and "data_parallel_size" not in out  # FSDP2's arguments are gone
+    assert "precision: bf16-mixed" in out and "devices: 4" in out  # the recipe's GPU count stays

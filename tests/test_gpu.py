@@ -3,6 +3,7 @@
 - the demo on one GPU (HF engine, fp32), as a newcomer with a GPU would run it;
 - FSDP2 (ModelParallelStrategy) on one GPU: NCCL, bf16 compute with fp32 gradient reduction, flash-attention 2
   when the ``gpu`` extra is installed (sdpa otherwise), then the HF export;
+- FSDP1 (FSDPStrategy) on one GPU: training, sharded checkpoint, export;
 - the demo with SGLang generating the rollouts (colocated engine), skipped unless ``sglang`` is installed.
 """
 
@@ -45,6 +46,29 @@ def test_fsdp2_bf16_on_one_gpu_with_flash_attention_when_installed(tmp_path):
     acc = val_accuracies(tmp_path)
     assert len(acc) == 4 and all(0.0 <= a <= 1.0 for a in acc)
     assert (tmp_path / "hf_model" / "model.safetensors").is_file()
+
+
+def test_fsdp1_on_one_gpu_learns_and_its_shards_export_like_the_run(tmp_path):
+    """Lightning's FSDPStrategy: the rollout and the π_t pass run through the FSDP1 root's forward; the sharded
+    last.ckpt exports to the same weights the run exported at its end."""
+    from safetensors.torch import load_file
+
+    from sppo_lightning.export import export_checkpoint
+
+    fsdp1 = str(REPO / "configs" / "fsdp1.yaml")
+    proc = run("fit", "--config", DEMO, "--config", fsdp1, *GPU, f"--trainer.default_root_dir={tmp_path}")
+    assert "FSDP1: one unit per Qwen2DecoderLayer" in proc.stdout + proc.stderr
+    acc = val_accuracies(tmp_path)
+    assert len(acc) == 4 and acc[-1] > acc[0]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_dir()  # shards
+    export_checkpoint(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "again")
+    at_end, again = (
+        load_file(tmp_path / "hf_model" / "model.safetensors"),
+        load_file(tmp_path / "again" / "model.safetensors"),
+    )
+    assert at_end.keys() == again.keys()
+    for name, tensor in at_end.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs the sglang extra")

@@ -122,13 +122,15 @@ class HFEngine(RolloutEngine):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             tok = module.tokenizer
-            return hf_generate(
-                module.policy,
-                prompt_ids,
-                params,
-                tok.pad_token_id,
-                tok.eos_token_id,
-                self.batch_size,
-                with_logprobs,
-                on_chunk=self.on_progress,
+            return module.run_with_policy(
+                lambda: hf_generate(
+                    module.policy,
+                    prompt_ids,
+                    params,
+                    tok.pad_token_id,
+                    tok.eos_token_id,
+                    self.batch_size,
+                    with_logprobs,
+                    on_chunk=self.on_progress,
+                )
             )

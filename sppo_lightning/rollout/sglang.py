@@ -62,7 +62,8 @@ def group_outputs(outputs: list[dict], num_prompts: int, n: int, stop: set[int],
 
 # ----------------------------------------------------------------------------------------------- weights
 def named_full_tensors(policy: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, full tensor)`` one parameter at a time; a DTensor shard is all-gathered here (every rank calls)."""
+    """``(name, full tensor)`` one parameter at a time; a DTensor shard (FSDP2) is all-gathered here, so every rank
+    calls it. FSDP1's flat shards must be gathered around it (``SPPOModule.full_parameters``)."""
     for name, param in policy.named_parameters():
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):  # FSDP2 / DTensor
@@ -158,14 +159,15 @@ class SGLangEngine(RolloutEngine):
             self.engine.resume_memory_occupation()
             self._released = False
         if self._synced_step != module.global_step:  # weights changed since the last push (or never pushed)
-            self.push_weights(module.policy)
+            self.push_weights(module)
             self._synced_step = module.global_step
         return self.engine
 
-    def push_weights(self, policy: torch.nn.Module) -> None:
+    def push_weights(self, module) -> None:
         dtype = getattr(torch, self.dtype)
-        for bucket in buckets(named_full_tensors(policy, dtype), self.bucket_bytes):
-            self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+        with module.full_parameters():
+            for bucket in buckets(named_full_tensors(module.policy, dtype), self.bucket_bytes):
+                self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
         self.engine.flush_cache()  # cached prefixes were computed with the old weights
 
     def generate(self, module, prompt_ids, params, seed):
@@ -251,9 +253,9 @@ class SGLangServerEngine(RolloutEngine):
 
     def refresh_weights(self, module) -> None:
         """Rank 0 writes the policy and the server loads it; every rank waits until it has."""
-        from sppo_lightning.export import full_policy_state_dict, save_hf_folder
+        from sppo_lightning.export import save_hf_folder
 
-        state_dict = full_policy_state_dict(module.policy)  # collective under FSDP
+        state_dict = module.full_policy_state_dict()  # collective under FSDP
         if _is_main(module):
             h = module.hparams
             folder = save_hf_folder(

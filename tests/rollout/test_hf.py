@@ -1,16 +1,16 @@
 """The HF engine: K samples per prompt as token ids, EOS handling, padding-independence, seeding."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sppo_lightning.module import SPPOModule
 from sppo_lightning.rollout.base import SamplingParams, truncate_at_stop
 from sppo_lightning.rollout.hf import HFEngine, hf_generate
 
 
-class _Module:  # what an engine needs from the LightningModule: the live policy and its tokenizer
-    def __init__(self, path):
-        self.policy = AutoModelForCausalLM.from_pretrained(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+def module_for(path) -> SPPOModule:  # an engine generates from the module's live policy, with its tokenizer
+    module = SPPOModule(str(path))
+    module.configure_model()
+    return module
 
 
 def test_truncate_at_stop_keeps_eos_and_drops_padding():
@@ -20,7 +20,7 @@ def test_truncate_at_stop_keeps_eos_and_drops_padding():
 
 
 def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
-    m = _Module(toy_model_dir)
+    m = module_for(toy_model_dir)
     tok = m.tokenizer
     texts = [
         tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
@@ -38,7 +38,7 @@ def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
 
 
 def test_same_seed_same_samples_and_rng_untouched(toy_model_dir):
-    m = _Module(toy_model_dir)
+    m = module_for(toy_model_dir)
     tok = m.tokenizer
     prompts = [
         tok(
@@ -60,7 +60,7 @@ def test_same_seed_same_samples_and_rng_untouched(toy_model_dir):
 
 
 def test_greedy_result_does_not_depend_on_left_padding(toy_model_dir):
-    m = _Module(toy_model_dir)
+    m = module_for(toy_model_dir)
     tok = m.tokenizer
     short = tok.apply_chat_template(
         [{"role": "user", "content": "What is 3+4?"}], add_generation_prompt=True, tokenize=False
@@ -84,7 +84,7 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     from sppo_lightning.module import sequence_logps
     from sppo_lightning.rollout.hf import HFEngine
 
-    m = _Module(toy_model_dir)
+    m = module_for(toy_model_dir)
     tok = m.tokenizer
     prompts = [
         tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
