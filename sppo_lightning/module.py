@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.export import POLICY_PREFIX
+from sppo_lightning.logprobs import sequence_logps, shared_prompt_logps
 from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss
 from sppo_lightning.rewards.base import rule_scores
 from sppo_lightning.rewards.math import compute_score
@@ -26,25 +27,6 @@ from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
 
 LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
-
-
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
-    """Σ over response tokens of log π(y_t | x, y_<t), one value per row: ``[B, T] -> [B]``.
-
-    Logits at position t predict token t+1, hence the shift; prompt and padding tokens are masked out. The head is
-    applied only from the first position that predicts a response token on: prompts are often most of a sequence
-    (1,024 of 1,536 tokens in the MATH recipe), and their (B, T, vocab) logits would dominate memory.
-    """
-    has_response = response_mask.any(dim=1)
-    first = int(response_mask[has_response].argmax(dim=1).min()) if has_response.any() else 1
-    start = max(first - 1, 0)  # the position whose logits predict the first response token
-    width = input_ids.shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=width - start)
-    logits = out.logits[:, :-1].float()  # (B, T-1-start, V): positions start .. T-2
-    targets = input_ids[:, start + 1 :]  # (B, T-1-start)
-    # log_softmax gathered at the target, without materialising the full log-probabilities.
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logps * response_mask[:, start + 1 :]).sum(-1)
 
 
 class SPPOModule(L.LightningModule):
@@ -62,6 +44,7 @@ class SPPOModule(L.LightningModule):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        share_prompt: bool = True,
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         fsdp_cpu_offload: bool = False,
         max_nonfinite_steps: int = 10,
@@ -83,6 +66,9 @@ class SPPOModule(L.LightningModule):
             trust_remote_code: Run a model repository's own code. Off unless you trust its author.
             gradient_checkpointing: Recompute activations in backward to save memory (generation still uses the
                 KV cache).
+            share_prompt: Run each prompt once per micro-batch and its K responses from its KV cache, in training and
+                in the π_t pass (same values, fewer tokens). Off under gradient checkpointing, which disables the
+                cache in training.
             fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype layers compute in, gradients are
                 reduced in float32. None = bfloat16 on GPU, the stored dtype on CPU.
             fsdp_cpu_offload: Under FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory.
@@ -226,6 +212,10 @@ class SPPOModule(L.LightningModule):
         return {k.removeprefix(POLICY_PREFIX): v for k, v in full.items() if k.startswith(POLICY_PREFIX)}
 
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π_θ(y|x) of every row of a micro-batch."""
+        h = self.hparams
+        if h.share_prompt and not h.gradient_checkpointing and batch["response_mask"].any():
+            return shared_prompt_logps(self.policy, batch["input_ids"], batch["response_mask"], batch["prompt_lengths"])
         return sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
 
     # -------------------------------------------------------------------------------------------- training

@@ -5,7 +5,8 @@ Run by tests/test_fsdp.py in a subprocess (Lightning's ModelParallelStrategy re-
     python tests/fsdp_one_step.py --devices 2 --out result.pt
 
 The global batch is the same whatever the process count: ROWS rows split evenly, each rank one contiguous shard.
-Writes the mean first-step loss over ranks and the full parameters after the step (rank 0).
+Writes the mean first-step loss over ranks, the whole gradients of that step and the full parameters after it
+(rank 0).
 """
 
 import argparse
@@ -48,6 +49,12 @@ class FixedBatch(L.LightningDataModule):
 class Record(L.Callback):
     def __init__(self):
         self.losses = []
+        self.grads = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for name, p in pl_module.policy.named_parameters():  # whole gradients: a collective for DTensor shards
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            self.grads[name] = grad.detach().cpu().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].detach()
@@ -86,7 +93,7 @@ def main():
     sharded = any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
     params = module.full_policy_state_dict()
     if trainer.is_global_zero:
-        torch.save({"loss": record.losses[0], "params": params, "sharded": sharded}, args.out)
+        torch.save({"loss": record.losses[0], "grads": record.grads, "params": params, "sharded": sharded}, args.out)
 
 
 if __name__ == "__main__":

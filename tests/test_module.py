@@ -7,7 +7,8 @@ import torch
 from sppo_lightning.data.batching import collate
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.data.examples import Example
-from sppo_lightning.module import SPPOModule, sequence_logps
+from sppo_lightning.logprobs import sequence_logps
+from sppo_lightning.module import SPPOModule
 
 
 def test_sequence_logps_sums_response_tokens_only(tiny_model_dir):
@@ -42,6 +43,39 @@ def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_lengt
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     return trainer
+
+
+def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tiny_model_dir):
+    """Each prompt run once and its rows continued from its KV cache: the same log-probs and the same gradients as
+    running every row whole; prompts of different lengths, rows interleaved, responses of 1 to 4 tokens."""
+    from sppo_lightning.logprobs import shared_prompt_logps
+
+    module = SPPOModule(str(tiny_model_dir))
+    module.configure_model()
+    policy = module.policy.eval()  # no dropout: the two forwards must see the same function
+    a, b, c = [1, 20, 21, 22, 23], [0, 24], [24]  # c: b without its first token, which is the padding id
+    rows = [Example(a, [30, 31, 2], 0, 0, 0, 0), Example(b, [33], 0, 0, 0, 7), Example(a, [32, 2], 0, 0, 0, 0),
+            Example(b, [34, 35, 36, 2], 0, 0, 0, 7), Example(c, [30, 2], 0, 0, 0, 3),
+            Example(a, [30, 2], 0, 0, 0, 0)]  # fmt: skip
+    batch = collate(rows, pad_id=0)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 2.0, -1.0])  # a loss that weighs every row differently
+
+    def logps_and_grads(fn):
+        policy.zero_grad()
+        logps = fn()
+        (logps * weights).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = logps_and_grads(
+        lambda: sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    )
+    shared, shared_grads = logps_and_grads(
+        lambda: shared_prompt_logps(policy, batch["input_ids"], batch["response_mask"], batch["prompt_lengths"])
+    )
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):

@@ -27,7 +27,8 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         "win_rates": torch.tensor([r.win_rate for r in rows]),
         "targets": torch.tensor([r.target for r in rows]),
         "rewards": torch.tensor([r.reward for r in rows]),
-        "group": torch.tensor([r.group for r in rows]),
+        "group": torch.tensor([r.group for r in rows]),  # rows of a group share their prompt
+        "prompt_lengths": torch.tensor([len(r.prompt_ids) for r in rows]),
     }
     if all(r.ref_logp is not None for r in rows):  # π_t log-probs from the rollout: no forward pass needed
         batch["ref_logps"] = torch.tensor([r.ref_logp for r in rows], dtype=torch.float32)

@@ -81,7 +81,7 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     since π_t is the policy itself, not the sampling distribution."""
     from sppo_lightning.data.batching import collate
     from sppo_lightning.data.examples import Example
-    from sppo_lightning.module import sequence_logps
+    from sppo_lightning.logprobs import sequence_logps
     from sppo_lightning.rollout.hf import HFEngine
 
     m = module_for(toy_model_dir)
