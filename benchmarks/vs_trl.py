@@ -1,7 +1,7 @@
 """Side by side with TRL's GRPOTrainer on identical work: time per 1,000 completions and accuracy after equal work.
 
     pip install -e ".[bench]"
-    python benchmarks/vs_trl.py [--iterations 10] [--rounds 2]
+    python benchmarks/vs_trl.py [--iterations 10] [--rounds 2] [-- --model.eta=4 ...]
 
 Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
 K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions
@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def accuracy(model, tokenizer, records) -> float:
     return float(rule_scores(compute_score, texts, records).mean())
 
 
-def run_ours(iterations: int, seed: int, out: Path) -> dict:
+def run_ours(iterations: int, seed: int, out: Path, overrides: tuple[str, ...] = ()) -> dict:
     from lightning.pytorch.cli import LightningCLI
 
     from sppo_lightning.data.datamodule import RolloutDataModule
@@ -61,7 +62,8 @@ def run_ours(iterations: int, seed: int, out: Path) -> dict:
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
             f"--trainer.default_root_dir={out}", f"--data.prompts_per_epoch={PROMPTS}",
             f"--data.samples_per_prompt={K}", f"--data.max_response_length={NEW_TOKENS}",
-            f"--data.micro_batch_size={MICRO}", f"--model.learning_rate={LR}", f"--data.seed={seed}"]  # fmt: skip
+            f"--data.micro_batch_size={MICRO}", f"--model.learning_rate={LR}", f"--data.seed={seed}",
+            *overrides]  # fmt: skip
     cli = LightningCLI(SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10, help="generation rounds of 64 x 4 completions")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of ours and TRL")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl")
+    parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -120,7 +123,7 @@ def main() -> None:
     val = AdditionPrompts("val", num_prompts=400, seed=1).load()
     results = {"ours": [], "trl": []}
     for r in range(args.rounds):
-        for name, fn in (("ours", run_ours), ("trl", run_trl)):
+        for name, fn in (("ours", partial(run_ours, overrides=tuple(args.overrides))), ("trl", run_trl)):
             with tempfile.TemporaryDirectory() as tmp:
                 got = fn(args.iterations, seed=r, out=Path(tmp))
             got["accuracy"] = accuracy(got.pop("model"), got.pop("tokenizer"), val)
