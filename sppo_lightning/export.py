@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from sppo_lightning.errors import UserInputError
-
-POLICY_PREFIX = "policy."
+from sppo_lightning.sharding import POLICY_PREFIX
 
 
 def save_hf_folder(

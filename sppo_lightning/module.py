@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 
+from sppo_lightning import sharding
 from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
-from sppo_lightning.export import POLICY_PREFIX
 from sppo_lightning.logprobs import sequence_logps, shared_prompt_logps
 from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss
 from sppo_lightning.rewards.base import rule_scores
@@ -120,56 +119,11 @@ class SPPOModule(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
-            self._fully_shard(self._device_mesh["data_parallel"])
+            mesh = self._device_mesh["data_parallel"]
+            param_dtype = self.hparams.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
+            sharding.fully_shard_policy(self.policy, mesh, param_dtype, self.hparams.fsdp_cpu_offload)
         elif self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            self._fsdp1_wrap_policy(self.trainer.strategy)
-
-    def _fully_shard(self, mesh) -> None:
-        """FSDP2: one FSDP unit per decoder layer (its all-gather overlaps the previous layer's compute), then the
-        root for the embeddings, final norm and head. Parameters become DTensors sharded over ``mesh``."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        h = self.hparams
-        param_dtype = h.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
-        kwargs = {"mesh": mesh}
-        if param_dtype is not None:
-            dtype = getattr(torch, param_dtype)
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        if h.fsdp_cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-        layers = self._decoder_layers("FSDP2")
-        for layer in layers:
-            fully_shard(layer, **kwargs)
-        fully_shard(self.policy, **kwargs)
-        rank_zero_info(
-            f"FSDP2: {len(layers)} decoder layers + root sharded over data_parallel={mesh.size()} "
-            f"(compute dtype {param_dtype or h.dtype}, cpu_offload={h.fsdp_cpu_offload})"
-        )
-
-    def _decoder_layers(self, what: str) -> torch.nn.ModuleList:
-        layers = getattr(getattr(self.policy, "model", None), "layers", None)
-        if layers is None:
-            raise ConfigError(
-                f"{what} sharding expects a decoder model with .model.layers; {type(self.policy).__name__} has none"
-            )
-        return layers
-
-    def _fsdp1_wrap_policy(self, strategy: FSDPStrategy) -> None:
-        """FSDP1 makes the whole module one unit unless given an auto-wrap policy, and a YAML config cannot name a
-        set of classes (jsonargparse drops the argument): default to one unit per decoder layer, as under FSDP2."""
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        if strategy.kwargs.get("auto_wrap_policy") is None:
-            layer_types = {type(layer) for layer in self._decoder_layers("FSDP1")}
-            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(layer_types)
-            rank_zero_info(f"FSDP1: one unit per {', '.join(sorted(t.__name__ for t in layer_types))} + the root")
-
-    def _fsdp1_wrapper(self):
-        """The ``FullyShardedDataParallel`` (FSDP1) root around this module under ``FSDPStrategy``, else None."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrapper = self._trainer.strategy.model if self._trainer is not None else None
-        return wrapper if isinstance(wrapper, FullyShardedDataParallel) else None
+            sharding.default_fsdp1_wrap_policy(self.policy, self.trainer.strategy)
 
     @torch.no_grad()
     def run_with_policy(self, fn: Callable[[], Any]) -> Any:
@@ -181,35 +135,21 @@ class SPPOModule(L.LightningModule):
         """
         from torch.distributed.fsdp._common_utils import TrainingState
 
-        wrapper = self._fsdp1_wrapper()
-        if wrapper is None or wrapper.training_state != TrainingState.IDLE:
+        root = sharding.fsdp1_root(self._trainer)
+        if root is None or root.training_state != TrainingState.IDLE:
             return fn()
-        return self.trainer.strategy._forward_redirection(wrapper, self, "_call", fn)
+        return self.trainer.strategy._forward_redirection(root, self, "_call", fn)
 
     def _call(self, fn: Callable[[], Any]) -> Any:  # the method _forward_redirection runs inside the wrapper
         return fn()
 
     def full_parameters(self) -> AbstractContextManager:
-        """Under FSDP1, a context in which the policy's parameters are whole (read-only); FSDP2's DTensors and
-        unsharded parameters need none."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrapper = self._fsdp1_wrapper()
-        if wrapper is None:
-            return nullcontext()
-        return FullyShardedDataParallel.summon_full_params(wrapper, writeback=False)
+        """A context in which the policy's parameters can be read whole (what FSDP1 needs, see ``sharding``)."""
+        return sharding.full_parameters(self._trainer)
 
     def full_policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's full (unsharded) weights on CPU, complete on rank 0 (other ranks may get an empty dict).
-        Under FSDP it is a collective: every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        wrapper = self._fsdp1_wrapper()
-        if wrapper is None:
-            return get_model_state_dict(self.policy, options=options)
-        full = get_model_state_dict(wrapper, options=options)  # FSDP1 shards the whole LightningModule
-        return {k.removeprefix(POLICY_PREFIX): v for k, v in full.items() if k.startswith(POLICY_PREFIX)}
+        """The policy's full weights on CPU, complete on rank 0; a collective under FSDP (every rank calls it)."""
+        return sharding.full_policy_state_dict(self.policy, self._trainer)
 
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log π_θ(y|x) of every row of a micro-batch."""
@@ -244,10 +184,10 @@ class SPPOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]
-        fsdp1 = self._fsdp1_wrapper() is not None
-        if not params and not fsdp1:  # under FSDP1 a rank may hold no piece of any gradient, yet must reduce
+        if not params and sharding.fsdp1_root(self._trainer) is None:  # an FSDP1 rank may hold no piece, yet reduces
             return
-        norm = self._grad_norm([p.grad for p in params], fsdp1)  # before clipping: the norm it really had
+        # before clipping: the norm it really had
+        norm = sharding.global_grad_norm([p.grad for p in params], self._trainer, self.device)
         if not torch.isfinite(norm):
             for p in params:  # AdamW leaves parameters without a gradient untouched: the step is skipped
                 p.grad = None
@@ -256,20 +196,11 @@ class SPPOModule(L.LightningModule):
         self._nonfinite_in_a_row = 0
         self.log("train/grad_norm", norm)
 
-    def _grad_norm(self, grads: list[torch.Tensor], fsdp1: bool) -> torch.Tensor:
-        """The norm of the whole gradient, the same on every rank."""
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a norm over DTensor shards
-            return norm.full_tensor()
-        if fsdp1:  # FSDP1: every rank holds plain shards of the gradients
-            return self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-        return norm
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        wrapper = self._fsdp1_wrapper()
-        if wrapper is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+        root = sharding.fsdp1_root(self._trainer)
+        if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             # Lightning's FSDP1 precision plugin refuses norm clipping; the wrapper computes the norm over all shards
-            wrapper.clip_grad_norm_(gradient_clip_val)
+            root.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -73,3 +73,25 @@ def test_fsdp_demo_learns_like_single_process_and_exports(tmp_path):
     run("fit", "--config", DEMO, "--config", FSDP, f"--trainer.default_root_dir={tmp_path / 'fsdp'}", *args,
         "--trainer.max_epochs=3", "--ckpt_path=last")  # fmt: skip
     assert len(val_accuracies(tmp_path / "fsdp")) == 4  # before, after 1, after 2, then after 3 in a new version
+
+
+def test_fsdp1_defaults_to_one_unit_per_decoder_layer_and_keeps_a_given_policy(tiny_model_dir):
+    """FSDPStrategy's auto_wrap_policy cannot be written in YAML: the module supplies one unit per decoder layer."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers import AutoModelForCausalLM
+
+    from sppo_lightning.sharding import default_fsdp1_wrap_policy
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    strategy = FSDPStrategy()
+    default_fsdp1_wrap_policy(policy, strategy)
+    wrap = strategy.kwargs["auto_wrap_policy"]
+    assert all(wrap(layer, recurse=False, nonwrapped_numel=0) for layer in policy.model.layers)
+    assert not wrap(policy.model.embed_tokens, recurse=False, nonwrapped_numel=0)
+
+    def given(*args, **kwargs):
+        return False
+
+    strategy = FSDPStrategy(auto_wrap_policy=given)
+    default_fsdp1_wrap_policy(policy, strategy)
+    assert strategy.kwargs["auto_wrap_policy"] is given
