@@ -45,12 +45,17 @@ def _cache_argument(model) -> str:
 
 
 def shared_prompt_logps(
-    model, input_ids: torch.Tensor, response_mask: torch.Tensor, prompt_lengths: torch.Tensor
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
 ) -> torch.Tensor:
     """``sequence_logps`` for rows laid out as ``collate`` does (prompt + response, right-padded, the first
     ``prompt_lengths`` tokens of a row being its prompt): each distinct prompt goes through the model once,
     left-padded so that its last token ends every row, and its KV cache is selected for each of the rows that
-    share it before the responses go through.
+    share it before the responses go through. When no prompt repeats (K = 1, as in the MATH recipe) that would
+    only split one forward in two, so the rows go through ``sequence_logps`` instead.
 
     Needs a model whose forward returns and accepts a KV cache with gradients (any Hugging Face decoder without
     gradient checkpointing, which turns the cache off in training).
@@ -68,6 +73,8 @@ def shared_prompt_logps(
     pos, mask = left_padding(prompt_lengths)
     keys = torch.cat([input_ids.gather(1, pos) * mask, prompt_lengths[:, None]], dim=1)
     distinct, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # row_prompt[i]: the prompt of row i
+    if len(distinct) == len(input_ids):
+        return sequence_logps(model, input_ids, attention_mask, response_mask)
     prompt_pos, prompt_mask = left_padding(distinct[:, -1])
     out = model(
         input_ids=distinct[:, :-1],

@@ -154,9 +154,10 @@ class SPPOModule(L.LightningModule):
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log π_θ(y|x) of every row of a micro-batch."""
         h = self.hparams
+        rows = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         if h.share_prompt and not h.gradient_checkpointing and batch["response_mask"].any():
-            return shared_prompt_logps(self.policy, batch["input_ids"], batch["response_mask"], batch["prompt_lengths"])
-        return sequence_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+            return shared_prompt_logps(self.policy, *rows, batch["prompt_lengths"])
+        return sequence_logps(self.policy, *rows)
 
     # -------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ def fixed_rows() -> list[Example]:
     rng = random.Random(0)
     rows = []
     for i in range(ROWS):
-        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(4, 9))]
+        if i % 4 == 0:  # groups of 4 responses to one prompt, as a rollout makes them (the prompt's KV is shared)
+            prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(4, 9))]
         response = [rng.randrange(3, 200) for _ in range(rng.randrange(2, 7))]
         win_rate = rng.random()
         rows.append(Example(prompt, response, 0.0, win_rate, 2.0 * (win_rate - 0.5), i // 4))

@@ -70,7 +70,9 @@ def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tin
         lambda: sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     )
     shared, shared_grads = logps_and_grads(
-        lambda: shared_prompt_logps(policy, batch["input_ids"], batch["response_mask"], batch["prompt_lengths"])
+        lambda: shared_prompt_logps(
+            policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"], batch["prompt_lengths"]
+        )
     )
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     assert shared_grads.keys() == plain_grads.keys() and plain_grads
