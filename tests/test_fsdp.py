@@ -99,12 +99,13 @@ def test_fsdp1_defaults_to_one_unit_per_decoder_layer_and_keeps_a_given_policy(t
 
 
 FSDP1_ON_CPU = """
+# what configs/fsdp1.yaml needs changed to run on 2 CPU processes
 trainer:
+  accelerator: cpu
   devices: 2
+  precision: 32-true
   strategy:
-    class_path: tests.cpu_fsdp1.CPUFSDPStrategy
-    init_args:
-      state_dict_type: sharded
+    class_path: tests.cpu_fsdp1.CPUFSDPStrategy   # keeps fsdp1.yaml's init_args
   callbacks:   # the end-of-fit HF export is left out: FSDP1's full state dict crashes in torch on CPU (fine on GPU)
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args:
@@ -118,7 +119,7 @@ data:
 
 @pytest.mark.slow
 def test_fsdp1_on_two_cpu_processes_learns_and_its_shards_export(tmp_path):
-    """Lightning's FSDPStrategy with its CPU refusal lifted (tests/cpu_fsdp1.py): the rollout and the π_t pass run
+    """configs/fsdp1.yaml with Lightning's CPU refusal lifted (tests/cpu_fsdp1.py): the rollout and the π_t pass run
     through the FSDP1 root's forward, the gradient norm is clipped through the wrapper, last.ckpt is a folder of
     shards, and the exporter turns it into a folder that from_pretrained loads."""
     from transformers import AutoModelForCausalLM
@@ -128,8 +129,8 @@ def test_fsdp1_on_two_cpu_processes_learns_and_its_shards_export(tmp_path):
     overlay = tmp_path / "fsdp1_cpu.yaml"
     overlay.write_text(FSDP1_ON_CPU)
     root = tmp_path / "fsdp1"
-    proc = run("fit", "--config", DEMO, "--config", str(overlay), "--trainer.max_epochs=2",
-               f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false")  # fmt: skip
+    configs = ["--config", DEMO, "--config", str(REPO / "configs" / "fsdp1.yaml"), "--config", str(overlay)]
+    proc = run("fit", *configs, "--trainer.max_epochs=2", f"--trainer.default_root_dir={root}")
     assert "FSDP1: one unit per Qwen2DecoderLayer" in proc.stdout + proc.stderr
     acc = val_accuracies(root)
     assert len(acc) == 3 and acc[-1] > acc[0]
