@@ -26,7 +26,7 @@ def test_sequence_logps_sums_response_tokens_only(tiny_model_dir):
             torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
 
 
-def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_length=8, progress_bar=False):
+def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_length=8, progress_bar=False, **data_kw):
     """One SPPO iteration of the toy task (K = 4, micro-batches of 16 rows) with ``callback`` watching."""
     from sppo_lightning.toy import AdditionPrompts
 
@@ -36,6 +36,7 @@ def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_lengt
         samples_per_prompt=4,
         max_response_length=max_response_length,
         micro_batch_size=16,
+        **data_kw,
     )
     trainer = L.Trainer(
         max_epochs=1, accelerator="cpu", reload_dataloaders_every_n_epochs=1, logger=False,
@@ -97,6 +98,27 @@ def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
     torch.testing.assert_close(policy, ref, atol=1e-6, rtol=0)  # before any update
     policy, ref = seen[1]
     assert (policy - ref).abs().max() > 1e-4  # after one update the policy has moved away from π_t
+
+
+def test_a_second_pass_regresses_onto_the_same_rollout(toy_model_dir):
+    """passes_per_rollout=2: twice the optimizer steps on the same rows, whose π_t log-probs and targets stay the
+    rollout's while the policy moves on."""
+    L.seed_everything(0)
+    module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=1.0, learning_rate=1e-3)
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                seen.append((batch["input_ids"].clone(), batch["ref_logps"].clone(), pl_module.sequence_logps(batch)))
+
+    trainer = fit_one_iteration(module, Probe(), prompts_per_epoch=8, max_response_length=12, passes_per_rollout=2)
+    assert trainer.global_step == len(seen) == 4  # 2 passes x (8 prompts x 4 samples / 16 rows)
+    first = {tuple(ids[0].tolist()): (ids, ref) for ids, ref, _ in seen[:2]}
+    for ids, ref, logps in seen[2:]:
+        ids1, ref1 = first[tuple(ids[0].tolist())]  # the same micro-batch as in the first pass
+        assert torch.equal(ids, ids1) and torch.equal(ref, ref1)
+        assert (logps - ref).abs().max() > 1e-4  # the policy is no longer π_t
 
 
 class Poison(L.Callback):

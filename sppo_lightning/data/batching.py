@@ -62,3 +62,13 @@ def micro_batches(
     if balance_tokens:
         rng.shuffle(batches)
     return batches
+
+
+def repeat_passes(batches: list[dict], passes: int, seed: int) -> list[dict]:
+    """The micro-batches ``passes`` times, the first pass in packing order and each later one reshuffled (the same
+    order on every rank, which step together)."""
+    rng = random.Random(seed)
+    out = list(batches)
+    for _ in range(passes - 1):
+        out += rng.sample(batches, len(batches))
+    return out

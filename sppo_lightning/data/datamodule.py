@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from sppo_lightning.data.batching import micro_batches
+from sppo_lightning.data.batching import micro_batches, repeat_passes
 from sppo_lightning.data.draw import draw_indices, shard
 from sppo_lightning.data.examples import PAIR_LOSSES, build_groups
 from sppo_lightning.data.prompts import PromptRecord, PromptSource
@@ -78,6 +78,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_response_length: int = 256,
         overlong_prompts: str = "filter",
         micro_batch_size: int = 8,
+        passes_per_rollout: int = 1,
         balance_tokens: bool = False,
         val_batch_size: int = 64,
         val_samples_per_prompt: int = 1,
@@ -99,6 +100,9 @@ class RolloutDataModule(L.LightningDataModule):
             max_response_length: Maximum new tokens per response.
             overlong_prompts: ``filter`` (dropped, with a count) or ``error``.
             micro_batch_size: Rows per training micro-batch (a multiple of the rows each prompt contributes).
+            passes_per_rollout: How many times training goes over each rollout's micro-batches (TRL's
+                ``num_iterations``, verl's ``ppo_epochs``), each pass in a new order. π_t and the targets stay those
+                of the rollout, so later passes carry on the same regression towards η(P̂ − ½).
             balance_tokens: Pack groups by length so that the micro-batches ranks train on together carry similar
                 token counts (for several processes); otherwise groups are packed in a shuffled order.
             val_batch_size: Prompts per validation batch.
@@ -130,6 +134,8 @@ class RolloutDataModule(L.LightningDataModule):
             problems.append(f"data.prompts_per_epoch must be >= 1 or null, got {h.prompts_per_epoch}")
         if h.micro_batch_size < 1:
             problems.append(f"data.micro_batch_size must be >= 1, got {h.micro_batch_size}")
+        if h.passes_per_rollout < 1:
+            problems.append(f"data.passes_per_rollout must be >= 1, got {h.passes_per_rollout}")
         if h.overlong_prompts not in ("filter", "error"):
             problems.append(f"data.overlong_prompts must be 'filter' or 'error', got {h.overlong_prompts!r}")
         if h.temperature < 0 or h.val_temperature < 0:
@@ -234,6 +240,7 @@ class RolloutDataModule(L.LightningDataModule):
         batches = batches[:fewest]
         with _timed(metrics, "time/ref_logprobs"):
             self.attach_ref_logps(module, batches)
+        batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch)
 
         metrics.update(rollout_metrics(rollout))
         self.rollout_metrics, self.rollout = metrics, rollout
