@@ -61,3 +61,10 @@ def test_three_response_group_by_hand():
     probs = torch.tensor([[[0.5, 0.7, 0.6], [0.3, 0.5, 0.2], [0.4, 0.8, 0.5]]])
     expected = torch.tensor([[(0.5 + 0.7 + 0.6) / 3, (0.3 + 0.5 + 0.2) / 3, (0.4 + 0.8 + 0.5) / 3]])
     torch.testing.assert_close(win_rates_from_pairwise(probs), expected)
+
+
+def test_binary_rewards_give_the_group_mean_baseline_advantage():
+    """With 0/1 rewards, P̂ − ½ = (r − mean of the group) / 2: SPPO's target η(P̂ − ½) is the mean-baseline advantage
+    (GRPO's, without its division by the group's standard deviation), scaled by η/2. Checked on every group of 4."""
+    groups = torch.tensor([[(m >> b) & 1 for b in range(4)] for m in range(16)], dtype=torch.float32)
+    torch.testing.assert_close(win_rates_from_rewards(groups) - 0.5, (groups - groups.mean(1, keepdim=True)) / 2)
