@@ -81,8 +81,9 @@ def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tin
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
-    """The cached π_t log-probs are the policy's own on the very batches training sees: log-ratio 0 at step 1."""
+def watch_one_iteration(toy_model_dir, **data_kw):
+    """Fit one toy iteration (8 prompts x 4 samples, micro-batches of 16 rows) and record, at the start of every
+    step, the batch's ids, π_t log-probs and targets and the policy's log-probs at that moment."""
     L.seed_everything(0)
     module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=1.0, learning_rate=1e-3)
     seen = []
@@ -90,35 +91,33 @@ def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
     class Probe(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             with torch.no_grad():
-                seen.append((pl_module.sequence_logps(batch), batch["ref_logps"].clone()))
+                logps = pl_module.sequence_logps(batch)
+            seen.append({"ids": batch["input_ids"].clone(), "ref": batch["ref_logps"].clone(),
+                         "targets": batch["targets"].clone(), "logps": logps})  # fmt: skip
 
-    fit_one_iteration(module, Probe(), prompts_per_epoch=8, max_response_length=12)
+    trainer = fit_one_iteration(module, Probe(), prompts_per_epoch=8, max_response_length=12, **data_kw)
+    return trainer, seen
+
+
+def test_ref_logps_equal_the_policy_before_the_first_step(toy_model_dir):
+    """The cached π_t log-probs are the policy's own on the very batches training sees: log-ratio 0 at step 1."""
+    _, seen = watch_one_iteration(toy_model_dir)
     assert len(seen) == 2  # 8 prompts x 4 samples / 16 rows
-    policy, ref = seen[0]
-    torch.testing.assert_close(policy, ref, atol=1e-6, rtol=0)  # before any update
-    policy, ref = seen[1]
-    assert (policy - ref).abs().max() > 1e-4  # after one update the policy has moved away from π_t
+    torch.testing.assert_close(seen[0]["logps"], seen[0]["ref"], atol=1e-6, rtol=0)  # before any update
+    assert (seen[1]["logps"] - seen[1]["ref"]).abs().max() > 1e-4  # after one update the policy has moved from π_t
 
 
 def test_a_second_pass_regresses_onto_the_same_rollout(toy_model_dir):
     """passes_per_rollout=2: twice the optimizer steps on the same rows, whose π_t log-probs and targets stay the
     rollout's while the policy moves on."""
-    L.seed_everything(0)
-    module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=1.0, learning_rate=1e-3)
-    seen = []
-
-    class Probe(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            with torch.no_grad():
-                seen.append((batch["input_ids"].clone(), batch["ref_logps"].clone(), pl_module.sequence_logps(batch)))
-
-    trainer = fit_one_iteration(module, Probe(), prompts_per_epoch=8, max_response_length=12, passes_per_rollout=2)
+    trainer, seen = watch_one_iteration(toy_model_dir, passes_per_rollout=2)
     assert trainer.global_step == len(seen) == 4  # 2 passes x (8 prompts x 4 samples / 16 rows)
-    first = {tuple(ids[0].tolist()): (ids, ref) for ids, ref, _ in seen[:2]}
-    for ids, ref, logps in seen[2:]:
-        ids1, ref1 = first[tuple(ids[0].tolist())]  # the same micro-batch as in the first pass
-        assert torch.equal(ids, ids1) and torch.equal(ref, ref1)
-        assert (logps - ref).abs().max() > 1e-4  # the policy is no longer π_t
+    first_pass = {tuple(step["ids"][0].tolist()): step for step in seen[:2]}
+    for step in seen[2:]:
+        first = first_pass[tuple(step["ids"][0].tolist())]  # the same micro-batch in the first pass
+        for key in ("ids", "ref", "targets"):
+            assert torch.equal(step[key], first[key]), key
+        assert (step["logps"] - step["ref"]).abs().max() > 1e-4  # the policy is no longer π_t
 
 
 class Poison(L.Callback):
