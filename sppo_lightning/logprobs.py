@@ -10,8 +10,6 @@ them, as the repeated prompt positions of the plain forward do.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 
@@ -37,11 +35,6 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=width - start)
     # logits of positions start .. T-2 predict the tokens start+1 .. T-1
     return _response_logps(out.logits[:, :-1], input_ids[:, start + 1 :], response_mask[:, start + 1 :])
-
-
-def _cache_argument(model) -> str:
-    """The name of the forward's KV-cache argument: ``cache`` from transformers 5.2x on, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def shared_prompt_logps(
@@ -83,7 +76,10 @@ def shared_prompt_logps(
         use_cache=True,
         logits_to_keep=1,  # only the last prompt token's logits: they predict the first response token
     )
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    # The cache's name, in the output as in the forward's arguments: ``cache`` from transformers 5.2x on,
+    # ``past_key_values`` before.
+    cache_name = "cache" if "cache" in out else "past_key_values"
+    cache = out[cache_name]
     cache.batch_select_indices(row_prompt)  # every row gets its prompt's keys and values: (B, ...)
 
     # The responses, right-padded, at positions that continue their prompt: (B, R).
@@ -97,7 +93,7 @@ def shared_prompt_logps(
         attention_mask=torch.cat([prompt_mask[row_prompt], response_valid.long()], dim=1),
         position_ids=r_pos,
         use_cache=True,
-        **{_cache_argument(model): cache},
+        **{cache_name: cache},
     )
     # response token t is predicted by response position t-1, and token 0 by the prompt's last position
     logits = torch.cat([out.logits[row_prompt], rest.logits[:, :-1]], dim=1)
