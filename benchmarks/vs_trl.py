@@ -1,15 +1,16 @@
 """Side by side with TRL's GRPOTrainer on identical work: time per 1,000 completions and accuracy after equal work.
 
     pip install -e ".[bench]"
-    python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [-- --model.eta=4 ...]
+    python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1] [-- --model.eta=4 ...]
 
 Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
 K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions
-per round on both sides. TRL: beta 0 (no reference model; SPPO needs none either), fp32, no gradient checkpointing
-(TRL's defaults would turn on bf16 and checkpointing; both are off to match our demo), dropout as in the model.
-The two are alternated in this one process, ``--rounds`` times with seeds 0, 1, ...: time is the median of the
-rounds, accuracy (greedy, on the same 400 held-out problems, same scorer) their mean and standard error, since it
-varies by about 3 points from seed to seed. Last line: ``time_ratio_ours_over_trl=<x>``.
+per pass over each round on both sides (``--passes``: our ``data.passes_per_rollout``, TRL's ``num_iterations``).
+TRL: beta 0 (no reference model; SPPO needs none either), fp32, no gradient checkpointing (TRL's defaults would turn
+on bf16 and checkpointing; both are off to match our demo), dropout as in the model. The two are alternated in this
+one process, ``--rounds`` times with seeds 0, 1, ...: time is the median of the rounds, accuracy (greedy, on the
+same 400 held-out problems, same scorer) their mean and standard error, since it varies by about 3 points from seed
+to seed. Last line: ``time_ratio_ours_over_trl=<x>``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def accuracy(model, tokenizer, records) -> float:
     return float(rule_scores(compute_score, texts, records).mean())
 
 
-def run_ours(iterations: int, seed: int, out: Path, lr: float = LR, overrides: tuple[str, ...] = ()) -> dict:
+def run_ours(
+    iterations: int, seed: int, out: Path, lr: float = LR, passes: int = 1, overrides: tuple[str, ...] = ()
+) -> dict:
     from lightning.pytorch.cli import LightningCLI
 
     from sppo_lightning.data.datamodule import RolloutDataModule
@@ -64,7 +67,7 @@ def run_ours(iterations: int, seed: int, out: Path, lr: float = LR, overrides: t
             f"--trainer.default_root_dir={out}", f"--data.prompts_per_epoch={PROMPTS}",
             f"--data.samples_per_prompt={K}", f"--data.max_response_length={NEW_TOKENS}",
             f"--data.micro_batch_size={MICRO}", f"--model.learning_rate={lr}", f"--data.seed={seed}",
-            *overrides]  # fmt: skip
+            f"--data.passes_per_rollout={passes}", *overrides]  # fmt: skip
     cli = LightningCLI(SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -73,7 +76,7 @@ def run_ours(iterations: int, seed: int, out: Path, lr: float = LR, overrides: t
             "model": cli.model.policy, "tokenizer": cli.model.tokenizer}  # fmt: skip
 
 
-def run_trl(iterations: int, seed: int, out: Path, lr: float = LR) -> dict:
+def run_trl(iterations: int, seed: int, out: Path, lr: float = LR, passes: int = 1) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -95,7 +98,7 @@ def run_trl(iterations: int, seed: int, out: Path, lr: float = LR) -> dict:
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         per_device_train_batch_size=MICRO, gradient_accumulation_steps=1, steps_per_generation=PROMPTS * K // MICRO,
         num_generations=K, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
-        max_steps=iterations * PROMPTS * K // MICRO, num_iterations=1, logging_steps=10**9,
+        max_steps=passes * iterations * PROMPTS * K // MICRO, num_iterations=passes, logging_steps=10**9,
         save_strategy="no", report_to="none", seed=seed, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
     trainer = GRPOTrainer(
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10, help="generation rounds of 64 x 4 completions")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of ours and TRL")
     parser.add_argument("--lr", type=float, default=LR, help="learning rate of both sides")
+    parser.add_argument("--passes", type=int, default=1, help="training passes over each round, both sides")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl")
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
@@ -132,8 +136,8 @@ def main() -> None:
     results = {"ours": [], "trl": []}
     for r in range(args.rounds):
         for name, fn in (
-            ("ours", partial(run_ours, lr=args.lr, overrides=tuple(args.overrides))),
-            ("trl", partial(run_trl, lr=args.lr)),
+            ("ours", partial(run_ours, lr=args.lr, passes=args.passes, overrides=tuple(args.overrides))),
+            ("trl", partial(run_trl, lr=args.lr, passes=args.passes)),
         ):
             with tempfile.TemporaryDirectory() as tmp:
                 got = fn(args.iterations, seed=r, out=Path(tmp))
