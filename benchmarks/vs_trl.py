@@ -1,7 +1,8 @@
 """Side by side with TRL's GRPOTrainer on identical work: time per 1,000 completions and accuracy after equal work.
 
     pip install -e ".[bench]"
-    python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1] [-- --model.eta=4 ...]
+    python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1]
+        [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
 
 Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
 K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions
@@ -76,7 +77,9 @@ def run_ours(
             "model": cli.model.policy, "tokenizer": cli.model.tokenizer}  # fmt: skip
 
 
-def run_trl(iterations: int, seed: int, out: Path, lr: float = LR, passes: int = 1) -> dict:
+def run_trl(
+    iterations: int, seed: int, out: Path, lr: float = LR, passes: int = 1, options: dict | None = None
+) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -93,7 +96,7 @@ def run_trl(iterations: int, seed: int, out: Path, lr: float = LR, passes: int =
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
-    config = GRPOConfig(
+    settings = dict(
         output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, beta=0.0,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         per_device_train_batch_size=MICRO, gradient_accumulation_steps=1, steps_per_generation=PROMPTS * K // MICRO,
@@ -101,6 +104,7 @@ def run_trl(iterations: int, seed: int, out: Path, lr: float = LR, passes: int =
         max_steps=passes * iterations * PROMPTS * K // MICRO, num_iterations=passes, logging_steps=10**9,
         save_strategy="no", report_to="none", seed=seed, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
+    config = GRPOConfig(**{**settings, **(options or {})})  # --trl-option wins over the matched settings
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -110,6 +114,17 @@ def run_trl(iterations: int, seed: int, out: Path, lr: float = LR, passes: int =
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "completions": iterations * PROMPTS * K, "steps": trainer.state.global_step,
             "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
+
+
+def trl_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (numbers, true, null), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
@@ -124,9 +139,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of ours and TRL")
     parser.add_argument("--lr", type=float, default=LR, help="learning rate of both sides")
     parser.add_argument("--passes", type=int, default=1, help="training passes over each round, both sides")
+    parser.add_argument(
+        "--trl-option", action="append", default=[], type=trl_option, metavar="KEY=VALUE",
+        help="a GRPOConfig field for TRL's side, e.g. epsilon=100 (no clipping) or scale_rewards=none; repeatable",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl")
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
+    if args.trl_option:
+        from dataclasses import fields
+
+        from trl import GRPOConfig
+
+        unknown = sorted(set(dict(args.trl_option)) - {f.name for f in fields(GRPOConfig)})
+        if unknown:
+            parser.error(f"--trl-option: GRPOConfig has no field {', '.join(unknown)}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
@@ -137,7 +164,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, fn in (
             ("ours", partial(run_ours, lr=args.lr, passes=args.passes, overrides=tuple(args.overrides))),
-            ("trl", partial(run_trl, lr=args.lr, passes=args.passes)),
+            ("trl", partial(run_trl, lr=args.lr, passes=args.passes, options=dict(args.trl_option))),
         ):
             with tempfile.TemporaryDirectory() as tmp:
                 got = fn(args.iterations, seed=r, out=Path(tmp))
@@ -174,8 +201,11 @@ def main() -> None:
         f"accuracy gap ours - trl: {100 * gap:+.1f} ± {100 * gap_se:.1f} points "
         f"({100_000 * gap / completions:+.2f} ± {100_000 * gap_se / completions:.2f} per 1,000 completions)"
     )
+    settings = {"iterations": args.iterations, "lr": args.lr, "passes": args.passes,
+                "trl_options": dict(args.trl_option), "our_overrides": args.overrides}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vs_trl.json").write_text(json.dumps({"start_accuracy": start_acc, "runs": results}, indent=2))
+    record = {"settings": settings, "start_accuracy": start_acc, "runs": results}
+    (args.out / "vs_trl.json").write_text(json.dumps(record, indent=2))
     print(f"time_ratio_ours_over_trl={median['ours'] / median['trl']:.3f}")
 
 
