@@ -146,12 +146,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl")
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
+    args.trl_option = dict(args.trl_option)
     if args.trl_option:
         from dataclasses import fields
 
         from trl import GRPOConfig
 
-        unknown = sorted(set(dict(args.trl_option)) - {f.name for f in fields(GRPOConfig)})
+        unknown = sorted(set(args.trl_option) - {f.name for f in fields(GRPOConfig)})
         if unknown:
             parser.error(f"--trl-option: GRPOConfig has no field {', '.join(unknown)}")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -164,7 +165,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, fn in (
             ("ours", partial(run_ours, lr=args.lr, passes=args.passes, overrides=tuple(args.overrides))),
-            ("trl", partial(run_trl, lr=args.lr, passes=args.passes, options=dict(args.trl_option))),
+            ("trl", partial(run_trl, lr=args.lr, passes=args.passes, options=args.trl_option)),
         ):
             with tempfile.TemporaryDirectory() as tmp:
                 got = fn(args.iterations, seed=r, out=Path(tmp))
@@ -202,7 +203,7 @@ def main() -> None:
         f"({100_000 * gap / completions:+.2f} ± {100_000 * gap_se / completions:.2f} per 1,000 completions)"
     )
     settings = {"iterations": args.iterations, "lr": args.lr, "passes": args.passes,
-                "trl_options": dict(args.trl_option), "our_overrides": args.overrides}  # fmt: skip
+                "trl_options": args.trl_option, "our_overrides": args.overrides}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"settings": settings, "start_accuracy": start_acc, "runs": results}
     (args.out / "vs_trl.json").write_text(json.dumps(record, indent=2))
