@@ -1,11 +1,13 @@
-"""log π(y|x) of whole responses: the quantity every SPPO loss regresses (log π_θ(y|x) − log π_t(y|x)).
+"""log π(y_t | x, y_<t) of every response token. Their sum over a response is log π(y|x), the quantity every SPPO
+loss regresses (log π_θ(y|x) − log π_t(y|x)); the per-token values are what the trust region (``clip_ratio``) reads.
 
-Two ways to the same numbers. ``sequence_logps`` runs every row, prompt and response, through the model.
-``shared_prompt_logps`` runs each distinct prompt once and lets the rows that share it (the K responses of a group)
-continue from its KV cache: a group then costs P + K·R tokens instead of K·(P + R), so with 32-token prompts and
-10-token responses, K = 4 sends 72 tokens through the model instead of 168. Causal attention makes the two equal up
-to float rounding, gradients included: the prompt's keys and values receive the gradient of every row that reads
-them, as the repeated prompt positions of the plain forward do.
+Both functions return ``[B, R]``, response-aligned: column j is the j-th token of each row's response, R the longest
+response, 0 past a response's end. Two ways to the same numbers. ``response_token_logps`` runs every row, prompt
+and response, through the model. ``shared_prompt_token_logps`` runs each distinct prompt once and lets the rows
+that share it (the K responses of a group) continue from its KV cache: a group then costs P + K·R tokens instead
+of K·(P + R), so with 32-token prompts and 10-token responses, K = 4 sends 72 tokens through the model instead of
+168. Causal attention makes the two equal up to float rounding, gradients included: the prompt's keys and values
+receive the gradient of every row that reads them, as the repeated prompt positions of the plain forward do.
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ from __future__ import annotations
 import torch
 
 
-def _response_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t mask · log softmax(logits_t)[target_t]: ``[B, T, V], [B, T], [B, T] -> [B]``, without materialising the
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mask · log softmax(logits_t)[target_t]: ``[B, T, V], [B, T], [B, T] -> [B, T]``, without materialising the
     full log-probabilities."""
     logits = logits.float()
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logps * mask).sum(-1)
+    return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mask
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
-    """Σ over response tokens of log π(y_t | x, y_<t), one value per row: ``[B, T] -> [B]``.
+def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+    """log π(y_t | x, y_<t) of each response token: ``[B, T] -> [B, R]``, response-aligned.
 
     Logits at position t predict token t+1, hence the shift; prompt and padding tokens are masked out. The head is
     applied only from the first position that predicts a response token on: prompts are often most of a sequence
@@ -34,21 +35,27 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     width = input_ids.shape[1]
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=width - start)
     # logits of positions start .. T-2 predict the tokens start+1 .. T-1
-    return _response_logps(out.logits[:, :-1], input_ids[:, start + 1 :], response_mask[:, start + 1 :])
+    by_position = _token_logps(out.logits[:, :-1], input_ids[:, start + 1 :], response_mask[:, start + 1 :])
+    # Rows' responses start at different positions (prompts differ in length): shift each to column 0.
+    lengths = response_mask.sum(1).long()
+    cols = torch.arange(int(lengths.max()), device=input_ids.device)[None, :]
+    first_col = response_mask.argmax(dim=1)[:, None] - (start + 1)
+    valid = cols < lengths[:, None]
+    return by_position.gather(1, (first_col + cols).clamp(0, by_position.shape[1] - 1)) * valid
 
 
-def shared_prompt_logps(
+def shared_prompt_token_logps(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
     prompt_lengths: torch.Tensor,
 ) -> torch.Tensor:
-    """``sequence_logps`` for rows laid out as ``collate`` does (prompt + response, right-padded, the first
+    """``response_token_logps`` for rows laid out as ``collate`` does (prompt + response, right-padded, the first
     ``prompt_lengths`` tokens of a row being its prompt): each distinct prompt goes through the model once,
     left-padded so that its last token ends every row, and its KV cache is selected for each of the rows that
     share it before the responses go through. When no prompt repeats (K = 1, as in the MATH recipe) that would
-    only split one forward in two, so the rows go through ``sequence_logps`` instead.
+    only split one forward in two, so the rows go through ``response_token_logps`` instead.
 
     Needs a model whose forward returns and accepts a KV cache with gradients (any Hugging Face decoder without
     gradient checkpointing, which turns the cache off in training).
@@ -67,7 +74,7 @@ def shared_prompt_logps(
     keys = torch.cat([input_ids.gather(1, pos) * mask, prompt_lengths[:, None]], dim=1)
     distinct, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # row_prompt[i]: the prompt of row i
     if len(distinct) == len(input_ids):
-        return sequence_logps(model, input_ids, attention_mask, response_mask)
+        return response_token_logps(model, input_ids, attention_mask, response_mask)
     prompt_pos, prompt_mask = left_padding(distinct[:, -1])
     out = model(
         input_ids=distinct[:, :-1],
@@ -97,4 +104,4 @@ def shared_prompt_logps(
     )
     # response token t is predicted by response position t-1, and token 0 by the prompt's last position
     logits = torch.cat([out.logits[row_prompt], rest.logits[:, :-1]], dim=1)
-    return _response_logps(logits, response_ids, response_valid)
+    return _token_logps(logits, response_ids, response_valid)

@@ -70,6 +70,24 @@ def sppo_target_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, target
     return (policy_logps - ref_logps - targets) ** 2
 
 
+def trust_region_logps(
+    token_logps: torch.Tensor, ref_token_logps: torch.Tensor, targets: torch.Tensor, clip_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_θ(y|x) = Σ_t log π_θ(y_t | x, y_<t), ``[B, R] -> [B]``, for the regression onto ``targets`` with a
+    per-token trust region: PPO's clip (Schulman et al. 2017, eq. 7) applied to eq. 3.6.
+
+    The squared loss pushes every token of a row the same way, up while log π_θ/π_t < target and down while above
+    it. A token whose ratio π_θ/π_t has already left [1 − ε, 1 + ε] in that direction stops receiving gradient, so
+    that a row reaches its target by moving many tokens a little, not a few a lot: the regression alone lets the
+    easiest token take the whole log-ratio, which is what makes a second pass over a rollout overshoot. Only the
+    gradient changes; the value is the plain sum. Also returns the mask of the tokens held back.
+    """
+    log_ratio = (token_logps - ref_token_logps).detach()
+    raise_row = (log_ratio.sum(-1) < targets)[:, None]
+    held = torch.where(raise_row, log_ratio > math.log1p(clip_ratio), log_ratio < math.log1p(-clip_ratio))
+    return torch.where(held, token_logps.detach(), token_logps).sum(-1), held
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -1,7 +1,7 @@
 """SPPOModule: the policy, the SPPO objective and greedy-accuracy validation.
 
 The module owns everything that has gradients. π_t is not a second model: its log-probs are computed by this
-policy, under ``no_grad``, at the start of each iteration (``sequence_logps``) and arrive in the batch.
+policy, under ``no_grad``, at the start of each iteration (``token_logps``) and arrive in the batch.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from sppo_lightning import sharding
 from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
-from sppo_lightning.logprobs import sequence_logps, shared_prompt_logps
-from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss
+from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
+from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
 from sppo_lightning.rewards.base import rule_scores
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import RolloutEngine
@@ -34,6 +34,7 @@ class SPPOModule(L.LightningModule):
         model_name_or_path: str,
         loss_type: LossType = "sppo",
         eta: float = 1.0,
+        clip_ratio: float | None = None,
         dpo_beta: float = 0.1,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.01,
@@ -55,6 +56,10 @@ class SPPOModule(L.LightningModule):
             loss_type: ``sppo`` (all K samples, the paper), ``sppo_pair`` (winner and loser, the authors' code),
                 ``sppo_softmean`` (η(r − SoftMean_η(r)), the verl recipe) or ``dpo`` (iterative DPO baseline).
             eta: η, the step size of the multiplicative-weights update; SPPO targets are η(P̂ − ½).
+            clip_ratio: ε of a per-token trust region on the SPPO regressions (not in the paper): a token whose
+                ratio π_θ/π_t has left [1 − ε, 1 + ε] in the direction its row is pushed stops receiving gradient,
+                as in PPO. None = the paper's loss. It lets a large η and several passes over a rollout
+                (``data.passes_per_rollout``) pay off; not used by ``dpo``.
             dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
             weight_decay: AdamW weight decay, not applied to biases and norms.
@@ -78,6 +83,10 @@ class SPPOModule(L.LightningModule):
         super().__init__()
         if eta <= 0:
             raise ConfigError(f"model.eta must be > 0, got {eta}")
+        if clip_ratio is not None and not 0 < clip_ratio < 1:
+            raise ConfigError(f"model.clip_ratio must be in (0, 1) or null, got {clip_ratio}")
+        if clip_ratio is not None and loss_type == "dpo":
+            raise ConfigError("model.clip_ratio applies to the SPPO regressions, not to loss_type dpo: set it to null")
         self.save_hyperparameters(ignore=["accuracy_fn"])
         self.accuracy_fn = accuracy_fn
         self.policy = None
@@ -151,18 +160,25 @@ class SPPOModule(L.LightningModule):
         """The policy's full weights on CPU, complete on rank 0; a collective under FSDP (every rank calls it)."""
         return sharding.full_policy_state_dict(self.policy, self._trainer)
 
-    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log π_θ(y|x) of every row of a micro-batch."""
+    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π_θ(y_t | x, y_<t) of every response token of a micro-batch, ``[B, R]`` (see ``logprobs``)."""
         h = self.hparams
         rows = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
         if h.share_prompt and not h.gradient_checkpointing and batch["response_mask"].any():
-            return shared_prompt_logps(self.policy, *rows, batch["prompt_lengths"])
-        return sequence_logps(self.policy, *rows)
+            return shared_prompt_token_logps(self.policy, *rows, batch["prompt_lengths"])
+        return response_token_logps(self.policy, *rows)
 
     # -------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logps = self.sequence_logps(batch)  # (B,)
-        ref, loss_type, eta = batch["ref_logps"], self.hparams.loss_type, self.hparams.eta
+        token_logps, ref_tokens = self.token_logps(batch), batch["ref_logps"]  # (B, R) each
+        loss_type, eta, clip = self.hparams.loss_type, self.hparams.eta, self.hparams.clip_ratio
+        ref = ref_tokens.sum(-1)
+        if clip is None:
+            logps = token_logps.sum(-1)
+        else:
+            logps, held = trust_region_logps(token_logps, ref_tokens, batch["targets"], clip)
+            mask = batch["response_mask"]  # its sum is the number of response tokens
+            self.log("train/clipped_tokens", held.sum() / mask.sum(), batch_size=len(logps), sync_dist=True)
         if loss_type == "sppo":
             losses = sppo_loss(logps, ref, batch["win_rates"], eta)
         elif loss_type == "sppo_softmean":

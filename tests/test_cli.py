@@ -87,6 +87,8 @@ def test_print_config_round_trips_with_overrides_and_interpolation(tmp_path):
         (["--trainer.reload_dataloaders_every_n_epochs=0"], "set trainer.reload_dataloaders_every_n_epochs=1"),
         (["--data.micro_batch_size=6"], "data.micro_batch_size=6 must be a multiple of the 4 rows"),
         (["--model.eta=0"], "model.eta must be > 0"),
+        (["--model.clip_ratio=1.5"], "model.clip_ratio must be in (0, 1) or null, got 1.5"),
+        (["--model.loss_type=dpo", "--model.clip_ratio=0.2"], "model.clip_ratio applies to the SPPO regressions"),
         (["--data.passes_per_rollout=0"], "data.passes_per_rollout must be >= 1, got 0"),
         (  # every impossible combination in one message
             ["--model.loss_type=sppo_pair", "--data.samples_per_prompt=1", "--data.micro_batch_size=3"],

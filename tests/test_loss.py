@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from sppo_lightning.loss import dpo_loss, softmean, softmean_targets, sppo_loss, sppo_pair_loss, sppo_target_loss
+from sppo_lightning.loss import (
+    dpo_loss,
+    softmean,
+    softmean_targets,
+    sppo_loss,
+    sppo_pair_loss,
+    sppo_target_loss,
+    trust_region_logps,
+)
 
 
 def test_sppo_loss_by_hand():
@@ -74,6 +82,26 @@ def test_softmean_targets_use_one_batch_wide_baseline():
 def test_target_loss_equals_sppo_loss_with_eta_times_win_rate():
     policy, ref, win = torch.randn(5), torch.randn(5), torch.rand(5)
     torch.testing.assert_close(sppo_target_loss(policy, ref, 3.0 * (win - 0.5)), sppo_loss(policy, ref, win, 3.0))
+
+
+def test_trust_region_holds_back_only_tokens_past_the_clip_in_their_rows_direction():
+    ref = torch.tensor([[-1.0, -2.3, -0.2], [-1.0, -0.7, -0.4]])
+    token_logps = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -0.3]], requires_grad=True)
+    # row 0: log-ratios (0, +0.3, -0.3), sum 0 < target 1, pushed up: the +0.3 token is past log 1.2 = 0.18;
+    #   the -0.3 token is past log 0.8 too, but on the side the row moves away from, so it keeps its gradient.
+    # row 1: log-ratios (0, -0.3, +0.1), sum -0.2 > target -1, pushed down: the -0.3 token is past log 0.8.
+    logps, held = trust_region_logps(token_logps, ref, torch.tensor([1.0, -1.0]), clip_ratio=0.2)
+    torch.testing.assert_close(logps, token_logps.sum(-1))  # the value is the plain sum
+    assert held.tolist() == [[False, True, False], [False, True, False]]
+    logps.sum().backward()
+    assert token_logps.grad.tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+
+
+def test_trust_region_holds_nothing_back_at_pi_t():
+    """At the first step of an iteration the policy is π_t: every ratio is 1, and the loss is the paper's."""
+    ref = torch.randn(4, 5)
+    _, held = trust_region_logps(ref.clone(), ref, torch.randn(4), clip_ratio=0.01)
+    assert not held.any()
 
 
 def test_dpo_loss_by_hand():

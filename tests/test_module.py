@@ -7,22 +7,26 @@ import torch
 from sppo_lightning.data.batching import collate
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.data.examples import Example
-from sppo_lightning.logprobs import sequence_logps
+from sppo_lightning.logprobs import response_token_logps
 from sppo_lightning.module import SPPOModule
 
 
-def test_sequence_logps_sums_response_tokens_only(tiny_model_dir):
+def test_token_logps_are_the_response_tokens_only_from_column_0(tiny_model_dir):
     module = SPPOModule(str(tiny_model_dir))
     module.configure_model()
     rows = [Example([1, 20, 21], [30, 31, 2], 1.0, 0.75, 0.0, 0), Example([1, 22], [33, 2], 0.0, 0.25, 0.0, 0)]
     b = collate(rows, pad_id=0)
-    got = sequence_logps(module.policy, b["input_ids"], b["attention_mask"], b["response_mask"])
+    got = response_token_logps(module.policy, b["input_ids"], b["attention_mask"], b["response_mask"])
+    assert got.shape == (2, 3)
     with torch.no_grad():
         for i, row in enumerate(rows):  # by hand, one unpadded row at a time
             ids = torch.tensor([row.prompt_ids + row.response_ids])
             logp = module.policy(ids).logits.log_softmax(-1)[0]
             n_prompt = len(row.prompt_ids)
-            expected = sum(logp[t - 1, ids[0, t]] for t in range(n_prompt, ids.shape[1]))
+            expected = torch.zeros(3)  # zero past the response's end
+            expected[: len(row.response_ids)] = torch.stack(
+                [logp[t - 1, ids[0, t]] for t in range(n_prompt, ids.shape[1])]
+            )
             torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -49,7 +53,7 @@ def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_lengt
 def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tiny_model_dir):
     """Each prompt run once and its rows continued from its KV cache: the same log-probs and the same gradients as
     running every row whole; prompts of different lengths, rows interleaved, responses of 1 to 4 tokens."""
-    from sppo_lightning.logprobs import shared_prompt_logps
+    from sppo_lightning.logprobs import shared_prompt_token_logps
 
     module = SPPOModule(str(tiny_model_dir))
     module.configure_model()
@@ -59,7 +63,7 @@ def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tin
             Example(b, [34, 35, 36, 2], 0, 0, 0, 7), Example(c, [30, 2], 0, 0, 0, 3),
             Example(a, [30, 2], 0, 0, 0, 0)]  # fmt: skip
     batch = collate(rows, pad_id=0)
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 2.0, -1.0])  # a loss that weighs every row differently
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 2.0, -1.0])[:, None]  # a loss that weighs every row differently
 
     def logps_and_grads(fn):
         policy.zero_grad()
@@ -68,10 +72,10 @@ def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tin
         return logps.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
     plain, plain_grads = logps_and_grads(
-        lambda: sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        lambda: response_token_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     )
     shared, shared_grads = logps_and_grads(
-        lambda: shared_prompt_logps(
+        lambda: shared_prompt_token_logps(
             policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"], batch["prompt_lengths"]
         )
     )
@@ -81,19 +85,23 @@ def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tin
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def watch_one_iteration(toy_model_dir, **data_kw):
+def watch_one_iteration(toy_model_dir, eta=1.0, clip_ratio=None, **data_kw):
     """Fit one toy iteration (8 prompts x 4 samples, micro-batches of 16 rows) and record, at the start of every
-    step, the batch's ids, π_t log-probs and targets and the policy's log-probs at that moment."""
+    step, the batch's ids, π_t log-probs and targets and the policy's log-probs at that moment, and after it, the
+    share of tokens the trust region held back."""
     L.seed_everything(0)
-    module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=1.0, learning_rate=1e-3)
+    module = SPPOModule(str(toy_model_dir), loss_type="sppo", eta=eta, clip_ratio=clip_ratio, learning_rate=1e-3)
     seen = []
 
     class Probe(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             with torch.no_grad():
-                logps = pl_module.sequence_logps(batch)
+                logps = pl_module.token_logps(batch)
             seen.append({"ids": batch["input_ids"].clone(), "ref": batch["ref_logps"].clone(),
                          "targets": batch["targets"].clone(), "logps": logps})  # fmt: skip
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[-1]["clipped"] = trainer.callback_metrics.get("train/clipped_tokens")
 
     trainer = fit_one_iteration(module, Probe(), prompts_per_epoch=8, max_response_length=12, **data_kw)
     return trainer, seen
@@ -118,6 +126,13 @@ def test_a_second_pass_regresses_onto_the_same_rollout(toy_model_dir):
         for key in ("ids", "ref", "targets"):
             assert torch.equal(step[key], first[key]), key
         assert (step["logps"] - step["ref"]).abs().max() > 1e-4  # the policy is no longer π_t
+
+
+def test_the_trust_region_holds_back_tokens_only_once_the_policy_has_left_pi_t(toy_model_dir):
+    _, seen = watch_one_iteration(toy_model_dir, eta=8.0, clip_ratio=0.2, passes_per_rollout=2)
+    clipped = [float(step["clipped"]) for step in seen]
+    assert clipped[0] == 0  # the first step is at π_t: the paper's loss
+    assert 0 < clipped[-1] < 1  # in the second pass some tokens have moved past 1 ± 0.2, not all
 
 
 class Poison(L.Callback):

@@ -30,8 +30,12 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         "group": torch.tensor([r.group for r in rows]),  # rows of a group share their prompt
         "prompt_lengths": torch.tensor([len(r.prompt_ids) for r in rows]),
     }
-    if all(r.ref_logp is not None for r in rows):  # π_t log-probs from the rollout: no forward pass needed
-        batch["ref_logps"] = torch.tensor([r.ref_logp for r in rows], dtype=torch.float32)
+    if all(r.ref_logps is not None for r in rows):  # π_t log-probs from the rollout: no forward pass needed
+        # response-aligned and zero-padded, as the module's own ``token_logps``
+        ref = torch.zeros((len(rows), max(len(r.response_ids) for r in rows)), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            ref[i, : len(row.ref_logps)] = torch.tensor(row.ref_logps)
+        batch["ref_logps"] = ref
     return batch
 
 

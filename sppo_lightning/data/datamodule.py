@@ -295,15 +295,15 @@ class RolloutDataModule(L.LightningDataModule):
 
     @staticmethod
     def attach_ref_logps(module, batches: list[dict]) -> None:
-        """Stage: log π_t(y|x) for every row, computed once by the policy before any update of this iteration,
-        on exactly the micro-batches training will see (so the first step's log-ratio is exactly 0)."""
+        """Stage: log π_t(y_t | x, y_<t) for every response token, computed once by the policy before any update of
+        this iteration, on exactly the micro-batches training will see (so the first step's log-ratio is exactly 0)."""
 
         def attach() -> None:
             for batch in batches:
                 if "ref_logps" in batch:  # supplied by the engine with the rollout
                     continue
                 on_device = {k: v.to(module.device) for k, v in batch.items()}
-                batch["ref_logps"] = module.sequence_logps(on_device).float().cpu()
+                batch["ref_logps"] = module.token_logps(on_device).float().cpu()
 
         was_training = module.policy.training
         module.policy.eval()

@@ -29,8 +29,8 @@ class Example:
     target: float
     """The log-ratio the SPPO losses regress onto: η(P̂ − ½), or η(r − SoftMean_η(r)) for ``sppo_softmean``."""
     group: int
-    ref_logp: float | None = None
-    """log π_t(y|x) when the rollout supplied it."""
+    ref_logps: list[float] | None = None
+    """log π_t(y_t | x, y_<t) of each response token when the rollout supplied them."""
 
 
 def build_groups(
@@ -68,7 +68,7 @@ def build_groups(
                     win_rate=float(win_rates[p, k]),
                     target=float(targets[p, k]),
                     group=p,
-                    ref_logp=None if rollout.response_logprobs is None else rollout.response_logprobs[p][k],
+                    ref_logps=None if rollout.response_logprobs is None else rollout.response_logprobs[p][k],
                 )
                 for k in keep
             ]

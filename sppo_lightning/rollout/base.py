@@ -51,8 +51,9 @@ class Rollout:
     """[P][K] sampled token ids; a response ends with EOS unless it hit ``max_new_tokens`` (truncated)."""
     response_text: list[list[str]]
     """[P][K] decoded once, special tokens removed, for the oracle."""
-    response_logprobs: list[list[float]] | None = None
-    """[P][K] log π_t(y|x) when the engine supplied them (else computed by a forward pass before training)."""
+    response_logprobs: list[list[list[float]]] | None = None
+    """[P][K][T] log π_t(y_t | x, y_<t) of each response token when the engine supplied them (else computed by a
+    forward pass before training)."""
     rewards: torch.Tensor | None = None
     """[P, K] the oracle's per-response reward or score."""
     win_rates: torch.Tensor | None = None
@@ -83,9 +84,9 @@ class RolloutEngine(ABC):
 
     def generate_with_logprobs(
         self, module, prompt_ids: list[list[int]], params: SamplingParams, seed: int
-    ) -> tuple[list[list[list[int]]], list[list[float]] | None]:
-        """``generate`` plus ``[P][K]`` log π_t(y|x) of each response when the engine has them at no extra cost
-        and with the policy's own numerics; None makes the pipeline compute them with a forward pass."""
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]] | None]:
+        """``generate`` plus ``[P][K][T]`` log π_t(y_t | x, y_<t) of each response token when the engine has them at
+        no extra cost and with the policy's own numerics; None makes the pipeline compute them with a forward pass."""
         return self.generate(module, prompt_ids, params, seed), None
 
     def after_rollout(self, module) -> None:  # noqa: B027 - optional hook

@@ -26,7 +26,7 @@ def hf_generate(
 ):
     """Sample ``params.n`` responses for each prompt with ``model.generate``; returns ``[P][K]`` token ids.
 
-    ``with_logprobs``: also return ``[P][K]`` Σ_t log π(y_t | x, y_<t) of each response under the model itself
+    ``with_logprobs``: also return ``[P][K][T]`` log π(y_t | x, y_<t) of each response token under the model itself
     (temperature 1, before any sampling warper), from the logits generation computed anyway.
     ``on_chunk(sequences_done, tokens_generated)`` is called after each ``generate`` call.
     """
@@ -59,7 +59,7 @@ def hf_generate(
     was_training = model.training
     model.eval()
     out: list[list[list[int]]] = []
-    logprobs: list[list[float]] = []
+    logprobs: list[list[list[float]]] = []
     per_call = max(1, batch_size // params.n)
     try:
         for start in range(0, len(prompt_ids), per_call):
@@ -77,11 +77,11 @@ def hf_generate(
             responses = [truncate_at_stop(r, stop, pad_id) for r in new.tolist()]
             if with_logprobs:
                 token_logps = _token_logps(gen.logits, new)  # (len(chunk) * K, new_tokens)
-                sums = [float(token_logps[r, : len(ids)].sum()) for r, ids in enumerate(responses)]
+                per_row = [token_logps[r, : len(ids)].tolist() for r, ids in enumerate(responses)]
             for i in range(len(chunk)):
                 out.append(responses[i * params.n : (i + 1) * params.n])
                 if with_logprobs:
-                    logprobs.append(sums[i * params.n : (i + 1) * params.n])
+                    logprobs.append(per_row[i * params.n : (i + 1) * params.n])
             if on_chunk is not None:
                 on_chunk(len(out) * params.n, sum(len(r) for group in out for r in group))
     finally:

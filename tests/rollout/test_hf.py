@@ -81,7 +81,7 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     since π_t is the policy itself, not the sampling distribution."""
     from sppo_lightning.data.batching import collate
     from sppo_lightning.data.examples import Example
-    from sppo_lightning.logprobs import sequence_logps
+    from sppo_lightning.logprobs import response_token_logps
     from sppo_lightning.rollout.hf import HFEngine
 
     m = module_for(toy_model_dir)
@@ -93,10 +93,10 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     ]  # fmt: skip
     params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12)
     ids, logps = HFEngine(batch_size=4, logprobs_from_rollout=True).generate_with_logprobs(m, prompts, params, 0)
-    rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p) for p in range(3) for k in range(3)]
-    b = collate(rows, tok.pad_token_id)
+    rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p, ref_logps=logps[p][k]) for p in range(3) for k in range(3)]
+    b = collate(rows, tok.pad_token_id)  # the rollout's values, response-aligned as training reads them
     with torch.no_grad():
-        expected = sequence_logps(m.policy.eval(), b["input_ids"], b["attention_mask"], b["response_mask"])
-    torch.testing.assert_close(torch.tensor(logps).flatten(), expected, atol=1e-4, rtol=1e-5)
+        expected = response_token_logps(m.policy.eval(), b["input_ids"], b["attention_mask"], b["response_mask"])
+    torch.testing.assert_close(b["ref_logps"], expected, atol=1e-4, rtol=1e-5)
     # the same samples as without log-probs: the option changes nothing else
     assert HFEngine(batch_size=4).generate(m, prompts, params, 0) == ids
