@@ -78,9 +78,10 @@ def trust_region_logps(
 
     The squared loss pushes every token of a row the same way, up while log π_θ/π_t < target and down while above
     it. A token whose ratio π_θ/π_t has already left [1 − ε, 1 + ε] in that direction stops receiving gradient, so
-    that a row reaches its target by moving many tokens a little, not a few a lot: the regression alone lets the
-    easiest token take the whole log-ratio, which is what makes a second pass over a rollout overshoot. Only the
-    gradient changes; the value is the plain sum. Also returns the mask of the tokens held back.
+    that a row reaches its target by moving many tokens a little rather than a few a lot (the regression alone
+    bounds only their sum). This is what lets a large η and a second pass over a rollout help (README,
+    Performance). Only the gradient changes; the value is the plain sum. Also returns the mask of the tokens held
+    back.
     """
     log_ratio = (token_logps - ref_token_logps).detach()
     raise_row = (log_ratio.sum(-1) < targets)[:, None]
