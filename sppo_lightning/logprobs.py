@@ -22,6 +22,14 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mask
 
 
+def _response_columns(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The response-aligned layout ``[B, R]`` both functions return: column indices ``[1, R]`` and which columns of
+    each row hold a response token (R = the longest response)."""
+    lengths = response_mask.sum(1).long()
+    cols = torch.arange(int(lengths.max()), device=response_mask.device)[None, :]
+    return cols, cols < lengths[:, None]
+
+
 def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
     """log π(y_t | x, y_<t) of each response token: ``[B, T] -> [B, R]``, response-aligned.
 
@@ -37,10 +45,8 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
     # logits of positions start .. T-2 predict the tokens start+1 .. T-1
     by_position = _token_logps(out.logits[:, :-1], input_ids[:, start + 1 :], response_mask[:, start + 1 :])
     # Rows' responses start at different positions (prompts differ in length): shift each to column 0.
-    lengths = response_mask.sum(1).long()
-    cols = torch.arange(int(lengths.max()), device=input_ids.device)[None, :]
+    cols, valid = _response_columns(response_mask)
     first_col = response_mask.argmax(dim=1)[:, None] - (start + 1)
-    valid = cols < lengths[:, None]
     return by_position.gather(1, (first_col + cols).clamp(0, by_position.shape[1] - 1)) * valid
 
 
@@ -90,9 +96,7 @@ def shared_prompt_token_logps(
     cache.batch_select_indices(row_prompt)  # every row gets its prompt's keys and values: (B, ...)
 
     # The responses, right-padded, at positions that continue their prompt: (B, R).
-    r_len = response_mask.sum(1).long()
-    cols = torch.arange(int(r_len.max()), device=device)[None, :]
-    response_valid = cols < r_len[:, None]
+    cols, response_valid = _response_columns(response_mask)
     r_pos = prompt_lengths[:, None] + cols
     response_ids = input_ids.gather(1, r_pos.clamp(max=width - 1)) * response_valid
     rest = model(
