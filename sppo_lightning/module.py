@@ -177,8 +177,8 @@ class SPPOModule(L.LightningModule):
             logps = token_logps.sum(-1)
         else:
             logps, held = trust_region_logps(token_logps, ref_tokens, batch["targets"], clip)
-            mask = batch["response_mask"]  # its sum is the number of response tokens
-            self.log("train/clipped_tokens", held.sum() / mask.sum(), batch_size=len(logps), sync_dist=True)
+            share = held.sum() / batch["response_mask"].sum()  # of the response tokens
+            self.log("train/clipped_tokens", share, batch_size=len(logps), sync_dist=True)
         if loss_type == "sppo":
             losses = sppo_loss(logps, ref, batch["win_rates"], eta)
         elif loss_type == "sppo_softmean":
