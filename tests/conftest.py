@@ -52,3 +52,11 @@ def tiny_classifier_dir(tmp_path_factory):
     Qwen2ForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
     save_tokenizer(tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pairrm_dir(tmp_path_factory) -> Path:
+    """A random PairRM-architecture judge (DeBERTa-v2 encoder + pairwise head) in the hub's layout."""
+    from tests.rewards.tiny_pairrm import build_tiny_pairrm
+
+    return build_tiny_pairrm(tmp_path_factory.mktemp("tiny_pairrm"))
