@@ -2,7 +2,8 @@
 
 Rows are accepted in verl's parquet schema unchanged (``prompt`` = chat messages, ``reward_model.ground_truth``,
 ``data_source``, ``extra_info``) and in a plain form (``prompt`` or ``problem`` as a string, ``ground_truth`` or
-``answer``). Files may be jsonl or parquet; a hub id is read with ``datasets.load_dataset``.
+``answer``). Rows judged by a model (``reward_model.style: model``, e.g. UltraFeedback for PairRM) may have no
+ground truth. Files may be jsonl or parquet; a hub id is read with ``datasets.load_dataset``.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ def record_from_row(row: dict[str, Any], where: str) -> PromptRecord:
     truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
     if truth is None:
         truth = row.get("ground_truth", row.get("answer"))
-    if truth is None or str(truth).strip() == "":
+    judged = isinstance(reward_model, dict) and reward_model.get("style") == "model"  # verl: a model judges, no truth
+    if (truth is None or str(truth).strip() == "") and not judged:
         raise DataError(f"{where}: missing or empty ground truth ('reward_model.ground_truth' or 'ground_truth')")
     extra = row.get("extra_info") or {}
     return PromptRecord(
         messages=messages,
-        ground_truth=str(truth),
+        ground_truth="" if truth is None else str(truth),
         data_source=str(row.get("data_source") or ""),
         extra_info=dict(extra) if isinstance(extra, dict) else {},
     )
