@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -88,3 +89,77 @@ def test_fsdp1_overlay_replaces_the_strategy():
     assert "class_path: lightning.pytorch.strategies.FSDPStrategy" in out
     assert "state_dict_type: sharded" in out and "data_parallel_size" not in out  # FSDP2's arguments are gone
     assert "precision: bf16-mixed" in out and "devices: 4" in out  # the recipe's GPU count stays
+
+
+# ------------------------------------------------------------------ the paper's pipeline: PairRM on UltraFeedback
+MISTRAL = str(REPO / "configs" / "mistral-7b-sppo-pairrm.yaml")
+LLAMA = str(REPO / "configs" / "llama-3-8b-sppo-pairrm.yaml")
+
+
+def build_pairrm(tmp_path, tiny_model_dir, tiny_pairrm_dir, config, *extra):
+    """A paper config with the tiny policy, the tiny PairRM and UltraFeedback's fixture prompts swapped in."""
+    from sppo_lightning.data.prepare_ultrafeedback import prepare as prepare_ultrafeedback
+
+    data = tmp_path / "ultrafeedback"
+    prepare_ultrafeedback(str(REPO / "tests" / "fixtures" / "ultrafeedback"), data)
+    args = [
+        "--config", config,
+        f"--model.model_name_or_path={tiny_model_dir}",
+        f"--data.train.init_args.paths={data / 'train.parquet'}",
+        f"--data.oracle.init_args.model_name_or_path={tiny_pairrm_dir}",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        *extra,
+    ]  # fmt: skip
+    return LightningCLI(
+        SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "model"),
+    [(MISTRAL, "mistralai/Mistral-7B-Instruct-v0.2"), (LLAMA, "meta-llama/Meta-Llama-3-8B-Instruct")],
+    ids=["mistral", "llama"],
+)
+def test_pairrm_configs_are_the_authors_run(tmp_path, tiny_model_dir, tiny_pairrm_dir, config, model):
+    from sppo_lightning.rewards.pairrm import PairRMOracle
+
+    assert f"model_name_or_path: {model}" in Path(config).read_text()
+    cli = build_pairrm(tmp_path, tiny_model_dir, tiny_pairrm_dir, config)
+    m, d, t = cli.model.hparams, cli.datamodule.hparams, cli.trainer
+    # uclaml/SPPO pipeline.sh: loss "sppo" (winner/loser), beta 1e-3 = 1/eta, lr 5e-7; config_full.yaml: bf16, ckpt
+    assert (m.loss_type, m.eta, m.learning_rate, m.weight_decay) == ("sppo_pair", 1000.0, 5e-7, 0.0)
+    assert (m.fsdp_param_dtype, m.gradient_checkpointing) == ("bfloat16", True)
+    # generate.sh / generate.py: K = 5 at temperature 0.7, top-p 0.9; config_full.yaml: 512 prompt + 512 response
+    assert (d.samples_per_prompt, d.temperature, d.top_p) == (5, 0.7, 0.9)
+    assert (d.max_prompt_length, d.max_response_length, d.passes_per_rollout) == (512, 512, 1)
+    # 3 iterations, each a disjoint third of the prompts; 8 GPUs x 8 pairs = 64 pairs per optimizer step
+    assert t.max_epochs == 3 and 3 * d.prompts_per_epoch <= 61135 and t.limit_val_batches == 0
+    assert t.num_devices == 8 and d.micro_batch_size // 2 * t.num_devices * t.accumulate_grad_batches == 64
+    assert isinstance(t.strategy, ModelParallelStrategy) and isinstance(cli.datamodule.engine, SGLangEngine)
+    oracle = cli.datamodule.oracle
+    assert isinstance(oracle, PairRMOracle) and oracle.from_scores and oracle.include_self
+    cli.datamodule._check_settings(m.loss_type)  # a possible combination
+    assert [r.messages[0]["content"] for r in cli.datamodule.train_source.load()][:1] == [
+        "Write a haiku about autumn leaves."
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [MISTRAL, LLAMA], ids=["mistral", "llama"])
+def test_pairrm_configs_fit_on_cpu(tmp_path, tiny_model_dir, tiny_pairrm_dir, config):
+    """The whole pipeline, on CPU: every setting of the config kept except what needs a GPU or the real models."""
+    cli = build_pairrm(
+        tmp_path, tiny_model_dir, tiny_pairrm_dir, config,
+        "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.engine=sppo_lightning.rollout.HFEngine", "--data.prompts_per_epoch=2", "--data.micro_batch_size=4",
+        "--data.max_prompt_length=64", "--data.max_response_length=8", "--model.attn_implementation=sdpa",
+        "--model.fsdp_param_dtype=null", "--model.gradient_checkpointing=false",
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    rollout = cli.datamodule.rollout
+    assert rollout.win_rates.shape == (2, 5) and cli.trainer.current_epoch == 2
+    # win-rates are the authors' from PairRM's scores: a row's mean of sigma(s_i - s_j) sums to K/2 over the group
+    torch.testing.assert_close(rollout.win_rates.sum(dim=1), torch.full((2,), 2.5), atol=1e-5, rtol=0)
+    assert rollout.win_rates.std() > 0.01
