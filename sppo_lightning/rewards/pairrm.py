@@ -19,7 +19,8 @@ over all K, s_i = mean_j (L(i, j) − L(j, i)) (``Blender.rank(return_scores=Tru
 intransitive judgements survive).
 
 Weights load only as tensors: ``model.safetensors``, or ``pytorch_model.bin`` through
-``torch.load(weights_only=True)`` (PairRM's hub folder ships the latter); never by unpickling arbitrary objects.
+``torch.load(weights_only=True)`` (the file LLM-Blender's loader looks for first); never by unpickling arbitrary
+objects.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from sppo_lightning.rollout.base import Rollout
 SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 MARKERS = (SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE)  # the order LLM-Blender adds them to the tokenizer
 DEFAULT_BACKBONE = "microsoft/deberta-v3-large"
-SOURCE_MAX_LENGTH, CANDIDATE_MAX_LENGTH = 1224, 412  # PairRM's config.json (source_maxlength, candidate_maxlength)
+SOURCE_MAX_LENGTH, CANDIDATE_MAX_LENGTH = 1224, 412  # PairRM's model card; config.json's values win when present
 EMBEDDINGS = "pretrained_model.embeddings.word_embeddings.weight"
 
 
@@ -218,18 +219,20 @@ class PairRMOracle(PairwiseOracle):
         rows = [self.tokens.pair(p, a, b) for p, a, b in zip(prompts, first, second, strict=True)]
         markers = (self.tokens.source_id, self.tokens.cand1_id, self.tokens.cand2_id)
         pad = self.tokens.tokenizer.pad_token_id or 0
-        out = []
+        order = sorted(range(len(rows)), key=lambda n: len(rows[n]))  # batches of similar length: little padding
+        out = torch.zeros(len(rows))
         try:
             for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
+                idx = order[start : start + self.batch_size]
+                chunk = [rows[n] for n in idx]
                 width = max(map(len, chunk))
                 ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)  # (B, T) right-padded
                 mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
-                out.append(self.model(ids, mask, markers).float().cpu())
+                out[idx] = self.model(ids, mask, markers).float().cpu()
         finally:
             if self.offload:
                 self.model.to("cpu")
-        return torch.cat(out) if out else torch.zeros(0)
+        return out
 
     def prefer(self, prompts, first, second, device):
         """σ(L(A, B) − L(B, A)): both orders, in one batch."""
