@@ -98,6 +98,23 @@ def test_logits_match_llm_blender_to_1e5(reference, tiny_pairrm_dir):
     assert len(oracle.tokens.tokenizer(GROUPS[1][2])["input_ids"]) > CANDIDATE_MAX_LENGTH + SOURCE_MAX_LENGTH // 2
 
 
+# LLM-Blender's logits L(i, j) for PROMPTS / GROUPS on the tiny folder (build_tiny_pairrm, seed 0), recorded so that
+# the comparison also runs where the wheel cannot be downloaded: reference_full_predict(...) of the fixture above,
+# rounded to 7 decimals, with llm-blender 0.0.2, torch 2.13.0+cpu, transformers 5.24.0 (2026-11-25).
+RECORDED = [
+    [[0.0, 5.0251627, 6.1970043], [6.0707111, 0.0, 5.5478945], [6.5786877, 4.5089102, 0.0]],
+    [[0.0, 2.0663271, 2.3072538], [0.4060917, 0.0, 1.9085325], [1.4438057, 0.7274971, 0.0]],
+]
+
+
+def test_logits_match_recorded_llm_blender_values(tiny_pairrm_dir):
+    oracle = PairRMOracle(str(tiny_pairrm_dir))
+    for prompt, group, expected in zip(PROMPTS, GROUPS, RECORDED, strict=True):
+        pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+        got = oracle.logits([prompt] * 6, [group[i] for i, _ in pairs], [group[j] for _, j in pairs])
+        torch.testing.assert_close(got, torch.tensor([expected[i][j] for i, j in pairs]), atol=1e-5, rtol=0)
+
+
 def test_authors_pipeline_win_rates_match_to_1e5(reference, tiny_pairrm_dir):
     """``from_scores``: uclaml/SPPO's rank.py (Blender.rank, return_scores) + compute_prob.py (σ(s_i − s_j)), then
     the win-rate their trainer regresses on: the row mean of that matrix, the response against itself included."""
