@@ -88,7 +88,13 @@ def resolve_folder(name_or_path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "pytorch_model.bin", "*.model", "*.txt"]
-    return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types (offline, unknown repo, bad id)
+        raise ConfigError(
+            f"data.oracle.init_args.model_name_or_path={name_or_path!r}: neither a folder nor a hub repo that could "
+            f"be downloaded ({type(e).__name__})"
+        ) from None
 
 
 class PairRMTokens:

@@ -165,6 +165,13 @@ def test_bin_weights_load_as_tensors_only(tmp_path):
         PairRMOracle(str(folder)).load()
 
 
+def test_a_missing_judge_is_one_config_error(tmp_path):
+    from sppo_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="neither a folder nor a hub repo"):
+        PairRMOracle(str(tmp_path / "no-such-folder")).load()  # the tests run with HF_HUB_OFFLINE=1
+
+
 @pytest.mark.slow
 def test_demo_fits_with_the_tiny_pairrm_judge(tmp_path, tiny_pairrm_dir):
     """Two iterations of the demo judged by PairRM, end to end on CPU; the win-rates the run trained on are the
