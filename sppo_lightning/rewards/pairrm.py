@@ -117,12 +117,19 @@ class PairRMTokens:
         last = len(ids) - 1 - ids[::-1].index(self.sep_id)
         return ids[: last + 1]
 
+    @staticmethod
+    def _clean(text: str) -> str:
+        """A marker written inside a text would be read as a second marker (LLM-Blender fails on it): a space."""
+        for m in MARKERS:
+            text = text.replace(m, " ")
+        return text
+
     def source(self, prompt: str) -> list[int]:
-        return self._ids(SOURCE + prompt, self.source_max_length)
+        return self._ids(SOURCE + self._clean(prompt), self.source_max_length)
 
     def candidate(self, response: str, source_len: int, marker: int) -> list[int]:
         budget = self.candidate_max_length + (self.source_max_length - source_len) // 2  # what the prompt left
-        return [marker if t == self.cand_id else t for t in self._ids(CANDIDATE + response, budget)]
+        return [marker if t == self.cand_id else t for t in self._ids(CANDIDATE + self._clean(response), budget)]
 
     def pair(self, prompt: str, first: str, second: str) -> list[int]:
         src = self.source(prompt)
