@@ -192,8 +192,10 @@ def training_memory(model: ModelShape, run: RunShape) -> dict[str, float]:
         "gradients": on_gpu * model.params * p / shards,
         "optimizer": on_gpu * 2 * model.params * p / shards,  # AdamW: exp_avg and exp_avg_sq, in the param dtype
     }
-    if run.strategy in ("fsdp1", "fsdp2"):  # whole units in compute dtype while they run: root + 2 layers in flight
+    if run.strategy == "fsdp2":  # whole units in compute dtype while they run: root + 2 layers in flight
         out["gathered"] = (model.root_params + 2 * model.layer_params) * c
+    elif run.strategy == "fsdp1":  # gathered in the stored dtype, plus autocast's compute-dtype copies
+        out["gathered"] = (model.root_params + 2 * model.layer_params) * (p + (c if c != p else 0))
     elif run.compute_dtype != run.param_dtype:  # autocast keeps compute-dtype copies of the weights
         out["gathered"] = model.params * c
     else:
@@ -225,10 +227,15 @@ def rollout_memory(model: ModelShape, run: RunShape, gpu_bytes: float) -> dict[s
     on_gpu = 0 if run.cpu_offload else 1
     state = on_gpu * 3 * model.params * DTYPE_BYTES[run.param_dtype] / run.shards
     overhead = 2 * GIB if run.accelerator == "gpu" else 0.0
+    rows_per_engine = math.ceil(run.prompts_per_epoch * run.samples_per_prompt / run.world) * run.engine_tp
+    needed = rows_per_engine * (run.prompt_len + run.response_len)
+    kv_tokens = kv / kv_per_token
     return {
         "sglang_weights": weights,
         "sglang_kv_cache": kv,
-        "kv_tokens": kv / kv_per_token,
+        "kv_tokens": kv_tokens,
+        "kv_tokens_needed": needed,  # every row of the engine's share at once, at the longest lengths
+        "waves": math.ceil(needed / kv_tokens) if kv_tokens >= 1 else math.inf,
         "training_state": state,
         "peak": share + state + overhead,
     }
@@ -248,8 +255,11 @@ class Throughput:
         return cls(peak_tflops=0.2, mfu=0.5, memory_tb_s=0.02, decode_efficiency=0.5)
 
 
-def iteration_time(model: ModelShape, run: RunShape, tp: Throughput) -> dict[str, float]:
-    """Seconds of one iteration per phase, at the longest rows (an upper bound on tokens)."""
+def iteration_time(
+    model: ModelShape, run: RunShape, tp: Throughput, kv_tokens: float | None = None
+) -> dict[str, float]:
+    """Seconds of one iteration per phase, at the longest rows (an upper bound on tokens). ``kv_tokens``: what the
+    engine's KV cache holds; rows beyond it are generated in further waves."""
     rows = run.prompts_per_epoch * run.samples_per_prompt
     seq = run.prompt_len + run.response_len
     tokens = rows * seq
@@ -259,11 +269,20 @@ def iteration_time(model: ModelShape, run: RunShape, tp: Throughput) -> dict[str
     ref = 2 * model.params * tokens / flops_per_s  # the π_t pass: one forward
     # decode: each of response_len steps reads the weights once and the batch's KV cache (half full on average)
     rows_per_gpu = math.ceil(rows / run.world)
-    kv_bytes = rows_per_gpu * (run.prompt_len + run.response_len / 2) * 2 * model.layers * model.kv_dim * 2
+    wave = rows_per_gpu if kv_tokens is None else max(1, min(rows_per_gpu, int(kv_tokens // seq)))
+    waves = math.ceil(rows_per_gpu / wave)
+    kv_bytes = wave * (run.prompt_len + run.response_len / 2) * 2 * model.layers * model.kv_dim * 2
     step = (model.params * 2 + kv_bytes) / (tp.memory_tb_s * 1e12 * tp.decode_efficiency)
     prefill = 2 * model.params * rows * run.prompt_len / flops_per_s
-    rollout = run.response_len * step + prefill
-    return {"tokens": tokens, "rollout": rollout, "ref_logprobs": ref, "train": train, "total": rollout + ref + train}
+    rollout = waves * run.response_len * step + prefill
+    return {
+        "tokens": tokens,
+        "waves": waves,
+        "rollout": rollout,
+        "ref_logprobs": ref,
+        "train": train,
+        "total": rollout + ref + train,
+    }
 
 
 # --------------------------------------------------------------------------------------------- the config
@@ -353,6 +372,9 @@ def parse_config(args: list[str]):
         def instantiate_classes(self) -> None:  # no model, no data, no trainer: only the values
             pass
 
+        def _set_seed(self) -> None:  # nor a global seed
+            pass
+
     saved_argv = sys.argv
     sys.argv = [saved_argv[0]]  # LightningCLI(args=...) warns when the process's own arguments are also set
     try:
@@ -373,7 +395,7 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
     gpu = gpu_gib * GIB
     train = training_memory(model, run)
     roll = rollout_memory(model, run, gpu)
-    times = iteration_time(model, run, tp)
+    times = iteration_time(model, run, tp, roll.get("kv_tokens"))
     device = "GPU" if run.accelerator == "gpu" else "process (CPU)"
     lines = [
         f"model: {model.params / 1e9:.3f} B parameters, {model.layers} layers, hidden {model.hidden}, intermediate "
@@ -398,7 +420,8 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         lines += [
             f"memory per {device}, rollout (SGLang mem_fraction_static {run.mem_fraction_static}):",
             f"  SGLang weights (bf16)      {_gib(roll['sglang_weights'])}",
-            f"  SGLang KV cache            {_gib(roll['sglang_kv_cache'])}  ({roll['kv_tokens']:,.0f} tokens)",
+            f"  SGLang KV cache            {_gib(roll['sglang_kv_cache'])}  ({roll['kv_tokens']:,.0f} tokens; the "
+            f"rollout's {roll['kv_tokens_needed']:,} at most: {roll['waves']} wave(s))",
             f"  training state kept        {_gib(roll['training_state'])}",
             f"  peak                       {_gib(roll['peak'])}",
         ]
@@ -455,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
             "run": asdict(run),
             "training": training_memory(model, run),
             "rollout": rollout_memory(model, run, gpu),
-            "time": iteration_time(model, run, tp),
+            "time": iteration_time(model, run, tp, rollout_memory(model, run, gpu).get("kv_tokens")),
         }
         print(json.dumps(out, indent=1))
         return
