@@ -124,7 +124,7 @@ def model_config(name_or_path: str, trust_remote_code: bool = False):
     if name_or_path in KNOWN_CONFIGS:
         values = dict(KNOWN_CONFIGS[name_or_path])
         cls = type(AutoConfig.for_model(values["model_type"]))
-        return cls(**values), f"published config of {name_or_path} (shipped in sppo_lightning.plan)"
+        return cls(**values), f"published config of {name_or_path}, shipped in sppo_lightning.plan"
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
         return config, f"{name_or_path} from the local Hugging Face cache"

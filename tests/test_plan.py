@@ -67,7 +67,7 @@ def test_unknown_hub_model_is_one_error_line(capsys):
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    """A ~6M-parameter Qwen2 shape: config.json only (the plan reads no weights; the measurement makes its own)."""
+    """A 5M-parameter Qwen2 shape: config.json only (the plan reads no weights; the measurement makes its own)."""
     from transformers import Qwen2Config
 
     out = tmp_path_factory.mktemp("plan_model")
