@@ -1,8 +1,9 @@
 """Measured peak memory of SPPO training steps on CPU, for tests/test_plan.py to hold the plan's estimate against.
 
-    python tests/plan_peak.py MODEL_DIR --rows 8 --prompt 96 --response 160 [--checkpointing] [--accumulate 1]
+    python tests/plan_peak.py MODEL_DIR --rows 8 --prompt 96 --response 160 [--checkpointing] [--dtype bfloat16]
 
-Builds the model of MODEL_DIR/config.json (random weights, float32), then runs optimizer steps as SPPOModule does:
+Builds the model of MODEL_DIR/config.json (random weights in ``--dtype``, float32 by default), then runs optimizer
+steps as SPPOModule does:
 response-token log-probs of rows of prompt + response tokens (``response_token_logps``), a squared loss on their
 sums, backward, AdamW on ``optim.decay_groups``, gradients set to None. Prints JSON: the process's peak resident
 memory (``ru_maxrss``) minus its resident memory before the model was built, in bytes.
@@ -37,6 +38,7 @@ def main():
     parser.add_argument("--response", type=int, default=160)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     M_MMAP_THRESHOLD = -3
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
@@ -52,7 +54,7 @@ def main():
     response[:, args.prompt :] = 1
 
     before = rss_bytes()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     model.train()
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -78,15 +78,19 @@ def small_model_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_estimate_within_25_percent_of_measured_peak_on_cpu(capsys, small_model_dir, checkpointing):
+@pytest.mark.parametrize(
+    "dtype, checkpointing",
+    [("float32", False), ("float32", True), ("bfloat16", False)],
+    ids=["fp32", "fp32+checkpointing", "bf16"],
+)
+def test_estimate_within_25_percent_of_measured_peak_on_cpu(capsys, small_model_dir, dtype, checkpointing):
     """Peak resident memory of two optimizer steps (8 rows of 96 + 160 tokens), measured over the process's memory
     before the model existed, against the plan of the demo config with this model and these lengths."""
     lengths = ["--data.micro_batch_size=8", "--data.max_prompt_length=96", "--data.max_response_length=160"]
-    args = ["--config", DEMO, f"--model.model_name_or_path={small_model_dir}", *lengths, "--json"]
-    estimate = json.loads(plan(capsys, *args, f"--model.gradient_checkpointing={str(checkpointing).lower()}"))
+    args = ["--config", DEMO, f"--model.model_name_or_path={small_model_dir}", *lengths, f"--model.dtype={dtype}"]
+    estimate = json.loads(plan(capsys, *args, f"--model.gradient_checkpointing={str(checkpointing).lower()}", "--json"))
     cmd = [sys.executable, str(REPO / "tests" / "plan_peak.py"), str(small_model_dir), "--rows=8", "--prompt=96"]
-    cmd += ["--response=160"] + (["--checkpointing"] if checkpointing else [])
+    cmd += ["--response=160", f"--dtype={dtype}"] + (["--checkpointing"] if checkpointing else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
