@@ -409,7 +409,7 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         f"  parameters                 {_gib(train['parameters'])}",
         f"  gradients                  {_gib(train['gradients'])}",
         f"  optimizer (AdamW moments)  {_gib(train['optimizer'])}",
-        f"  gathered units (compute)   {_gib(train['gathered'])}",
+        f"  whole units while running {_gib(train['gathered'])}",
         f"  activations, checkpointing {_gib(activation_bytes(model, run, True)['total'])}",
         f"  activations, none          {_gib(train['activations_no_checkpointing'])}",
         f"  CUDA context, buffers      {_gib(train['overhead'])}",
