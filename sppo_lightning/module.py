@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from sppo_lightning import sharding
+from sppo_lightning import optim, sharding
 from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
@@ -40,6 +40,8 @@ class SPPOModule(L.LightningModule):
         weight_decay: float = 0.01,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        warmup_unit: optim.WarmupUnit = "step",
+        weight_decay_on: optim.DecayOn = "matrices",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
@@ -62,9 +64,14 @@ class SPPOModule(L.LightningModule):
                 (``data.passes_per_rollout``) pay off; not used by ``dpo``.
             dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
-            weight_decay: AdamW weight decay, not applied to biases and norms.
+            weight_decay: AdamW weight decay, on the parameters ``weight_decay_on`` names.
             adam_betas: AdamW betas.
-            warmup_steps: Optimizer steps of linear warm-up from 0, then constant.
+            warmup_steps: Length of the linear warm-up from 0, in ``warmup_unit``s; then constant.
+            warmup_unit: ``step``: the learning rate grows per optimizer step, (k + 1) / warmup_steps at step k.
+                ``rollout``: it grows per iteration, k / warmup_steps at rollout k (0-based), as verl's scheduler,
+                which steps once per rollout: the first rollout then trains at lr 0.
+            weight_decay_on: ``matrices``: parameters of 2+ dimensions (as they were before sharding), not biases
+                and norm weights. ``all``: every parameter, as verl's actor.
             dtype: Parameter dtype of the policy.
             attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
             trust_remote_code: Run a model repository's own code. Off unless you trust its author.
@@ -125,6 +132,8 @@ class SPPOModule(L.LightningModule):
                 use_safetensors=True,  # never unpickle a .bin from a repository
             )
         self.policy.train()  # from_pretrained returns the model in eval mode
+        # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
+        self._param_ndims = optim.param_ndims(self.named_parameters())
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
@@ -304,17 +313,16 @@ class SPPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+        h = self.hparams
+        groups = optim.decay_groups(
+            self.named_parameters(), h.weight_decay, h.weight_decay_on, getattr(self, "_param_ndims", None)
+        )
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate,
-            betas=self.hparams.adam_betas,
+            [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=h.learning_rate, betas=h.adam_betas
         )
-        warmup = self.hparams.warmup_steps
+        self.decay_names = [g["names"] for g in groups]  # [decayed, not decayed], for the record and the tests
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            optimizer, lambda k: optim.warmup_factor(k, h.warmup_steps, h.warmup_unit)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        interval = "epoch" if h.warmup_unit == "rollout" else "step"  # one iteration = one epoch = one rollout
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

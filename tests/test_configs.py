@@ -18,6 +18,7 @@ from sppo_lightning.rollout.sglang import SGLangEngine
 REPO = Path(__file__).resolve().parents[1]
 SEED_RECIPE = str(REPO / "configs" / "qwen2.5-7b-math.yaml")
 PAPER = str(REPO / "configs" / "qwen2.5-7b-math-sppo.yaml")
+OUR_SCORER = str(REPO / "configs" / "qwen2.5-7b-math-our-scorer.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -56,12 +57,48 @@ def test_seed_recipe_config_is_the_reference_run(tmp_path, tiny_model_dir):
     assert (d.micro_batch_size, d.val_temperature) == (4, 0.0)
     # 4 optimizer steps per rollout: 1,024 rows / (4 GPUs x micro-batch 4 x 16 accumulated) = 4
     assert d.prompts_per_epoch * d.samples_per_prompt // (4 * d.micro_batch_size * t.accumulate_grad_batches) == 4
-    assert t.max_epochs * d.prompts_per_epoch >= 20 * 7500 > (t.max_epochs - 1) * d.prompts_per_epoch
+    # "20 epochs" of 1,024-prompt batches over 7,500 problems, verl's drop_last: 7 rollouts a pass, 140 in all
+    assert t.max_epochs == 20 * (7500 // d.prompts_per_epoch) == 140
     assert isinstance(t.strategy, ModelParallelStrategy) and t.gradient_clip_val == 1.0
-    assert isinstance(cli.datamodule.engine, SGLangEngine) and cli.datamodule.engine.mem_fraction_static == 0.5
+    assert isinstance(cli.datamodule.engine, SGLangEngine) and cli.datamodule.engine.mem_fraction_static == 0.3
     assert type(t.logger).__name__ == "WandbLogger"
     # the data really loads: the fixtures' problems (one has no boxed answer and was skipped by prepare_math)
     assert len(cli.datamodule.train_source.load()) == 3 and len(cli.datamodule.val_source.load()) == 2
+
+
+def test_seed_recipe_scores_trains_and_schedules_as_verl(tmp_path, tiny_model_dir):
+    """verl's scorer for the reward and the validation, its warm-up per rollout, its decay of every parameter."""
+    from sppo_lightning.rewards import RuleOracle
+    from sppo_lightning.rewards.math import compute_score_verl
+
+    cli = build(tmp_path, tiny_model_dir, SEED_RECIPE)
+    module, oracle = cli.model, cli.datamodule.oracle
+    assert module.accuracy_fn is compute_score_verl
+    assert isinstance(oracle, RuleOracle) and oracle.score_fn is compute_score_verl
+    assert compute_score_verl("\\fbox{4}", "4") == 0.0  # verl's verdict, not our checker's
+
+    module.hparams.attn_implementation = "sdpa"  # flash-attn is the GPU's
+    module.configure_model()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]
+    decayed, spared = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.01 and not spared["params"]  # biases and norms decay too
+    assert len(decayed["params"]) == len(list(module.parameters()))
+    assert config["lr_scheduler"]["interval"] == "epoch"  # Lightning steps it once per iteration = rollout
+    lrs = []
+    for _ in range(17):  # what each rollout trains at
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler["scheduler"].step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-6 / 15) and lrs[14] == pytest.approx(14e-6 / 15)
+    assert lrs[15] == lrs[16] == 1e-6
+
+
+def test_our_scorer_overlay_swaps_reward_and_validation_only(tmp_path, tiny_model_dir):
+    from sppo_lightning.rewards.math import compute_score
+
+    seed, ours = build(tmp_path, tiny_model_dir, SEED_RECIPE), build(tmp_path, tiny_model_dir, SEED_RECIPE, OUR_SCORER)
+    assert ours.model.accuracy_fn is compute_score and ours.datamodule.oracle.score_fn is compute_score
+    assert ours.model.hparams == seed.model.hparams and ours.datamodule.hparams == seed.datamodule.hparams
 
 
 def test_paper_estimator_config_layers_on_the_seed_recipe(tmp_path, tiny_model_dir):

@@ -58,6 +58,19 @@ def test_sharded_step_equals_single_process(tmp_path, flags):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fsdp", ["fsdp2", "fsdp1"])
+def test_weight_decay_groups_are_the_single_process_ones_under_fsdp(tmp_path, fsdp):
+    """Issue #22: FSDP1's local shards are 1-D, so deciding decay on the live tensors spared every parameter there.
+    The groups are decided on the shapes recorded before wrapping: the same names as one process, under both."""
+    flags = ("--weight-decay=0.01", "--fsdp1") if fsdp == "fsdp1" else ("--weight-decay=0.01",)
+    single, sharded = one_step(tmp_path, 1, "--weight-decay=0.01"), one_step(tmp_path, 2, *flags)
+    decayed, spared = single["decay_names"]
+    assert decayed and spared and all(n.endswith(".bias") or "norm" in n for n in spared)  # the matrices decay
+    assert [sorted(g) for g in sharded["decay_names"]] == [sorted(decayed), sorted(spared)]
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_demo_learns_like_single_process_and_exports(tmp_path):
     """The README's command for 2 epochs: sharded, checkpointed as shards, exported, accuracy near single process."""
     args = ["--trainer.max_epochs=2", "--data.val.init_args.num_prompts=200", "--data.val_batch_size=200"]
