@@ -28,6 +28,23 @@ from sppo_lightning.rollout.hf import HFEngine
 LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere in ``model``, so that train mode computes what eval mode does.
+
+    ``nn.Dropout`` layers are not enough (TRL's ``disable_dropout_in_model`` stops there): transformers' attention
+    modules pass a float rate to the attention kernel (``self.attention_dropout``, Qwen2, Llama, ...) and a few read
+    it from the config at forward time. Rates are zeroed in the modules and the in-memory config; the folder is
+    untouched, so an export keeps the model's own config.
+    """
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())} if hasattr(model, "config") else {}
+    for owner in (*model.modules(), *configs.values()):
+        if isinstance(owner, torch.nn.modules.dropout._DropoutNd):
+            owner.p = 0.0
+        for name, value in list(vars(owner).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(owner, name, 0.0)
+
+
 class SPPOModule(L.LightningModule):
     def __init__(
         self,
@@ -44,6 +61,7 @@ class SPPOModule(L.LightningModule):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
         share_prompt: bool = True,
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         fsdp_cpu_offload: bool = False,
@@ -70,6 +88,9 @@ class SPPOModule(L.LightningModule):
             trust_remote_code: Run a model repository's own code. Off unless you trust its author.
             gradient_checkpointing: Recompute activations in backward to save memory (generation still uses the
                 KV cache).
+            disable_dropout: Turn every dropout of the policy off (as TRL does). Generation and the π_t pass run in
+                eval mode, training in train mode: with dropout the first step's log-ratio is not 0 and a resumed run
+                draws other masks. False keeps the model's dropout.
             share_prompt: Run each prompt once per micro-batch and its K responses from its KV cache, in training and
                 in the π_t pass (same values, fewer tokens). Off under gradient checkpointing, which disables the
                 cache in training.
@@ -125,6 +146,8 @@ class SPPOModule(L.LightningModule):
                 use_safetensors=True,  # never unpickle a .bin from a repository
             )
         self.policy.train()  # from_pretrained returns the model in eval mode
+        if self.hparams.disable_dropout:
+            disable_dropout(self.policy)
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2

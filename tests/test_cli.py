@@ -181,6 +181,24 @@ def test_resume_from_last_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_with_dropout_resumes_exactly(tmp_path, dropout_model_dir):
+    """A model folder with attention dropout: stopped after 1 iteration and resumed, the second iteration's steps
+    have the uninterrupted run's losses (dropout is off in the policy, so no unsaved RNG state shapes them)."""
+    small = ["--config", DEMO, f"--model.model_name_or_path={dropout_model_dir}", "--data.prompts_per_epoch=16",
+             "--data.val.init_args.num_prompts=50", "--data.val_batch_size=50",
+             "--trainer.enable_progress_bar=false"]  # fmt: skip
+    run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'full'}", "--trainer.max_epochs=2")
+    run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'part'}", "--trainer.max_epochs=1")
+    run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'part'}", "--trainer.max_epochs=2", "--ckpt_path=last")
+
+    def losses(root):
+        return [(r["step"], r["train/loss"], r["train/log_ratio"]) for r in read_metrics(root) if r.get("train/loss")]
+
+    assert len(losses(tmp_path / "full")) == 2 and losses(tmp_path / "part") == losses(tmp_path / "full")
+    assert val_accuracies(tmp_path / "part") == val_accuracies(tmp_path / "full")
+
+
+@pytest.mark.slow
 def test_sigterm_mid_run_leaves_a_last_ckpt_that_resumes_exactly(tmp_path):
     """SIGTERM while the second iteration runs: the run stops, last.ckpt holds the first finished iteration, and
     resuming from it reproduces the uninterrupted run's accuracy."""
