@@ -116,9 +116,13 @@ class SPPOModule(L.LightningModule):
         # come from the data) and must not enter the state dict or the FSDP wrapping.
         self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
+        self.initial_val_seconds: float | None = None
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
-        self._train_start = 0.0
+        # time/train runs from the epoch's start to its last step's end, less any validation in between
+        self._train_start = self._train_end = self._val_start = 0.0
+        self._val_seconds: float | None = None  # validation time within the current training epoch
+        self._val_seconds_in_train = 0.0  # the part of it that ran before the last step
 
     # ----------------------------------------------------------------------------------------------- model
     def _load_tokenizer(self):
@@ -272,18 +276,30 @@ class SPPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # The first point of the learning curve: accuracy of the policy before any update.
         if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
+            start = time.perf_counter()
             results = self.evaluate(self.trainer.datamodule.val_dataloader())
             if results:
                 self.initial_val_accuracy = results["accuracy"]
+                self.initial_val_seconds = time.perf_counter() - start
+                row = {**{f"val/{k}": v for k, v in results.items()}, "time/validation": self.initial_val_seconds}
                 for logger in self.loggers:
-                    logger.log_metrics({**{f"val/{k}": v for k, v in results.items()}, "epoch": -1}, step=0)
+                    logger.log_metrics({**row, "epoch": -1}, step=0)
 
     def on_train_epoch_start(self) -> None:
-        self._train_start = time.perf_counter()
+        self._train_start = self._train_end = time.perf_counter()
+        self._val_seconds, self._val_seconds_in_train = None, 0.0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._train_end = time.perf_counter()
+        self._val_seconds_in_train = self._val_seconds or 0.0
 
     def on_train_epoch_end(self) -> None:
+        # Lightning runs the epoch's validation, then the callbacks' epoch-end work, inside the training epoch, before
+        # this hook: validation is a phase of its own, and time/train is the training loop only.
         metrics = dict(getattr(self.trainer.datamodule, "rollout_metrics", {}) or {})
-        metrics["time/train"] = time.perf_counter() - self._train_start
+        metrics["time/train"] = self._train_end - self._train_start - self._val_seconds_in_train
+        if self._val_seconds is not None:
+            metrics["time/validation"] = self._val_seconds
         self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=True)  # each rank's rollout: their mean
 
     # ------------------------------------------------------------------------------------------ validation
@@ -304,6 +320,7 @@ class SPPOModule(L.LightningModule):
         return GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(self.device)
 
     def on_validation_epoch_start(self) -> None:
+        self._val_start = time.perf_counter()
         self._val["accuracy"] = self._new_accuracy()
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -315,6 +332,7 @@ class SPPOModule(L.LightningModule):
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)  # equal on all ranks already
+        self._val_seconds = (self._val_seconds or 0.0) + time.perf_counter() - self._val_start  # logged with time/train
 
     @torch.no_grad()
     def evaluate(self, dataloader) -> dict[str, float]:
