@@ -309,10 +309,12 @@ class SPPOModule(L.LightningModule):
         return engine if engine is not None else HFEngine()
 
     def _score_batch(self, batch) -> torch.Tensor:
-        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1]."""
+        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1], one row per
+        record (rows of ``prompt_ids`` past the records are padding that keeps ranks in step, not scored)."""
         responses = self.rollout_engine().generate(self, batch["prompt_ids"], batch["params"], seed=self.current_epoch)
+        records = batch["records"]
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
-        return rule_scores(self.accuracy_fn, texts, batch["records"])
+        return rule_scores(self.accuracy_fn, texts[: len(records)], records).reshape(len(records), batch["params"].n)
 
     def _new_accuracy(self) -> GroupedAccuracy:
         # The groups of the whole validation set, identical on every rank, so the metric's states line up.
