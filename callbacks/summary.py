@@ -7,7 +7,7 @@ from collections import defaultdict
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train")
+PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "time/validation")
 
 
 class FitSummary(L.Callback):
@@ -32,6 +32,7 @@ class FitSummary(L.Callback):
             self._add_epoch_times(trainer)
         elif getattr(pl_module, "initial_val_accuracy", None) is not None:  # measured in on_train_start
             self.accuracy.append(pl_module.initial_val_accuracy)
+            self.seconds["time/validation"] += pl_module.initial_val_seconds or 0.0
         self.epochs += 1
 
     def on_validation_end(self, trainer, pl_module) -> None:

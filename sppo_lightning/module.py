@@ -28,6 +28,23 @@ from sppo_lightning.rollout.hf import HFEngine
 LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere in ``model``, so that train mode computes what eval mode does.
+
+    ``nn.Dropout`` layers are not enough (TRL's ``disable_dropout_in_model`` stops there): transformers' attention
+    modules pass a float rate to the attention kernel (``self.attention_dropout``, Qwen2, Llama, ...) and a few read
+    it from the config at forward time. Rates are zeroed in the modules and the in-memory config; the folder is
+    untouched, so an export keeps the model's own config.
+    """
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())} if hasattr(model, "config") else {}
+    for owner in (*model.modules(), *configs.values()):
+        if isinstance(owner, torch.nn.modules.dropout._DropoutNd):
+            owner.p = 0.0
+        for name, value in list(vars(owner).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(owner, name, 0.0)
+
+
 class SPPOModule(L.LightningModule):
     def __init__(
         self,
@@ -46,6 +63,7 @@ class SPPOModule(L.LightningModule):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
         share_prompt: bool = True,
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         fsdp_cpu_offload: bool = False,
@@ -77,6 +95,9 @@ class SPPOModule(L.LightningModule):
             trust_remote_code: Run a model repository's own code. Off unless you trust its author.
             gradient_checkpointing: Recompute activations in backward to save memory (generation still uses the
                 KV cache).
+            disable_dropout: Turn every dropout of the policy off (as TRL does). Generation and the π_t pass run in
+                eval mode, training in train mode: with dropout the first step's log-ratio is not 0 and a resumed run
+                draws other masks. False keeps the model's dropout.
             share_prompt: Run each prompt once per micro-batch and its K responses from its KV cache, in training and
                 in the π_t pass (same values, fewer tokens). Off under gradient checkpointing, which disables the
                 cache in training.
@@ -102,9 +123,13 @@ class SPPOModule(L.LightningModule):
         # come from the data) and must not enter the state dict or the FSDP wrapping.
         self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
+        self.initial_val_seconds: float | None = None
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
-        self._train_start = 0.0
+        # time/train runs from the epoch's start to its last step's end, less any validation in between
+        self._train_start = self._train_end = self._val_start = 0.0
+        self._val_seconds: float | None = None  # validation time within the current training epoch
+        self._val_seconds_in_train = 0.0  # the part of it that ran before the last step
 
     # ----------------------------------------------------------------------------------------------- model
     def _load_tokenizer(self):
@@ -134,6 +159,8 @@ class SPPOModule(L.LightningModule):
         self.policy.train()  # from_pretrained returns the model in eval mode
         # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
         self._param_ndims = optim.param_ndims(self.named_parameters())
+        if self.hparams.disable_dropout:
+            disable_dropout(self.policy)
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
@@ -258,18 +285,30 @@ class SPPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # The first point of the learning curve: accuracy of the policy before any update.
         if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
+            start = time.perf_counter()
             results = self.evaluate(self.trainer.datamodule.val_dataloader())
             if results:
                 self.initial_val_accuracy = results["accuracy"]
+                self.initial_val_seconds = time.perf_counter() - start
+                row = {**{f"val/{k}": v for k, v in results.items()}, "time/validation": self.initial_val_seconds}
                 for logger in self.loggers:
-                    logger.log_metrics({**{f"val/{k}": v for k, v in results.items()}, "epoch": -1}, step=0)
+                    logger.log_metrics({**row, "epoch": -1}, step=0)
 
     def on_train_epoch_start(self) -> None:
-        self._train_start = time.perf_counter()
+        self._train_start = self._train_end = time.perf_counter()
+        self._val_seconds, self._val_seconds_in_train = None, 0.0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._train_end = time.perf_counter()
+        self._val_seconds_in_train = self._val_seconds or 0.0
 
     def on_train_epoch_end(self) -> None:
+        # Lightning runs the epoch's validation, then the callbacks' epoch-end work, inside the training epoch, before
+        # this hook: validation is a phase of its own, and time/train is the training loop only.
         metrics = dict(getattr(self.trainer.datamodule, "rollout_metrics", {}) or {})
-        metrics["time/train"] = time.perf_counter() - self._train_start
+        metrics["time/train"] = self._train_end - self._train_start - self._val_seconds_in_train
+        if self._val_seconds is not None:
+            metrics["time/validation"] = self._val_seconds
         self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=True)  # each rank's rollout: their mean
 
     # ------------------------------------------------------------------------------------------ validation
@@ -279,10 +318,12 @@ class SPPOModule(L.LightningModule):
         return engine if engine is not None else HFEngine()
 
     def _score_batch(self, batch) -> torch.Tensor:
-        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1]."""
+        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1], one row per
+        record (rows of ``prompt_ids`` past the records are padding that keeps ranks in step, not scored)."""
         responses = self.rollout_engine().generate(self, batch["prompt_ids"], batch["params"], seed=self.current_epoch)
+        records = batch["records"]
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
-        return rule_scores(self.accuracy_fn, texts, batch["records"])
+        return rule_scores(self.accuracy_fn, texts[: len(records)], records).reshape(len(records), batch["params"].n)
 
     def _new_accuracy(self) -> GroupedAccuracy:
         # The groups of the whole validation set, identical on every rank, so the metric's states line up.
@@ -290,6 +331,7 @@ class SPPOModule(L.LightningModule):
         return GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(self.device)
 
     def on_validation_epoch_start(self) -> None:
+        self._val_start = time.perf_counter()
         self._val["accuracy"] = self._new_accuracy()
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -301,6 +343,7 @@ class SPPOModule(L.LightningModule):
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)  # equal on all ranks already
+        self._val_seconds = (self._val_seconds or 0.0) + time.perf_counter() - self._val_start  # logged with time/train
 
     @torch.no_grad()
     def evaluate(self, dataloader) -> dict[str, float]:

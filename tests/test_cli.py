@@ -55,6 +55,7 @@ def test_short_fit_leaves_metrics_and_last_ckpt(tmp_path):
         "time/scoring",
         "time/ref_logprobs",
         "time/train",
+        "time/validation",
         "rollout/reward_mean",
     ):
         assert any(r.get(name) for r in rows), name
@@ -66,6 +67,23 @@ def test_short_fit_leaves_metrics_and_last_ckpt(tmp_path):
         assert len(s["responses"]) == 4 and all(r["reward"] in (0.0, 1.0) for r in s["responses"])
         assert sum(r["win_rate"] for r in s["responses"]) == pytest.approx(2.0)  # K/2: win-rates are a zero-sum split
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_validation_is_a_phase_of_its_own(tmp_path):
+    """Validation made 8 s slower: time/validation holds those seconds once per iteration (and for the validation
+    before any update), time/train, the training loop only, does not, and the summary table lists the phase."""
+    engine = ["--data.engine=tests.engines.SlowValidation", "--data.engine.init_args.seconds=8",
+              "--data.engine.init_args.logprobs_from_rollout=true"]  # fmt: skip
+    out = run("fit", "--config", DEMO, *SHORT, *engine, f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false").stdout  # fmt: skip
+    rows = read_metrics(tmp_path)
+    validation = {int(r["epoch"]): float(r["time/validation"]) for r in rows if r.get("time/validation")}
+    train = {int(r["epoch"]): float(r["time/train"]) for r in rows if r.get("time/train")}
+    assert sorted(validation) == [-1, 0, 1] and min(validation.values()) >= 8.0, validation
+    assert sorted(train) == [0, 1] and max(train.values()) < 8.0, train  # one step each
+    assert sum(bool(r.get("time/validation")) for r in rows) == 3  # one row each
+    assert "time/validation" in out
 
 
 def test_print_config_round_trips_with_overrides_and_interpolation(tmp_path):
@@ -178,6 +196,24 @@ def test_resume_from_last_continues_exactly(tmp_path):
     run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'part'}", "--trainer.max_epochs=3", "--ckpt_path=last")
 
     assert val_accuracies(tmp_path / "full") == val_accuracies(tmp_path / "part")
+
+
+@pytest.mark.slow
+def test_a_model_with_dropout_resumes_exactly(tmp_path, dropout_model_dir):
+    """A model folder with attention dropout: stopped after 1 iteration and resumed, the second iteration's steps
+    have the uninterrupted run's losses (dropout is off in the policy, so no unsaved RNG state shapes them)."""
+    small = ["--config", DEMO, f"--model.model_name_or_path={dropout_model_dir}", "--data.prompts_per_epoch=16",
+             "--data.val.init_args.num_prompts=50", "--data.val_batch_size=50",
+             "--trainer.enable_progress_bar=false"]  # fmt: skip
+    run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'full'}", "--trainer.max_epochs=2")
+    run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'part'}", "--trainer.max_epochs=1")
+    run("fit", *small, f"--trainer.default_root_dir={tmp_path / 'part'}", "--trainer.max_epochs=2", "--ckpt_path=last")
+
+    def losses(root):
+        return [(r["step"], r["train/loss"], r["train/log_ratio"]) for r in read_metrics(root) if r.get("train/loss")]
+
+    assert len(losses(tmp_path / "full")) == 2 and losses(tmp_path / "part") == losses(tmp_path / "full")
+    assert val_accuracies(tmp_path / "part") == val_accuracies(tmp_path / "full")
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sppo_lightning.toy import MODEL_DIR
-from tests.test_cli import DEMO, REPO, run, val_accuracies
+from tests.test_cli import DEMO, REPO, read_metrics, run, val_accuracies
 
 FSDP = str(REPO / "configs" / "fsdp_cpu.yaml")
 
@@ -87,6 +87,21 @@ def test_fsdp_demo_learns_like_single_process_and_exports(tmp_path):
     run("fit", "--config", DEMO, "--config", FSDP, f"--trainer.default_root_dir={tmp_path / 'fsdp'}", *args,
         "--trainer.max_epochs=3", "--ckpt_path=last")  # fmt: skip
     assert len(val_accuracies(tmp_path / "fsdp")) == 4  # before, after 1, after 2, then after 3 in a new version
+
+
+@pytest.mark.slow
+def test_validation_on_two_processes_counts_each_prompt_once(tmp_path):
+    """51 validation prompts over 2 ranks (26 + 25, batches of 10): accuracy overall and by level are one process's
+    figures (18/51), not those of a set padded with a duplicate prompt (18/52)."""
+    val = ["--data.val.init_args.num_prompts=51", "--data.val_batch_size=10"]
+    run("validate", "--config", DEMO, "--config", FSDP, *val, f"--trainer.default_root_dir={tmp_path / 'two'}")
+    run("validate", "--config", DEMO, *val, f"--trainer.default_root_dir={tmp_path / 'one'}")
+    two, one = [
+        {k: float(v) for k, v in row.items() if k.startswith("val/")}
+        for row in read_metrics(tmp_path / "two") + read_metrics(tmp_path / "one")
+    ]
+    assert one.keys() == {"val/accuracy", *(f"val/accuracy/level_{i}" for i in (1, 2, 3))}
+    assert one["val/accuracy"] == pytest.approx(18 / 51) and two == one
 
 
 def test_fsdp1_defaults_to_one_unit_per_decoder_layer_and_keeps_a_given_policy(tiny_model_dir):
