@@ -218,6 +218,27 @@ def test_colocated_engine_call_order_around_training(standin, toy_model_dir):
         torch.testing.assert_close(tensor, final[name].detach().to(torch.bfloat16), rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_demo_learns_through_the_colocated_engine(standin, tmp_path):
+    """The demo's config with SGLang rollouts and validation (the stand-in sampling with the weights it holds):
+    +10 points in 10 iterations, as with the HF engine (measured 31.2 % -> 46.2 %). Without the
+    weight-update session SGLang refuses every push; without the re-push after a release every rollout (which
+    follows the validation's release at the same step) samples noise."""
+    from sppo_lightning.cli import main
+    from tests.test_cli import DEMO, val_accuracies
+
+    main([
+        "fit", "--config", DEMO, "--data.engine=sppo_lightning.rollout.sglang.SGLangEngine",
+        "--data.engine.init_args.mem_fraction_static=0.3", "--trainer.max_epochs=10",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    acc = val_accuracies(tmp_path)
+    assert len(acc) == 11
+    assert acc[-1] - acc[0] >= 0.10, acc
+    (sgl,) = standin.instances
+    assert names(sgl).count("end_weight_update") == 21  # a push before each of 11 validations and 10 rollouts
+
+
 def greedy(module, prompts, max_new_tokens=8):
     tok = module.tokenizer
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
