@@ -313,9 +313,9 @@ class _WithoutSessions(StandInEngine):
         return True
 
 
-def install(monkeypatch, release: ReleasedSGLang, sessions: bool = True, version: str | None = None):
-    """Make ``import sglang`` give the stand-in (``sglang.Engine``, ``__version__``, the memory tags and the
-    ``SamplingParams`` fields of ``release``); returns the stand-in engine class."""
+def modules(release: ReleasedSGLang, sessions: bool = True, version: str | None = None) -> dict[str, types.ModuleType]:
+    """The modules ``import sglang`` needs to give the stand-in: ``sglang.Engine``, ``__version__``, the memory tags
+    and the ``SamplingParams`` fields of ``release``."""
     engine_cls = StandInEngine.for_release(release, sessions=sessions)
     sampling_cls = type(
         "SamplingParams",
@@ -327,21 +327,22 @@ def install(monkeypatch, release: ReleasedSGLang, sessions: bool = True, version
             ),
         },
     )
-    modules = {
-        "sglang": types.ModuleType("sglang"),
-        "sglang.srt": types.ModuleType("sglang.srt"),
-        "sglang.srt.constants": types.ModuleType("sglang.srt.constants"),
-        "sglang.srt.sampling": types.ModuleType("sglang.srt.sampling"),
-        "sglang.srt.sampling.sampling_params": types.ModuleType("sglang.srt.sampling.sampling_params"),
-    }
-    modules["sglang"].Engine = engine_cls
-    modules["sglang"].__version__ = version or release.version
-    modules["sglang"].srt = modules["sglang.srt"]
-    modules["sglang.srt"].constants = modules["sglang.srt.constants"]
-    modules["sglang.srt"].sampling = modules["sglang.srt.sampling"]
-    modules["sglang.srt.constants"].GPU_MEMORY_ALL_TYPES = list(release.memory_tags)
-    modules["sglang.srt.sampling"].sampling_params = modules["sglang.srt.sampling.sampling_params"]
-    modules["sglang.srt.sampling.sampling_params"].SamplingParams = sampling_cls
-    for name, module in modules.items():
+    srt = ["sglang.srt", "sglang.srt.constants", "sglang.srt.sampling", "sglang.srt.sampling.sampling_params"]
+    mods = {name: types.ModuleType(name) for name in ["sglang", *srt]}
+    mods["sglang"].Engine = engine_cls
+    mods["sglang"].__version__ = version or release.version
+    mods["sglang"].srt = mods["sglang.srt"]
+    mods["sglang.srt"].constants = mods["sglang.srt.constants"]
+    mods["sglang.srt"].sampling = mods["sglang.srt.sampling"]
+    mods["sglang.srt.constants"].GPU_MEMORY_ALL_TYPES = list(release.memory_tags)
+    mods["sglang.srt.sampling"].sampling_params = mods["sglang.srt.sampling.sampling_params"]
+    mods["sglang.srt.sampling.sampling_params"].SamplingParams = sampling_cls
+    return mods
+
+
+def install(monkeypatch, release: ReleasedSGLang, sessions: bool = True, version: str | None = None):
+    """Make ``import sglang`` give the stand-in of ``release`` in this process; returns the stand-in engine class."""
+    mods = modules(release, sessions, version)
+    for name, module in mods.items():
         monkeypatch.setitem(sys.modules, name, module)
-    return engine_cls
+    return mods["sglang"].Engine

@@ -345,16 +345,17 @@ def test_rank_offsets_the_engine_seed(toy_model_dir, monkeypatch):
 
 
 def test_settings_that_cannot_work_are_refused_naming_the_key():
-    from torch.distributed.fsdp import CPUOffload
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    def module(world, **strategy):
-        return SimpleNamespace(_trainer=SimpleNamespace(world_size=world, strategy=SimpleNamespace(**strategy)))
+    def module(world, strategy=None):
+        return SimpleNamespace(_trainer=SimpleNamespace(world_size=world, strategy=strategy))
 
     with pytest.raises(ConfigError, match=r"data.engine.init_args.tp_size=2 with 4 training processes"):
         SGLangEngine(tp_size=2).check_placement(module(4))
     SGLangEngine(tp_size=1).check_placement(module(4))
-    with pytest.raises(ConfigError, match=r"trainer.strategy.init_args.cpu_offload \(FSDP1\)"):
-        SGLangEngine().check_placement(module(2, cpu_offload=CPUOffload(offload_params=True)))
+    SGLangEngine(tp_size=2).check_placement(module(1))  # one process: the engine may take several GPUs
+    with pytest.raises(ConfigError, match=r"trainer.strategy=FSDPStrategy \(FSDP1\) with data.engine=SGLangEngine"):
+        SGLangEngine().check_placement(module(2, FSDPStrategy()))
     with pytest.raises(ConfigError, match="data.engine.init_args.tp_size must be >= 1"):
         SGLangEngine(tp_size=0)
 

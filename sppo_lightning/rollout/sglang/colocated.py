@@ -106,13 +106,13 @@ class SGLangEngine(RolloutEngine):
                 f"data.engine.init_args.tp_size={self.tp_size} needs {self.tp_size} GPUs; "
                 f"{torch.cuda.device_count()} are visible"
             )
-        strategy = getattr(trainer, "strategy", None)
-        offload = getattr(strategy, "cpu_offload", None)
-        if offload is not None and getattr(offload, "offload_params", offload is True):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
             raise ConfigError(
-                "trainer.strategy.init_args.cpu_offload (FSDP1) with data.engine=SGLangEngine is not supported: the "
-                "whole weights SGLang needs are gathered with summon_full_params, untested with offloaded FSDP1 "
-                "shards. Use ModelParallelStrategy (FSDP2) with model.fsdp_cpu_offload=true instead."
+                "trainer.strategy=FSDPStrategy (FSDP1) with data.engine=SGLangEngine is not supported: validation "
+                "generates inside FSDP1's forward, where the whole weights SGLang needs cannot be gathered. Use "
+                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2; model.fsdp_cpu_offload works with it)."
             )
 
     def engine_args(self, module) -> dict[str, Any]:
