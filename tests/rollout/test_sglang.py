@@ -14,6 +14,7 @@ sglang and a GPU exist.
 """
 
 import json
+import sys
 import threading
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -297,6 +298,20 @@ def test_an_sglang_without_sessions_still_gets_the_weights(monkeypatch, release,
     assert engine.generate(module, prompts, params, seed=0) == greedy(module, prompts)
     calls = names(old.instances[0])
     assert "update_weights_from_tensor" in calls and "begin_weight_update" not in calls
+
+
+def test_an_sglang_without_memory_tags_resumes_everything_then_gets_the_weights(standin, monkeypatch, toy_model_dir):
+    monkeypatch.delitem(sys.modules, "sglang.srt.constants")  # no GPU_MEMORY_ALL_TYPES: release/resume all at once
+    module = SPPOModule(str(toy_model_dir))
+    module.configure_model()
+    prompts = [module.tokenizer.encode("12+34=")]
+    engine = SGLangEngine(dtype="float32")
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    engine.generate(module, prompts, params, seed=0)
+    engine.after_rollout(module)
+    assert engine.generate(module, prompts, params, seed=0) == greedy(module, prompts)
+    memory = [(c.name, c.kwargs) for c in standin.instances[0].calls if c.name.endswith("_memory_occupation")]
+    assert memory == [("release_memory_occupation", {}), ("resume_memory_occupation", {})]
 
 
 def test_dtype_auto_holds_a_float32_model_in_float16(standin, toy_model_dir):
