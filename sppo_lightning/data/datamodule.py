@@ -189,7 +189,12 @@ class RolloutDataModule(L.LightningDataModule):
                 f"data.max_prompt_length={limit} tokens"
             )
         if not kept:
-            raise DataError(f"{what}: no prompt left after filtering by data.max_prompt_length={limit}")
+            source = getattr(self, f"{what}_source", None)
+            where = f" ({source.describe()})" if hasattr(source, "describe") else ""
+            raise DataError(
+                f"data.{what}{where}: no prompt left after filtering by data.max_prompt_length={limit} "
+                + (f"(the shortest has {min(len(p) for p in all_ids)} tokens)" if all_ids else "(the source is empty)")
+            )
         return kept, ids
 
     def setup(self, stage: str) -> None:
