@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from sppo_lightning import checkpoints
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.errors import ConfigError, UserInputError
-from sppo_lightning.loggers import ConfigToLoggers
+from sppo_lightning.loggers import ConfigToLoggers, place_outputs
 from sppo_lightning.module import SPPOModule
 
 RESUME_HINT = "last.ckpt holds the last finished iteration; resume with --ckpt_path=last"
@@ -130,6 +130,7 @@ class SPPOCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        place_outputs(trainer)
         checkpoints.use_atomic_saves(trainer)
         return trainer
 
@@ -138,6 +139,25 @@ class SPPOCLI(LightningCLI):
         config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)
         if config["ckpt_path"] is not None:
             checkpoints.check_resume(config["ckpt_path"], self.model, self.datamodule)
+
+
+def quiet() -> None:
+    """Silence what a user cannot act on: Lightning's product tips, a deprecation inside Lightning, the warning that
+    the checkpoint folder is not empty (a resume or a second run there is expected), transformers' bars for loading
+    and writing weights (the latter erases the end-of-fit table's border in a terminal)."""
+    import logging
+    import warnings
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip")
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 class _Interrupted:
@@ -155,6 +175,8 @@ def main(args: list[str] | None = None) -> None:
     # ${trainer.max_epochs} in a config file: keys are absolute from that file's top (under a subcommand the
     # parser's own root is `fit.`), the form omegaconf users write
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    if not debugging():
+        quiet()
     previous = signal.signal(signal.SIGINT, _Interrupted.handler)
     try:
         SPPOCLI(

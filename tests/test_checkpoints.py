@@ -1,6 +1,7 @@
 """Interruptions and checkpoints through the real CLI: a kill during a save, a resume with nothing or a broken file
 to resume from, a changed config, Ctrl-C and SIGTERM in the rollout and in training."""
 
+import csv
 import json
 import shutil
 import signal
@@ -107,3 +108,31 @@ def test_a_signal_during_the_rollout_stops_with_the_resume_hint_and_keeps_the_la
     assert not (tmp_path / "hf_model").exists()
     run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--trainer.max_epochs={last + 2}", "--ckpt_path=last")
     assert len(val_accuracies(tmp_path)) == last + 3  # before any update, then once per iteration, none twice
+
+
+@pytest.mark.slow
+def test_runs_in_one_folder_keep_their_own_outputs_and_a_resume_reports_the_whole_run(tmp_path):
+    """A printed config rerun elsewhere keeps the whole run there; a second run in the same folder owns last.ckpt
+    (no stale last-v1.ckpt), its samples say which run they are from; its resume reports from its own beginning."""
+    printed = run("fit", *TINY, f"--trainer.default_root_dir={tmp_path / 'printed'}", "--print_config").stdout
+    (tmp_path / "my.yaml").write_text(printed)
+    root = tmp_path / "runs"
+    mine = ["--config", str(tmp_path / "my.yaml"), f"--trainer.default_root_dir={root}"]
+    run("fit", *mine, "--trainer.max_epochs=2")
+    assert not (tmp_path / "printed").exists()  # nothing of the run went to the folder the config was printed for
+    assert (root / "logs" / "version_0" / "metrics.csv").is_file()
+    run("fit", *mine, "--trainer.max_epochs=1", "--model.eta=1.0")  # a new run, same folder
+
+    ckpts = root / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0 and last["hyper_parameters"]["eta"] == 1.0  # the newest run's
+    samples = [json.loads(line) for line in (root / "samples.jsonl").read_text().splitlines()]
+    assert [s["run"] for s in samples] == ["logs/version_0"] * 16 + ["logs/version_1"] * 8
+
+    out = run("fit", *mine, "--trainer.max_epochs=2", "--model.eta=1.0", "--ckpt_path=last").stdout
+    with (root / "logs" / "version_1" / "metrics.csv").open() as f:
+        first = next(float(r["val/accuracy"]) for r in csv.DictReader(f) if r.get("val/accuracy"))
+    last_acc = val_accuracies(root / "logs" / "version_2")[-1]
+    assert "SPPO: 2 iterations (resumed)" in out
+    assert f"{first:.1%} -> {last_acc:.1%}" in out  # from the second run's start, not the first run's, nor iteration 1

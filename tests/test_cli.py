@@ -73,8 +73,8 @@ def test_print_config_round_trips_with_overrides_and_interpolation(tmp_path):
         "fit", "--config", DEMO, "--model.eta=0.5", f"--trainer.default_root_dir={tmp_path}", "--print_config"
     ).stdout
     assert "eta: 0.5" in printed
-    assert f"save_dir: {tmp_path}" in printed  # ${trainer.default_root_dir} follows the override
-    assert f"dirpath: {tmp_path}/checkpoints" in printed
+    # output folders are derived from default_root_dir when the run starts, never baked into the printed config
+    assert printed.count(str(tmp_path)) == 1 and "runs/demo" not in printed
     saved = tmp_path / "cfg.yaml"
     saved.write_text(printed)
     assert run("fit", "--config", str(saved), "--print_config").stdout == printed
