@@ -134,6 +134,25 @@ class SPPOCLI(LightningCLI):
         checkpoints.use_atomic_saves(trainer)
         return trainer
 
+    def validate(self, **kwargs) -> None:
+        """``trainer.validate``, its results printed as percentages (shares of correct answers), not 0.3149999976."""
+        kwargs["verbose"] = False
+        results = self.trainer.validate(**kwargs)
+        if self.trainer.is_global_zero and results:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="validation")
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for name, value in results[0].items():
+                table.add_row(name, f"{value:.1%}")
+            Console().print(table)
+
+    def before_validate(self) -> None:
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)
+
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)

@@ -14,6 +14,8 @@ class Recording(RolloutProgress):
 
     def on_rollout_progress(self, trainer, stage, done, total, tokens):
         super().on_rollout_progress(trainer, stage, done, total, tokens)
+        if stage == "rollout" and done == total:
+            self.rollout_line = self.last_line
         self.events.append((stage, done, total, tokens, self._task is not None))
 
 
@@ -28,6 +30,10 @@ def test_rollout_and_scoring_report_progress_with_tokens(toy_model_dir):
     assert rollout[-1][1] == 64 and rollout[-1][3] > 0 and not rollout[-1][4]  # closed at the end, tokens counted
     assert [e[1] for e in rollout] == sorted(e[1] for e in rollout)  # only forward
     assert progress._progress is None and type(trainer.progress_bar_callback).__name__ == "RichProgressBar"
+    # the finished rollout's line stays in view (printed, or kept in Lightning's display), with its speed
+    assert progress.last_line.startswith("scoring (epoch 0)")
+    assert any(e[0] == "rollout" and e[1] == e[2] for e in progress.events)
+    assert progress.rollout_line.startswith("rollout (epoch 0) · ") and progress.rollout_line.endswith(" tok/s")
 
 
 def test_a_resume_reads_the_earlier_parts_of_its_own_run_only(tmp_path):

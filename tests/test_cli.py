@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,7 @@ def test_validate_reports_the_starting_accuracy(tmp_path):
         "--data.val_batch_size=100",
     ).stdout
     assert "val/accuracy" in out
+    assert re.search(r"val/accuracy +│ +\d{1,3}\.\d%", out), out  # a percentage, rounded, not 0.3149999976158142
     # The toy task's levels (1 + number of carries) are reported like MATH's, and they partition the prompts.
     for level in (1, 2, 3):
         assert f"val/accuracy/level_{level}" in out
