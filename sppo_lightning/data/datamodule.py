@@ -248,6 +248,8 @@ class RolloutDataModule(L.LightningDataModule):
         batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch)
 
         metrics.update(rollout_metrics(rollout))
+        if hasattr(self.oracle, "unscored"):  # responses the rule could not score (scored 0)
+            metrics["rollout/unscored"] = float(self.oracle.unscored)
         self.rollout_metrics, self.rollout = metrics, rollout
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
