@@ -176,7 +176,12 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    def no_weight_bars(factory, args, kwargs):  # download bars (the hub's) stay: a user waits on those
+        if kwargs.get("desc") in ("Loading weights", "Writing model shards"):
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(no_weight_bars)
 
 
 class _Interrupted:
