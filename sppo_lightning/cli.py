@@ -81,7 +81,10 @@ def short_parser_error(message: str, parser) -> str:
         import inspect
 
         module_name, _, name = class_path.group(1).rpartition(".")
-        params = list(inspect.signature(getattr(importlib.import_module(module_name), name)).parameters)
+        try:
+            params = list(inspect.signature(getattr(importlib.import_module(module_name), name)).parameters)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            params = []
         hint = _did_you_mean(option.group(1), params)
         return f"{key.group(1)}: {class_path.group(1)} takes no init_args.{option.group(1)}{hint}"
     if key and class_path:
@@ -115,12 +118,16 @@ class SPPOArgumentParser(LightningArgumentParser):
 
 
 def _interpolation_error(e: Exception) -> ConfigError:
+    """An interpolation omegaconf could not resolve: the key holding it, and the two forms that work."""
     key = getattr(e, "full_key", "") or ""
     key = key.split(".", 1)[1] if key.split(".", 1)[0] in ("fit", "validate", "test", "predict") else key
+    target = re.search(r"Interpolation key '([^']+)'", str(e))
+    target = target.group(1) if target else "trainer.max_epochs"
+    relative = "." * max(len(key.split(".")), 1) + target  # up to the top: one dot per level of the key
     return ConfigError(
-        f"config key {key}: {str(e).splitlines()[0]}. In a config file write ${{trainer.max_epochs}} (from the top "
-        "of the config) or ${..trainer.max_epochs} (relative, one dot per level up); on the command line only the "
-        "relative form works"
+        f"config key {key}: {str(e).splitlines()[0]}. In a config file write ${{{target}}} (from the top of the "
+        f"config) or ${{{relative}}} (relative, one dot per level up); on the command line only the relative form "
+        "works"
     )
 
 
