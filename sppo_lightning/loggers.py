@@ -41,10 +41,12 @@ def mask_secrets(value: Any) -> Any:
 
 
 class WandbLogger(_WandbLogger):
-    def __init__(self, *args, offline: bool | None = None, **kwargs):
-        """Lightning's ``WandbLogger``; ``offline`` None = offline unless wandb credentials are found."""
-        super().__init__(*args, offline=not has_wandb_credentials() if offline is None else offline, **kwargs)
-        self.follows_root_dir = self._save_dir is None  # no save_dir: the trainer's default_root_dir (see CSVLogger)
+    def __init__(self, *args, offline: bool | None = None, save_dir: str | None = None, **kwargs):
+        """Lightning's ``WandbLogger``; ``offline`` None = offline unless wandb credentials are found; ``save_dir``
+        None = the trainer's ``default_root_dir`` when the run starts (see ``CSVLogger``)."""
+        offline = not has_wandb_credentials() if offline is None else offline
+        super().__init__(*args, offline=offline, save_dir=save_dir if save_dir is not None else ".", **kwargs)
+        self.follows_root_dir = save_dir is None and kwargs.get("dir") is None
 
     def use_root_dir(self, root_dir: str) -> None:
         if self.follows_root_dir and self._experiment is None:
