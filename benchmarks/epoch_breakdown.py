@@ -163,7 +163,8 @@ def main() -> None:
     print(f"{len(epochs)} iterations (after {args.warmup} warm-up) of {args.config} on {where}")
     print(f"{'phase':<20}{'seconds':>10}{'share':>8}{'tokens/s':>12}")
     for p in PHASES:
-        rate = f"{tokens[p] / total[p]:>12.0f}" if tokens[p] and total[p] else f"{'-':>12}"
+        # a phase that took no measurable time (π_t taken from the rollout's logits) has no meaningful rate
+        rate = f"{tokens[p] / total[p]:>12.0f}" if tokens[p] and total[p] >= 0.01 * all_s else f"{'-':>12}"
         print(f"{p:<20}{total[p]:>10.2f}{total[p] / all_s:>8.0%}{rate}")
     print(f"{'raw/generate':<20}{raw['raw/generate']:>10.2f}{'':>8}{generated / raw['raw/generate']:>12.0f}")
     fb = raw["raw/forward_backward"]
@@ -178,6 +179,7 @@ def main() -> None:
     result = {"config": args.config, "epochs": recorder.epochs, "total": total, **raw, "framework_overhead": overhead,
               "peak_rss_mib": peak_framework, "generated_tokens": generated, "train_tokens": trained}  # fmt: skip
     (args.out / "epoch_breakdown.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'epoch_breakdown.json'}")
 
 
 if __name__ == "__main__":

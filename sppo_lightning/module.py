@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from sppo_lightning import optim, sharding
-from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
+from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
@@ -138,6 +138,7 @@ class SPPOModule(L.LightningModule):
         path = self.hparams.model_name_or_path
         with refusing_remote_code(path, "model.trust_remote_code"):
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
+        check_tokenizer(tok, path)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok

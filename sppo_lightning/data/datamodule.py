@@ -180,7 +180,12 @@ class RolloutDataModule(L.LightningDataModule):
                 f"data.max_prompt_length={limit} tokens"
             )
         if not kept:
-            raise DataError(f"{what}: no prompt left after filtering by data.max_prompt_length={limit}")
+            source = getattr(self, f"{what}_source", None)
+            where = f" ({source.describe()})" if hasattr(source, "describe") else ""
+            raise DataError(
+                f"data.{what}{where}: no prompt left after filtering by data.max_prompt_length={limit} "
+                + (f"(the shortest has {min(len(p) for p in all_ids)} tokens)" if all_ids else "(the source is empty)")
+            )
         return kept, ids
 
     def setup(self, stage: str) -> None:
@@ -234,6 +239,8 @@ class RolloutDataModule(L.LightningDataModule):
         batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch)
 
         metrics.update(rollout_metrics(rollout))
+        if hasattr(self.oracle, "unscored"):  # responses the rule could not score (scored 0)
+            metrics["rollout/unscored"] = float(self.oracle.unscored)
         self.rollout_metrics, self.rollout = metrics, rollout
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
