@@ -19,13 +19,13 @@ from sppo_lightning import sharding
 from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
-from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
+from sppo_lightning.loss import dpo_loss, ipo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
 from sppo_lightning.rewards.base import rule_scores
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
 
-LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
+LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo"]
 
 
 class SPPOModule(L.LightningModule):
@@ -36,6 +36,7 @@ class SPPOModule(L.LightningModule):
         eta: float = 1.0,
         clip_ratio: float | None = None,
         dpo_beta: float = 0.1,
+        ipo_tau: float = 0.1,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.01,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -54,13 +55,16 @@ class SPPOModule(L.LightningModule):
         Args:
             model_name_or_path: A hub id or a local folder, loaded with ``from_pretrained``.
             loss_type: ``sppo`` (all K samples, the paper), ``sppo_pair`` (winner and loser, the authors' code),
-                ``sppo_softmean`` (η(r − SoftMean_η(r)), the verl recipe) or ``dpo`` (iterative DPO baseline).
+                ``sppo_softmean`` (η(r − SoftMean_η(r)), the verl recipe), ``dpo`` or ``ipo`` (iterative DPO / IPO
+                baselines, on the winner and the loser).
             eta: η, the step size of the multiplicative-weights update; SPPO targets are η(P̂ − ½).
             clip_ratio: ε of a per-token trust region on the SPPO regressions (not in the paper): a token whose
                 ratio π_θ/π_t has left [1 − ε, 1 + ε] in the direction its row is pushed stops receiving gradient,
                 as in PPO. None = the paper's loss. It lets a large η and several passes over a rollout
                 (``data.passes_per_rollout``) pay off; not used by ``dpo``.
             dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
+            ipo_tau: τ of the IPO baseline (only for ``loss_type: ipo``): the winner-minus-loser log-ratio, averaged
+                over each response's tokens as in TRL, is regressed onto 1/(2τ).
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
             weight_decay: AdamW weight decay, not applied to biases and norms.
             adam_betas: AdamW betas.
@@ -85,8 +89,12 @@ class SPPOModule(L.LightningModule):
             raise ConfigError(f"model.eta must be > 0, got {eta}")
         if clip_ratio is not None and not 0 < clip_ratio < 1:
             raise ConfigError(f"model.clip_ratio must be in (0, 1) or null, got {clip_ratio}")
-        if clip_ratio is not None and loss_type == "dpo":
-            raise ConfigError("model.clip_ratio applies to the SPPO regressions, not to loss_type dpo: set it to null")
+        if ipo_tau <= 0:
+            raise ConfigError(f"model.ipo_tau must be > 0, got {ipo_tau}")
+        if clip_ratio is not None and loss_type in ("dpo", "ipo"):
+            raise ConfigError(
+                f"model.clip_ratio applies to the SPPO regressions, not to loss_type {loss_type}: set it to null"
+            )
         self.save_hyperparameters(ignore=["accuracy_fn"])
         self.accuracy_fn = accuracy_fn
         self.policy = None
@@ -186,6 +194,10 @@ class SPPOModule(L.LightningModule):
         elif loss_type == "sppo_pair":  # rows alternate winner, loser
             wr = batch["win_rates"]
             losses = sppo_pair_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], wr[0::2], wr[1::2], eta)
+        elif loss_type == "ipo":  # per-token averages, as TRL's IPO (see ipo_loss)
+            n_tokens = batch["response_mask"].sum(-1).clamp(min=1)
+            avg, avg_ref = logps / n_tokens, ref / n_tokens
+            losses = ipo_loss(avg[0::2], avg[1::2], avg_ref[0::2], avg_ref[1::2], self.hparams.ipo_tau)
         else:
             losses = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], self.hparams.dpo_beta)
         loss = losses.mean()
