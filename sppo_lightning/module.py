@@ -9,18 +9,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sppo_lightning import sharding
-from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
-from sppo_lightning.evaluation import GroupedAccuracy, group_keys
+from sppo_lightning.errors import ConfigError, DataError, DivergenceError, refusing_remote_code
+from sppo_lightning.evaluation import (
+    GroupedAccuracy,
+    WinRate,
+    group_keys,
+    load_reference,
+    preference_over_reference,
+    reference_key,
+    save_reference,
+)
 from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import dpo_loss, ipo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
-from sppo_lightning.rewards.base import rule_scores
+from sppo_lightning.rewards.base import RuleOracle, rule_scores
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
@@ -50,6 +60,7 @@ class SPPOModule(L.LightningModule):
         fsdp_cpu_offload: bool = False,
         max_nonfinite_steps: int = 10,
         accuracy_fn: Callable[[str, str], float] = compute_score,
+        val_win_rate: bool | None = None,
     ):
         """
         Args:
@@ -83,6 +94,11 @@ class SPPOModule(L.LightningModule):
             max_nonfinite_steps: A step whose loss or gradient is NaN/inf is skipped and counted
                 (``train/skipped_steps``); this many in a row stop the run. 0 = never stop.
             accuracy_fn: ``f(response_text, ground_truth) -> float`` used for ``val/accuracy``.
+            val_win_rate: Log ``val/win_rate``, the oracle's mean preference of the policy's validation responses
+                over the starting policy's (generated once at the start of fit, kept in
+                ``<default_root_dir>/reference_responses.jsonl`` and reused on resume), with ``val/response_length``
+                and ``val/reference_length``. None = on when ``data.oracle`` is a preference oracle (pairwise or
+                reward model), off for the rule oracle.
         """
         super().__init__()
         if eta <= 0:
@@ -103,6 +119,8 @@ class SPPOModule(L.LightningModule):
         # come from the data) and must not enter the state dict or the FSDP wrapping.
         self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
+        self._reference: dict[str, dict] | None = None  # val prompt key -> the starting policy's responses
+        self._collecting_reference = False
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
         self._train_start = 0.0
@@ -260,8 +278,13 @@ class SPPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # The first point of the learning curve: accuracy of the policy before any update.
+        self._reference = None
+        if self.global_step > 0:  # resumed: the reference of the run's start, if it had one
+            self._load_reference()
         if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
+            self._collecting_reference = self._win_rate_enabled()  # this first pass generates the reference
             results = self.evaluate(self.trainer.datamodule.val_dataloader())
+            self._save_reference()
             if results:
                 self.initial_val_accuracy = results["accuracy"]
                 for logger in self.loggers:
@@ -281,10 +304,12 @@ class SPPOModule(L.LightningModule):
         engine = getattr(self.trainer.datamodule, "engine", None) if self._trainer is not None else None
         return engine if engine is not None else HFEngine()
 
-    def _score_batch(self, batch) -> torch.Tensor:
+    def _score_batch(self, batch, win_rate: WinRate | None = None) -> torch.Tensor:
         """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1]."""
         responses = self.rollout_engine().generate(self, batch["prompt_ids"], batch["params"], seed=self.current_epoch)
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
+        if win_rate is not None:
+            self._update_win_rate(win_rate, batch["records"], responses, texts)
         return rule_scores(self.accuracy_fn, texts, batch["records"])
 
     def _new_accuracy(self) -> GroupedAccuracy:
@@ -294,9 +319,11 @@ class SPPOModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val["accuracy"] = self._new_accuracy()
+        if self._reference is not None:
+            self._val["win_rate"] = WinRate().to(self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._val["accuracy"].update(self._score_batch(batch), batch["records"])
+        self._val["accuracy"].update(self._score_batch(batch, self._val.get("win_rate")), batch["records"])
 
     def on_validation_epoch_end(self) -> None:
         self.rollout_engine().after_rollout(self)
@@ -304,15 +331,77 @@ class SPPOModule(L.LightningModule):
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)  # equal on all ranks already
+        if "win_rate" in self._val:
+            self.log_dict({f"val/{k}": v for k, v in self._val.pop("win_rate").compute().items()}, sync_dist=True)
 
     @torch.no_grad()
     def evaluate(self, dataloader) -> dict[str, float]:
         """The validation metrics over a whole dataloader, outside Lightning's loop (synchronised across ranks)."""
         metric = self._new_accuracy()
+        win_rate = WinRate().to(self.device) if self._reference is not None or self._collecting_reference else None
+        if self._collecting_reference:
+            self._reference = {}
         for batch in dataloader:
-            metric.update(self._score_batch(batch), batch["records"])
+            metric.update(self._score_batch(batch, win_rate), batch["records"])
         self.rollout_engine().after_rollout(self)
-        return metric.compute()
+        return {**metric.compute(), **(win_rate.compute() if win_rate is not None else {})}
+
+    # -------------------------------------------------------------------------------------- win rate (val)
+    def _win_rate_enabled(self) -> bool:
+        oracle = getattr(self.trainer.datamodule, "oracle", None)
+        if self.hparams.val_win_rate is None:
+            return oracle is not None and not isinstance(oracle, RuleOracle)
+        if self.hparams.val_win_rate and oracle is None:
+            raise ConfigError("model.val_win_rate needs the datamodule's oracle (data.oracle) to judge responses")
+        return self.hparams.val_win_rate
+
+    def _reference_path(self) -> Path:
+        return Path(self.trainer.default_root_dir) / "reference_responses.jsonl"
+
+    def _update_win_rate(self, metric: WinRate, records, responses: list[list[list[int]]], texts) -> None:
+        """The oracle's preference of ``texts`` over the reference; while collecting, ``texts`` become the reference
+        (so the first value is the oracle's verdict on identical pairs: ½ under greedy validation)."""
+        keys = [reference_key(rec) for rec in records]
+        if self._collecting_reference:
+            for key, group, ids in zip(keys, texts, responses, strict=True):
+                self._reference[key] = {"responses": group, "lengths": [len(r) for r in ids]}
+        missing = [key for key in keys if key not in self._reference]
+        if missing:
+            raise DataError(f"validation prompt {missing[0]} has no reference response in {self._reference_path()}")
+        refs = [self._reference[key] for key in keys]
+        n = min(len(group) for group in texts)
+        if any(len(ref["responses"]) < n for ref in refs):
+            raise DataError(
+                f"{self._reference_path()} holds fewer responses per prompt than data.val_samples_per_prompt"
+            )
+        oracle = self.trainer.datamodule.oracle
+        preference = preference_over_reference(
+            oracle, records, [g[:n] for g in texts], [ref["responses"][:n] for ref in refs], self.device
+        )
+        lengths = torch.tensor([[len(r) for r in group[:n]] for group in responses], dtype=torch.float64)
+        ref_lengths = torch.tensor([ref["lengths"][:n] for ref in refs], dtype=torch.float64)
+        metric.update(preference.to(self.device), lengths.to(self.device), ref_lengths.to(self.device))
+
+    def _save_reference(self) -> None:
+        """Merge every rank's share of the reference and write it (rank 0), once, at the start of fit."""
+        if not self._collecting_reference:
+            return
+        self._collecting_reference = False
+        if self.trainer.world_size > 1:
+            shares = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shares, self._reference)
+            self._reference = {k: v for share in shares for k, v in share.items()}
+        if self.trainer.is_global_zero:
+            save_reference(self._reference_path(), self._reference)
+
+    def _load_reference(self) -> None:
+        if not self._win_rate_enabled():
+            return
+        path = self._reference_path()
+        if not path.exists():
+            rank_zero_warn(f"no {path} to resume the win rate against: val/win_rate is not logged in this run")
+            return
+        self._reference = load_reference(path)
 
     # ----------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
