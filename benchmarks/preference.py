@@ -134,7 +134,7 @@ def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float =
             "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
 
 
-def run_method(method: str, setting: str, iterations: int, seed: int, out: Path) -> dict:
+def run_method(method: str, setting: str, iterations: int, seed: int, out: Path, eta: float = 2.0) -> dict:
     judge = make_judge(setting)
     if method in OURS:
         overrides = (
@@ -142,6 +142,7 @@ def run_method(method: str, setting: str, iterations: int, seed: int, out: Path)
             "--data.oracle=sppo_lightning.toy.judge.ClosenessJudge",
             f"--data.oracle.init_args.scale={SCALE}",
             f"--data.oracle.init_args.cycle={SETTINGS[setting]}",
+            f"--model.eta={eta}",
         )
         return run_ours(iterations, seed, out, overrides=overrides)
     if method == "trl_grpo":
@@ -167,12 +168,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="how many seeds (each runs every method once)")
     parser.add_argument(
         "--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...; the table merges every "
-        "earlier invocation's seeds found in --out for the same setting and rounds"
+        "earlier invocation's runs found in --out for the same setting, rounds and --val (split methods and seeds "
+        "over several invocations to keep each short; the time ratios come from one invocation)"
     )  # fmt: skip
     parser.add_argument("--iterations", type=int, default=10, help="generation rounds of 64 x 4 completions")
     parser.add_argument("--methods", nargs="+", default=[*OURS, *TRL], choices=[*OURS, *TRL])
     parser.add_argument("--val", type=int, default=200, help="held-out problems answered greedily")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "preference")
+    parser.add_argument("--eta", type=float, default=2.0, help="η of our loss types (the demo's 2 by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,24 +192,21 @@ def main() -> None:
     start_texts = greedy_texts(AutoModelForCausalLM.from_pretrained(MODEL_DIR), tokenizer, val)
     start = evaluate(AutoModelForCausalLM.from_pretrained(MODEL_DIR), tokenizer, val, start_texts, judge)
 
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    results: dict[str, list[dict]] = {label(m, args.eta): [] for m in args.methods}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         for method in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
-                got = run_method(method, args.setting, args.iterations, seed, Path(tmp))
+                got = run_method(method, args.setting, args.iterations, seed, Path(tmp), args.eta)
             got.update(evaluate(got.pop("model"), got.pop("tokenizer"), val, start_texts, judge))
             got["s_per_1000"] = 1000 * got["seconds"] / got["completions"]
-            results[method].append(got)
+            got["seed"] = seed
+            results[label(method, args.eta)].append(got)
+            save(args, seeds, start, results)  # after every run: a run cut short keeps what it finished
             print(f"seed {seed} {method:>14}: {got['seconds']:.1f} s for {got['completions']} completions, "
                   f"{got['steps']} steps, win rate vs start {got['win_rate']:.1%}, "
                   f"accuracy {got['accuracy']:.1%}", flush=True)  # fmt: skip
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"setting": args.setting, "iterations": args.iterations, "val": args.val, "start": start, "runs": results}
-    (args.out / f"{args.setting}_r{args.iterations}_seeds{seeds[0]}-{seeds[-1]}.json").write_text(
-        json.dumps(record, indent=2)
-    )
     median = {m: statistics.median(r["s_per_1000"] for r in runs) for m, runs in results.items()}
     for trl in TRL:  # from this invocation only: absolute times drift between runs on a shared machine
         if "sppo" in median and trl in median:
@@ -214,20 +214,37 @@ def main() -> None:
     print_table(args.out, args.setting, args.iterations, args.val, start)
 
 
+def label(method: str, eta: float) -> str:
+    """A method's name in the table: the SPPO losses with a non-default η carry it (DPO and IPO have none)."""
+    return f"{method} (η = {eta:g})" if method in ("sppo", "sppo_pair") and eta != 2.0 else method
+
+
+def save(args, seeds: range, start: dict, results: dict) -> None:
+    """One JSON per invocation, named by setting, rounds, seeds and methods."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"setting": args.setting, "iterations": args.iterations, "val": args.val, "start": start, "runs": results}
+    eta = "" if args.eta == 2.0 else f"_eta{args.eta:g}"
+    name = f"{args.setting}_r{args.iterations}_seeds{seeds[0]}-{seeds[-1]}_{'+'.join(args.methods)}{eta}.json"
+    (args.out / name).write_text(json.dumps(record, indent=2))
+
+
 def print_table(out: Path, setting: str, iterations: int, val: int, start: dict) -> None:
     """The table over every seed run so far for this setting, rounds and validation size (one JSON per invocation)."""
-    merged: dict[str, list[dict]] = {}
+    merged: dict[str, list[dict]] = {label(m, 2.0): [] for m in (*OURS, *TRL)}  # the table's order
+    seen: dict[str, set[int]] = {}  # a method and seed run twice counts once
     for path in sorted(out.glob(f"{setting}_r{iterations}_seeds*.json")):
         record = json.loads(path.read_text())
         if record.get("val") == val:
             for method, runs in record["runs"].items():
-                merged.setdefault(method, []).extend(runs)
+                merged.setdefault(method, []).extend(r for r in runs if r["seed"] not in seen.get(method, set()))
+                seen.setdefault(method, set()).update(r["seed"] for r in runs)
+    merged = {m: runs for m, runs in merged.items() if runs}
     seeds = max(len(runs) for runs in merged.values())
     print(f"\nsetting {setting} (judge scale {SCALE}, cycle {SETTINGS[setting]}); {iterations} rounds of {PROMPTS}x{K} "
           f"completions; {val} held-out problems, starting greedy accuracy {start['accuracy']:.1%}")  # fmt: skip
     print("| method | seeds | win rate vs start (mean ± s.e.) | exact accuracy (mean ± s.e.) | s / 1,000 completions |")
     print("|---|---|---|---|---|")
-    for method in [m for m in (*OURS, *TRL) if m in merged]:
+    for method in merged:
         runs = merged[method]
         (w, w_se), (a, a_se) = (mean_and_se([r[key] for r in runs]) for key in ("win_rate", "accuracy"))
         s_1000 = statistics.median(r["s_per_1000"] for r in runs)
