@@ -140,21 +140,60 @@ def reference_key(record: PromptRecord) -> str:
     return json.dumps(record.messages, sort_keys=True, ensure_ascii=False)
 
 
-def save_reference(path: Path, reference: dict[str, dict]) -> None:
-    """One line per prompt: ``{"prompt": messages, "responses": [...], "lengths": [...]}``, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for key, entry in reference.items():
-            f.write(json.dumps({"prompt": json.loads(key), **entry}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+class ReferenceResponses:
+    """The fixed responses the win rate is measured against, by prompt: texts and lengths in tokens.
+
+    Saved as ``path`` (jsonl, one line per prompt: ``{"prompt": messages, "responses": [...], "lengths": [...]}``).
+    """
+
+    def __init__(self, path: Path, entries: dict[str, dict] | None = None):
+        self.path, self.entries = Path(path), entries if entries is not None else {}
+
+    def add(self, records: Sequence[PromptRecord], responses: list[list[list[int]]], texts: list[list[str]]) -> None:
+        for rec, ids, group in zip(records, responses, texts, strict=True):
+            self.entries[reference_key(rec)] = {"responses": list(group), "lengths": [len(r) for r in ids]}
+
+    def lookup(self, records: Sequence[PromptRecord], n: int) -> tuple[list[list[str]], torch.Tensor]:
+        """The first ``n`` reference responses of each prompt and their lengths ``[P, n]``."""
+        from sppo_lightning.errors import DataError
+
+        refs = []
+        for rec in records:
+            entry = self.entries.get(reference_key(rec))
+            if entry is None or len(entry["responses"]) < n:
+                raise DataError(
+                    f"{self.path}: no {n} reference response(s) for the validation prompt {reference_key(rec)}"
+                )
+            refs.append(entry)
+        lengths = torch.tensor([e["lengths"][:n] for e in refs], dtype=torch.float64)
+        return [e["responses"][:n] for e in refs], lengths
+
+    def save(self) -> None:
+        """Written atomically (a crash mid-write leaves no half file to resume against)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with tmp.open("w") as f:
+            for key, entry in self.entries.items():
+                f.write(json.dumps({"prompt": json.loads(key), **entry}, ensure_ascii=False) + "\n")
+        tmp.replace(self.path)
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceResponses:
+        entries = {}
+        with Path(path).open() as f:
+            for line in f:
+                row = json.loads(line)
+                entries[json.dumps(row.pop("prompt"), sort_keys=True, ensure_ascii=False)] = row
+        return cls(path, entries)
 
 
-def load_reference(path: Path) -> dict[str, dict]:
-    """The reference responses saved by ``save_reference``, keyed like ``reference_key``."""
-    out = {}
-    with path.open() as f:
-        for line in f:
-            row = json.loads(line)
-            out[json.dumps(row.pop("prompt"), sort_keys=True, ensure_ascii=False)] = row
-    return out
+def update_win_rate(
+    metric: WinRate, oracle, reference: ReferenceResponses, records, responses: list[list[list[int]]], texts, device
+) -> None:
+    """Add a validation batch (``responses`` ids and their ``texts``, ``[P][n]``) to ``metric``: the oracle's
+    preference of each over the reference response to the same prompt, and both lengths."""
+    n = min(len(group) for group in texts)
+    ref_texts, ref_lengths = reference.lookup(records, n)
+    preference = preference_over_reference(oracle, records, [g[:n] for g in texts], ref_texts, device)
+    lengths = torch.tensor([[len(r) for r in group[:n]] for group in responses], dtype=torch.float64)
+    metric.update(preference.to(metric.device), lengths.to(metric.device), ref_lengths.to(metric.device))

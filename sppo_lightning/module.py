@@ -18,22 +18,17 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sppo_lightning import sharding
-from sppo_lightning.errors import ConfigError, DataError, DivergenceError, refusing_remote_code
-from sppo_lightning.evaluation import (
-    GroupedAccuracy,
-    WinRate,
-    group_keys,
-    load_reference,
-    preference_over_reference,
-    reference_key,
-    save_reference,
-)
+from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
+from sppo_lightning.evaluation import GroupedAccuracy, ReferenceResponses, WinRate, group_keys, update_win_rate
 from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import dpo_loss, ipo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
 from sppo_lightning.rewards.base import RuleOracle, rule_scores
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
+
+REFERENCE_FILE = "reference_responses.jsonl"
+"""Under ``trainer.default_root_dir``: the starting policy's validation responses, the win rate's reference."""
 
 LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo"]
 
@@ -119,7 +114,7 @@ class SPPOModule(L.LightningModule):
         # come from the data) and must not enter the state dict or the FSDP wrapping.
         self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
-        self._reference: dict[str, dict] | None = None  # val prompt key -> the starting policy's responses
+        self._reference: ReferenceResponses | None = None  # the starting policy's validation responses
         self._collecting_reference = False
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
@@ -340,7 +335,7 @@ class SPPOModule(L.LightningModule):
         metric = self._new_accuracy()
         win_rate = WinRate().to(self.device) if self._reference is not None or self._collecting_reference else None
         if self._collecting_reference:
-            self._reference = {}
+            self._reference = ReferenceResponses(Path(self.trainer.default_root_dir) / REFERENCE_FILE)
         for batch in dataloader:
             metric.update(self._score_batch(batch, win_rate), batch["records"])
         self.rollout_engine().after_rollout(self)
@@ -355,32 +350,10 @@ class SPPOModule(L.LightningModule):
             raise ConfigError("model.val_win_rate needs the datamodule's oracle (data.oracle) to judge responses")
         return self.hparams.val_win_rate
 
-    def _reference_path(self) -> Path:
-        return Path(self.trainer.default_root_dir) / "reference_responses.jsonl"
-
     def _update_win_rate(self, metric: WinRate, records, responses: list[list[list[int]]], texts) -> None:
-        """The oracle's preference of ``texts`` over the reference; while collecting, ``texts`` become the reference
-        (so the first value is the oracle's verdict on identical pairs: ½ under greedy validation)."""
-        keys = [reference_key(rec) for rec in records]
-        if self._collecting_reference:
-            for key, group, ids in zip(keys, texts, responses, strict=True):
-                self._reference[key] = {"responses": group, "lengths": [len(r) for r in ids]}
-        missing = [key for key in keys if key not in self._reference]
-        if missing:
-            raise DataError(f"validation prompt {missing[0]} has no reference response in {self._reference_path()}")
-        refs = [self._reference[key] for key in keys]
-        n = min(len(group) for group in texts)
-        if any(len(ref["responses"]) < n for ref in refs):
-            raise DataError(
-                f"{self._reference_path()} holds fewer responses per prompt than data.val_samples_per_prompt"
-            )
-        oracle = self.trainer.datamodule.oracle
-        preference = preference_over_reference(
-            oracle, records, [g[:n] for g in texts], [ref["responses"][:n] for ref in refs], self.device
-        )
-        lengths = torch.tensor([[len(r) for r in group[:n]] for group in responses], dtype=torch.float64)
-        ref_lengths = torch.tensor([ref["lengths"][:n] for ref in refs], dtype=torch.float64)
-        metric.update(preference.to(self.device), lengths.to(self.device), ref_lengths.to(self.device))
+        if self._collecting_reference:  # the first validation's responses are the reference: the first value is ½
+            self._reference.add(records, responses, texts)
+        update_win_rate(metric, self.trainer.datamodule.oracle, self._reference, records, responses, texts, self.device)
 
     def _save_reference(self) -> None:
         """Merge every rank's share of the reference and write it (rank 0), once, at the start of fit."""
@@ -389,19 +362,19 @@ class SPPOModule(L.LightningModule):
         self._collecting_reference = False
         if self.trainer.world_size > 1:
             shares = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shares, self._reference)
-            self._reference = {k: v for share in shares for k, v in share.items()}
+            torch.distributed.all_gather_object(shares, self._reference.entries)
+            self._reference.entries = {k: v for share in shares for k, v in share.items()}
         if self.trainer.is_global_zero:
-            save_reference(self._reference_path(), self._reference)
+            self._reference.save()
 
     def _load_reference(self) -> None:
+        path = Path(self.trainer.default_root_dir) / REFERENCE_FILE
         if not self._win_rate_enabled():
             return
-        path = self._reference_path()
         if not path.exists():
             rank_zero_warn(f"no {path} to resume the win rate against: val/win_rate is not logged in this run")
             return
-        self._reference = load_reference(path)
+        self._reference = ReferenceResponses.load(path)
 
     # ----------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

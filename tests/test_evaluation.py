@@ -10,12 +10,11 @@ import torch
 from sppo_lightning.data.prompts import PromptRecord
 from sppo_lightning.evaluation import (
     GroupedAccuracy,
+    ReferenceResponses,
     WinRate,
     group_keys,
-    load_reference,
     preference_over_reference,
     reference_key,
-    save_reference,
 )
 from sppo_lightning.rewards.base import RuleOracle
 from sppo_lightning.rewards.pairwise import PairwiseOracle
@@ -122,11 +121,19 @@ def test_win_rate_metric_means_over_pairs():
     assert WinRate().compute() == {}
 
 
-def test_reference_file_round_trip(tmp_path):
-    ref = {reference_key(rec()): {"responses": ["é 2"], "lengths": [3]}}
-    save_reference(tmp_path / "reference_responses.jsonl", ref)
-    assert load_reference(tmp_path / "reference_responses.jsonl") == ref
+def test_reference_file_round_trip_and_lookup(tmp_path):
+    from sppo_lightning.errors import DataError
+
+    ref = ReferenceResponses(tmp_path / "reference_responses.jsonl")
+    ref.add([rec()], [[[5, 6, 7], [5]]], [["é 2", "2"]])
+    ref.save()
+    loaded = ReferenceResponses.load(tmp_path / "reference_responses.jsonl")
+    assert loaded.entries == ref.entries == {reference_key(rec()): {"responses": ["é 2", "2"], "lengths": [3, 1]}}
     assert json.loads((tmp_path / "reference_responses.jsonl").read_text())["prompt"] == rec().messages
+    texts, lengths = loaded.lookup([rec()], n=1)
+    assert texts == [["é 2"]] and lengths.tolist() == [[3.0]]
+    with pytest.raises(DataError, match="no 3 reference response"):
+        loaded.lookup([rec()], n=3)
 
 
 @pytest.mark.slow
@@ -144,7 +151,7 @@ def test_fit_logs_win_rate_against_the_starting_policy(tmp_path):
     ]  # fmt: skip
     run("fit", *small, "--trainer.max_epochs=3")
     path = tmp_path / "reference_responses.jsonl"
-    reference = load_reference(path)
+    reference = ReferenceResponses.load(path).entries
     assert len(reference) <= 40 and all(len(r["responses"]) == 1 for r in reference.values())
     ref_length = sum(r["lengths"][0] for r in reference.values()) / len(reference)
 
