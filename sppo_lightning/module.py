@@ -67,7 +67,7 @@ class SPPOModule(L.LightningModule):
             clip_ratio: ε of a per-token trust region on the SPPO regressions (not in the paper): a token whose
                 ratio π_θ/π_t has left [1 − ε, 1 + ε] in the direction its row is pushed stops receiving gradient,
                 as in PPO. None = the paper's loss. It lets a large η and several passes over a rollout
-                (``data.passes_per_rollout``) pay off; not used by ``dpo``.
+                (``data.passes_per_rollout``) pay off; not used by ``dpo`` and ``ipo``.
             dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
             ipo_tau: τ of the IPO baseline (only for ``loss_type: ipo``): the winner-minus-loser log-ratio, averaged
                 over each response's tokens as in TRL, is regressed onto 1/(2τ).
