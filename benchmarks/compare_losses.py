@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo")
+LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo")
 
 
 def accuracies(root: Path) -> list[float]:

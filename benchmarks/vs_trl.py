@@ -39,6 +39,12 @@ PROMPTS, K, NEW_TOKENS, LR, MICRO = 64, 4, 16, 1e-4, 64
 def accuracy(model, tokenizer, records) -> float:
     from sppo_lightning.rewards.base import rule_scores
     from sppo_lightning.rewards.math import compute_score
+
+    return float(rule_scores(compute_score, greedy_texts(model, tokenizer, records), records).mean())
+
+
+def greedy_texts(model, tokenizer, records) -> list[list[str]]:
+    """``[P][1]`` greedy responses of ``model`` to ``records``, decoded."""
     from sppo_lightning.rollout.base import SamplingParams
     from sppo_lightning.rollout.hf import hf_generate
 
@@ -49,8 +55,7 @@ def accuracy(model, tokenizer, records) -> float:
     ]  # fmt: skip
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=NEW_TOKENS)
     out = hf_generate(model, ids, params, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=len(ids))
-    texts = [[tokenizer.decode(r, skip_special_tokens=True) for r in g] for g in out]
-    return float(rule_scores(compute_score, texts, records).mean())
+    return [[tokenizer.decode(r, skip_special_tokens=True) for r in g] for g in out]
 
 
 def run_ours(
@@ -78,8 +83,15 @@ def run_ours(
 
 
 def run_trl(
-    iterations: int, seed: int, out: Path, lr: float = LR, passes: int = 1, options: dict | None = None
+    iterations: int,
+    seed: int,
+    out: Path,
+    lr: float = LR,
+    passes: int = 1,
+    options: dict | None = None,
+    reward_fn=None,
 ) -> dict:
+    """TRL's GRPO on the same work; ``reward_fn`` (a TRL reward function) replaces the boxed-answer checker."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -106,7 +118,7 @@ def run_trl(
     )  # fmt: skip
     config = GRPOConfig(**{**settings, **(options or {})})  # --trl-option wins over the matched settings
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
+        model=model, reward_funcs=reward_fn or reward, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )  # fmt: skip
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Validation accuracy as MATH reports it: overall, by level and by subject, and pass@k / mean@k when sampling.
+"""Validation accuracy as MATH reports it (overall, by level and by subject, pass@k / mean@k when sampling), and the
+win rate against a reference set of responses as AlpacaEval reports it.
 
 A prompt answered with k samples contributes the mean of its k scores to accuracy (mean@k; plain accuracy when
 k = 1, the greedy default) and 1 to pass@k when any sample is correct. Groups come from the prompt's
@@ -7,8 +8,10 @@ k = 1, the greedy default) and 1 to pass@k when any sample is correct. Groups co
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torchmetrics import Metric
@@ -68,3 +71,129 @@ class GroupedAccuracy(Metric):
             if self.prompts[i] > 0:
                 out[f"accuracy/{key}"] = float(self.score_sum[i] / self.prompts[i])
         return out
+
+
+# --------------------------------------------------------------------------------------------------- win rate
+# What AlpacaEval measures: the judge's preference of the policy's response over a fixed reference response to the
+# same prompt, here the starting policy's (generated once, at the start of fit). Judges tend to prefer longer
+# answers, so the lengths of both are reported beside it.
+
+
+def preference_over_reference(
+    oracle, records: Sequence[PromptRecord], responses: list[list[str]], reference: list[list[str]], device=None
+) -> torch.Tensor:
+    """``[P, n]``: the oracle's probability that the i-th response to prompt p beats the i-th reference response.
+
+    Each (response, reference) pair is scored as a group of two by ``oracle.score``, so any oracle works: a pairwise
+    judge asks both orders and symmetrises (two identical texts give exactly ½), a reward model gives σ(s − s_ref),
+    a rule 1, ½ or 0. The probability is read back from the group's win-rates, P̂ = (½ + p) / 2 when the oracle
+    counts each response against itself (``include_self``), P̂ = p otherwise.
+    """
+    from sppo_lightning.rollout.base import Rollout
+
+    pairs = [(p, i) for p, group in enumerate(responses) for i in range(len(group))]
+    if not pairs:
+        return torch.zeros(len(responses), 0)
+    rollout = Rollout(
+        prompts=[records[p] for p, _ in pairs],
+        prompt_ids=[[] for _ in pairs],
+        response_ids=[[[], []] for _ in pairs],
+        response_text=[[responses[p][i], reference[p][i]] for p, i in pairs],
+    )
+    oracle.score(rollout, device=device)
+    first = rollout.win_rates[:, 0].double()
+    probs = 2 * first - 0.5 if getattr(oracle, "include_self", True) else first
+    return probs.clamp(0, 1).float().view(len(responses), -1)
+
+
+class WinRate(Metric):
+    """Mean preference over the reference, mean response length and mean reference length, summed over ranks."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in ("preference", "length", "reference_length", "count"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preference: torch.Tensor, lengths: torch.Tensor, reference_lengths: torch.Tensor) -> None:
+        """Three tensors of the same shape, one value per (response, reference) pair."""
+        self.preference += preference.double().sum()
+        self.length += lengths.double().sum()
+        self.reference_length += reference_lengths.double().sum()
+        self.count += preference.numel()
+
+    def compute(self) -> dict[str, float]:
+        """``{"win_rate": …, "response_length": …, "reference_length": …}`` (lengths in tokens); empty if no pair."""
+        n = float(self.count)
+        if n == 0:
+            return {}
+        return {
+            "win_rate": float(self.preference) / n,
+            "response_length": float(self.length) / n,
+            "reference_length": float(self.reference_length) / n,
+        }
+
+
+def reference_key(record: PromptRecord) -> str:
+    """A validation prompt's key in the reference file: its messages as JSON (the same on every rank and resume)."""
+    return json.dumps(record.messages, sort_keys=True, ensure_ascii=False)
+
+
+class ReferenceResponses:
+    """The fixed responses the win rate is measured against, by prompt: texts and lengths in tokens.
+
+    Saved as ``path`` (jsonl, one line per prompt: ``{"prompt": messages, "responses": [...], "lengths": [...]}``).
+    """
+
+    def __init__(self, path: Path, entries: dict[str, dict] | None = None):
+        self.path, self.entries = Path(path), entries if entries is not None else {}
+
+    def add(self, records: Sequence[PromptRecord], responses: list[list[list[int]]], texts: list[list[str]]) -> None:
+        for rec, ids, group in zip(records, responses, texts, strict=True):
+            self.entries[reference_key(rec)] = {"responses": list(group), "lengths": [len(r) for r in ids]}
+
+    def lookup(self, records: Sequence[PromptRecord], n: int) -> tuple[list[list[str]], torch.Tensor]:
+        """The first ``n`` reference responses of each prompt and their lengths ``[P, n]``."""
+        from sppo_lightning.errors import DataError
+
+        refs = []
+        for rec in records:
+            entry = self.entries.get(reference_key(rec))
+            if entry is None or len(entry["responses"]) < n:
+                raise DataError(
+                    f"{self.path}: no {n} reference response(s) for the validation prompt {reference_key(rec)}"
+                )
+            refs.append(entry)
+        lengths = torch.tensor([e["lengths"][:n] for e in refs], dtype=torch.float64)
+        return [e["responses"][:n] for e in refs], lengths
+
+    def save(self) -> None:
+        """Written atomically (a crash mid-write leaves no half file to resume against)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with tmp.open("w") as f:
+            for key, entry in self.entries.items():
+                f.write(json.dumps({"prompt": json.loads(key), **entry}, ensure_ascii=False) + "\n")
+        tmp.replace(self.path)
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceResponses:
+        entries = {}
+        with Path(path).open() as f:
+            for line in f:
+                row = json.loads(line)
+                entries[json.dumps(row.pop("prompt"), sort_keys=True, ensure_ascii=False)] = row
+        return cls(path, entries)
+
+
+def update_win_rate(
+    metric: WinRate, oracle, reference: ReferenceResponses, records, responses: list[list[list[int]]], texts, device
+) -> None:
+    """Add a validation batch (``responses`` ids and their ``texts``, ``[P][n]``) to ``metric``: the oracle's
+    preference of each over the reference response to the same prompt, and both lengths."""
+    n = min(len(group) for group in texts)
+    ref_texts, ref_lengths = reference.lookup(records, n)
+    preference = preference_over_reference(oracle, records, [g[:n] for g in texts], ref_texts, device)
+    lengths = torch.tensor([[len(r) for r in group[:n]] for group in responses], dtype=torch.float64)
+    metric.update(preference.to(metric.device), lengths.to(metric.device), ref_lengths.to(metric.device))

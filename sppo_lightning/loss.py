@@ -1,4 +1,4 @@
-"""SPPO objectives and the iterative-DPO baseline: pure tensor functions, no state, torch only.
+"""SPPO objectives and the iterative DPO and IPO baselines: pure tensor functions, no state, torch only.
 
 Notation: for a prompt x and a response y, ``logps`` are sequence log-probabilities log π(y|x) summed over the
 response tokens; ``ref`` is π_t, the policy at the start of the iteration; P̂(y ≻ π_t | x) is the estimated
@@ -103,3 +103,24 @@ def dpo_loss(
     """
     margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     return -F.logsigmoid(beta * margin)
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17), no reduction; iterated with π_t as reference it is the SPPO paper's other
+    baseline:
+
+        h = log π_θ(y_w|x)/π_t(y_w|x) − log π_θ(y_l|x)/π_t(y_l|x),    ℓ = ( h − 1/(2τ) )²
+
+    A regression of the margin onto 1/(2τ) rather than DPO's push towards +∞, so it keeps regularising when the
+    preference is deterministic. The module passes log-probs averaged over each response's tokens, as TRL's
+    ``loss_type="ipo"`` does (its authors confirmed that normalisation with IPO's authors); the function itself
+    takes whatever log-probs it is given.
+    """
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return (margin - 1 / (2 * tau)) ** 2

@@ -9,23 +9,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sppo_lightning import optim, sharding
 from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer, refusing_remote_code
-from sppo_lightning.evaluation import GroupedAccuracy, group_keys
+from sppo_lightning.evaluation import GroupedAccuracy, ReferenceResponses, WinRate, group_keys, update_win_rate
 from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
-from sppo_lightning.loss import dpo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
-from sppo_lightning.rewards.base import rule_scores
+from sppo_lightning.loss import dpo_loss, ipo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
+from sppo_lightning.rewards.base import RuleOracle, rule_scores
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
 
-LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
+REFERENCE_FILE = "reference_responses.jsonl"
+"""Under ``trainer.default_root_dir``: the starting policy's validation responses, the win rate's reference."""
+
+LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo"]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -53,6 +58,7 @@ class SPPOModule(L.LightningModule):
         eta: float = 1.0,
         clip_ratio: float | None = None,
         dpo_beta: float = 0.1,
+        ipo_tau: float = 0.1,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.01,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -69,18 +75,22 @@ class SPPOModule(L.LightningModule):
         fsdp_cpu_offload: bool = False,
         max_nonfinite_steps: int = 10,
         accuracy_fn: Callable[[str, str], float] = compute_score,
+        val_win_rate: bool | None = None,
     ):
         """
         Args:
             model_name_or_path: A hub id or a local folder, loaded with ``from_pretrained``.
             loss_type: ``sppo`` (all K samples, the paper), ``sppo_pair`` (winner and loser, the authors' code),
-                ``sppo_softmean`` (η(r − SoftMean_η(r)), the verl recipe) or ``dpo`` (iterative DPO baseline).
+                ``sppo_softmean`` (η(r − SoftMean_η(r)), the verl recipe), ``dpo`` or ``ipo`` (iterative DPO / IPO
+                baselines, on the winner and the loser).
             eta: η, the step size of the multiplicative-weights update; SPPO targets are η(P̂ − ½).
             clip_ratio: ε of a per-token trust region on the SPPO regressions (not in the paper): a token whose
                 ratio π_θ/π_t has left [1 − ε, 1 + ε] in the direction its row is pushed stops receiving gradient,
                 as in PPO. None = the paper's loss. It lets a large η and several passes over a rollout
-                (``data.passes_per_rollout``) pay off; not used by ``dpo``.
+                (``data.passes_per_rollout``) pay off; not used by ``dpo`` and ``ipo``.
             dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
+            ipo_tau: τ of the IPO baseline (only for ``loss_type: ipo``): the winner-minus-loser log-ratio, averaged
+                over each response's tokens as in TRL, is regressed onto 1/(2τ).
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
             weight_decay: AdamW weight decay, on the parameters ``weight_decay_on`` names.
             adam_betas: AdamW betas.
@@ -107,14 +117,23 @@ class SPPOModule(L.LightningModule):
             max_nonfinite_steps: A step whose loss or gradient is NaN/inf is skipped and counted
                 (``train/skipped_steps``); this many in a row stop the run. 0 = never stop.
             accuracy_fn: ``f(response_text, ground_truth) -> float`` used for ``val/accuracy``.
+            val_win_rate: Log ``val/win_rate``, the oracle's mean preference of the policy's validation responses
+                over the starting policy's (generated once at the start of fit, kept in
+                ``<default_root_dir>/reference_responses.jsonl`` and reused on resume), with ``val/response_length``
+                and ``val/reference_length``. None = on when ``data.oracle`` is a preference oracle (pairwise or
+                reward model), off for the rule oracle.
         """
         super().__init__()
         if eta <= 0:
             raise ConfigError(f"model.eta must be > 0, got {eta}")
         if clip_ratio is not None and not 0 < clip_ratio < 1:
             raise ConfigError(f"model.clip_ratio must be in (0, 1) or null, got {clip_ratio}")
-        if clip_ratio is not None and loss_type == "dpo":
-            raise ConfigError("model.clip_ratio applies to the SPPO regressions, not to loss_type dpo: set it to null")
+        if ipo_tau <= 0:
+            raise ConfigError(f"model.ipo_tau must be > 0, got {ipo_tau}")
+        if clip_ratio is not None and loss_type in ("dpo", "ipo"):
+            raise ConfigError(
+                f"model.clip_ratio applies to the SPPO regressions, not to loss_type {loss_type}: set it to null"
+            )
         self.save_hyperparameters(ignore=["accuracy_fn"])
         self.accuracy_fn = accuracy_fn
         self.policy = None
@@ -124,6 +143,8 @@ class SPPOModule(L.LightningModule):
         self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
         self.initial_val_seconds: float | None = None
+        self._reference: ReferenceResponses | None = None  # the starting policy's validation responses
+        self._collecting_reference = False
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
         # time/train runs from the epoch's start to its last step's end, less any validation in between
@@ -223,6 +244,10 @@ class SPPOModule(L.LightningModule):
         elif loss_type == "sppo_pair":  # rows alternate winner, loser
             wr = batch["win_rates"]
             losses = sppo_pair_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], wr[0::2], wr[1::2], eta)
+        elif loss_type == "ipo":  # per-token averages, as TRL's IPO (see ipo_loss)
+            n_tokens = batch["response_mask"].sum(-1).clamp(min=1)
+            avg, avg_ref = logps / n_tokens, ref / n_tokens
+            losses = ipo_loss(avg[0::2], avg[1::2], avg_ref[0::2], avg_ref[1::2], self.hparams.ipo_tau)
         else:
             losses = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], self.hparams.dpo_beta)
         loss = losses.mean()
@@ -285,9 +310,14 @@ class SPPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # The first point of the learning curve: accuracy of the policy before any update.
+        self._reference = None
+        if self.global_step > 0:  # resumed: the reference of the run's start, if it had one
+            self._load_reference()
         if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
             start = time.perf_counter()
+            self._collecting_reference = self._win_rate_enabled()  # this first pass generates the reference
             results = self.evaluate(self.trainer.datamodule.val_dataloader())
+            self._save_reference()
             if results:
                 self.initial_val_accuracy = results["accuracy"]
                 self.initial_val_seconds = time.perf_counter() - start
@@ -318,12 +348,14 @@ class SPPOModule(L.LightningModule):
         engine = getattr(self.trainer.datamodule, "engine", None) if self._trainer is not None else None
         return engine if engine is not None else HFEngine()
 
-    def _score_batch(self, batch) -> torch.Tensor:
+    def _score_batch(self, batch, win_rate: WinRate | None = None) -> torch.Tensor:
         """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1], one row per
         record (rows of ``prompt_ids`` past the records are padding that keeps ranks in step, not scored)."""
         responses = self.rollout_engine().generate(self, batch["prompt_ids"], batch["params"], seed=self.current_epoch)
         records = batch["records"]
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
+        if win_rate is not None:
+            self._update_win_rate(win_rate, records, responses[: len(records)], texts[: len(records)])
         return rule_scores(self.accuracy_fn, texts[: len(records)], records).reshape(len(records), batch["params"].n)
 
     def _new_accuracy(self) -> GroupedAccuracy:
@@ -334,9 +366,11 @@ class SPPOModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_start = time.perf_counter()
         self._val["accuracy"] = self._new_accuracy()
+        if self._reference is not None:
+            self._val["win_rate"] = WinRate().to(self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._val["accuracy"].update(self._score_batch(batch), batch["records"])
+        self._val["accuracy"].update(self._score_batch(batch, self._val.get("win_rate")), batch["records"])
 
     def on_validation_epoch_end(self) -> None:
         self.rollout_engine().after_rollout(self)
@@ -344,16 +378,56 @@ class SPPOModule(L.LightningModule):
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)  # equal on all ranks already
+        if "win_rate" in self._val:
+            self.log_dict({f"val/{k}": v for k, v in self._val.pop("win_rate").compute().items()}, sync_dist=True)
         self._val_seconds = (self._val_seconds or 0.0) + time.perf_counter() - self._val_start  # logged with time/train
 
     @torch.no_grad()
     def evaluate(self, dataloader) -> dict[str, float]:
         """The validation metrics over a whole dataloader, outside Lightning's loop (synchronised across ranks)."""
         metric = self._new_accuracy()
+        win_rate = WinRate().to(self.device) if self._reference is not None or self._collecting_reference else None
+        if self._collecting_reference:
+            self._reference = ReferenceResponses(Path(self.trainer.default_root_dir) / REFERENCE_FILE)
         for batch in dataloader:
-            metric.update(self._score_batch(batch), batch["records"])
+            metric.update(self._score_batch(batch, win_rate), batch["records"])
         self.rollout_engine().after_rollout(self)
-        return metric.compute()
+        return {**metric.compute(), **(win_rate.compute() if win_rate is not None else {})}
+
+    # -------------------------------------------------------------------------------------- win rate (val)
+    def _win_rate_enabled(self) -> bool:
+        oracle = getattr(self.trainer.datamodule, "oracle", None)
+        if self.hparams.val_win_rate is None:
+            return oracle is not None and not isinstance(oracle, RuleOracle)
+        if self.hparams.val_win_rate and oracle is None:
+            raise ConfigError("model.val_win_rate needs the datamodule's oracle (data.oracle) to judge responses")
+        return self.hparams.val_win_rate
+
+    def _update_win_rate(self, metric: WinRate, records, responses: list[list[list[int]]], texts) -> None:
+        if self._collecting_reference:  # the first validation's responses are the reference: the first value is ½
+            self._reference.add(records, responses, texts)
+        update_win_rate(metric, self.trainer.datamodule.oracle, self._reference, records, responses, texts, self.device)
+
+    def _save_reference(self) -> None:
+        """Merge every rank's share of the reference and write it (rank 0), once, at the start of fit."""
+        if not self._collecting_reference:
+            return
+        self._collecting_reference = False
+        if self.trainer.world_size > 1:
+            shares = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shares, self._reference.entries)
+            self._reference.entries = {k: v for share in shares for k, v in share.items()}
+        if self.trainer.is_global_zero:
+            self._reference.save()
+
+    def _load_reference(self) -> None:
+        path = Path(self.trainer.default_root_dir) / REFERENCE_FILE
+        if not self._win_rate_enabled():
+            return
+        if not path.exists():
+            rank_zero_warn(f"no {path} to resume the win rate against: val/win_rate is not logged in this run")
+            return
+        self._reference = ReferenceResponses.load(path)
 
     # ----------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

@@ -169,7 +169,9 @@ def test_validate_reports_the_starting_accuracy(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("loss_type", "min_gain"), [("sppo", 0.15), ("sppo_pair", 0.10), ("sppo_softmean", 0.10)])
+@pytest.mark.parametrize(
+    ("loss_type", "min_gain"), [("sppo", 0.15), ("sppo_pair", 0.10), ("sppo_softmean", 0.10), ("ipo", 0.10)]
+)
 def test_demo_learns(tmp_path, loss_type, min_gain):
     """The README's promise: the demo raises greedy accuracy by at least 15 points (measured: 31.5% -> 58%), and
     every SPPO variant by at least 10 through --model.loss_type alone."""

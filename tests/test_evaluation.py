@@ -1,10 +1,23 @@
-"""Validation metrics: accuracy overall, by level and subject, mean@k and pass@k, computed by hand."""
+"""Validation metrics: accuracy overall, by level and subject, mean@k and pass@k, and the win rate against the
+starting policy's responses, computed by hand."""
+
+import json
+import math
 
 import pytest
 import torch
 
 from sppo_lightning.data.prompts import PromptRecord
-from sppo_lightning.evaluation import GroupedAccuracy, group_keys
+from sppo_lightning.evaluation import (
+    GroupedAccuracy,
+    ReferenceResponses,
+    WinRate,
+    group_keys,
+    preference_over_reference,
+    reference_key,
+)
+from sppo_lightning.rewards.base import RuleOracle
+from sppo_lightning.rewards.pairwise import PairwiseOracle
 from sppo_lightning.toy.task import difficulty
 
 
@@ -84,3 +97,97 @@ def test_validation_shares_count_each_prompt_once_and_keep_ranks_in_step(num_pro
             scored += [r.extra_info["index"] for r in b["records"]]
     assert sorted(scored) == list(range(num_prompts))
     assert len(shapes) == 1
+
+
+# ------------------------------------------------------------------------------------------------- win rate
+class LongerIsBetter(PairwiseOracle):
+    """A judge that prefers the longer text: P(a ≻ b) = σ((len(a) − len(b)) / 4), plus ``bias`` for the one shown
+    first (which the symmetrised win-rate must cancel)."""
+
+    def __init__(self, bias: float = 0.0, include_self: bool = True):
+        super().__init__(include_self=include_self)
+        self.bias = bias
+
+    def prefer(self, prompts, first, second, device):
+        diff = torch.tensor([len(a) - len(b) for a, b in zip(first, second, strict=True)], dtype=torch.float32)
+        return (torch.sigmoid(diff / 4) + self.bias).clamp(0, 1)
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+def test_preference_over_reference_by_hand(include_self):
+    records = [rec(), PromptRecord([{"role": "user", "content": "other"}], "2")]
+    responses = [["abcdef", "ab"], ["xyz", "xyz"]]
+    reference = [["ab", "abcdef"], ["xyz", "uvw"]]
+    got = preference_over_reference(LongerIsBetter(bias=0.1, include_self=include_self), records, responses, reference)
+    # length differences +4, -4, 0, 0: σ(1), σ(-1), ½ and ½ (identical texts give exactly ½ whatever the bias)
+    expected = torch.tensor([[sigmoid(1.0), sigmoid(-1.0)], [0.5, 0.5]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_preference_over_reference_with_a_rule_oracle_counts_ties_half():
+    records = [PromptRecord([{"role": "user", "content": "1+1?"}], "2")] * 3
+    got = preference_over_reference(
+        RuleOracle(lambda text, truth: float(text == truth)), records, [["2"], ["3"], ["2"]], [["3"], ["2"], ["2"]]
+    )
+    torch.testing.assert_close(got, torch.tensor([[1.0], [0.0], [0.5]]))
+
+
+def test_win_rate_metric_means_over_pairs():
+    metric = WinRate()
+    metric.update(torch.tensor([[1.0, 0.5]]), torch.tensor([[4.0, 6.0]]), torch.tensor([[5.0, 5.0]]))
+    metric.update(torch.tensor([[0.0, 0.5]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
+    assert metric.compute() == {"win_rate": 0.5, "response_length": 3.0, "reference_length": 3.0}
+    assert WinRate().compute() == {}
+
+
+def test_reference_file_round_trip_and_lookup(tmp_path):
+    from sppo_lightning.errors import DataError
+
+    ref = ReferenceResponses(tmp_path / "reference_responses.jsonl")
+    ref.add([rec()], [[[5, 6, 7], [5]]], [["é 2", "2"]])
+    ref.save()
+    loaded = ReferenceResponses.load(tmp_path / "reference_responses.jsonl")
+    assert loaded.entries == ref.entries == {reference_key(rec()): {"responses": ["é 2", "2"], "lengths": [3, 1]}}
+    assert json.loads((tmp_path / "reference_responses.jsonl").read_text())["prompt"] == rec().messages
+    texts, lengths = loaded.lookup([rec()], n=1)
+    assert texts == [["é 2"]] and lengths.tolist() == [[3.0]]
+    with pytest.raises(DataError, match="no 3 reference response"):
+        loaded.lookup([rec()], n=3)
+
+
+@pytest.mark.slow
+def test_fit_logs_win_rate_against_the_starting_policy(tmp_path):
+    """With a judge that prefers longer responses as the oracle, the first val/win_rate is the judge's verdict on
+    identical pairs (½), the reference is written once, the policy learns to answer longer and wins, and a resumed
+    run reuses the reference."""
+    from tests.test_cli import DEMO, read_metrics, run
+
+    small = [
+        "--config", DEMO, "--data.prompts_per_epoch=16", "--data.val.init_args.num_prompts=40",
+        "--data.val_batch_size=40", "--data.oracle=tests.test_evaluation.LongerIsBetter",
+        "--trainer.enable_progress_bar=false", "--model.learning_rate=1e-3", "--model.eta=8",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]  # fmt: skip
+    run("fit", *small, "--trainer.max_epochs=3")
+    path = tmp_path / "reference_responses.jsonl"
+    reference = ReferenceResponses.load(path).entries
+    assert len(reference) <= 40 and all(len(r["responses"]) == 1 for r in reference.values())
+    ref_length = sum(r["lengths"][0] for r in reference.values()) / len(reference)
+
+    rows = [r for r in read_metrics(tmp_path) if r.get("val/win_rate")]
+    win = [float(r["val/win_rate"]) for r in rows]
+    assert len(win) == 4 and win[0] == 0.5  # before any update the policy is the reference
+    assert float(rows[0]["val/response_length"]) == pytest.approx(ref_length)
+    assert all(float(r["val/reference_length"]) == pytest.approx(ref_length) for r in rows)
+    assert win[-1] > 0.6, win  # longer answers, preferred by the judge
+    assert float(rows[-1]["val/response_length"]) > ref_length
+
+    before = path.read_bytes()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    run("fit", *small, "--trainer.max_epochs=4", "--ckpt_path=last")
+    assert path.read_bytes() == before  # the starting policy's responses, not the resumed policy's
+    assert len([r for r in read_metrics(tmp_path) if r.get("val/win_rate")]) == 5

@@ -7,6 +7,7 @@ import torch
 
 from sppo_lightning.loss import (
     dpo_loss,
+    ipo_loss,
     softmean,
     softmean_targets,
     sppo_loss,
@@ -111,6 +112,32 @@ def test_dpo_loss_by_hand():
     # At the reference point the loss is log 2 whatever beta.
     zero = dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.1)
     assert zero.item() == pytest.approx(math.log(2))
+
+
+def test_ipo_loss_by_hand():
+    # h = (-1 - -2) - (-3 - -2) = 1 - (-1) = 2; tau = 0.25: target 1/(2 * 0.25) = 2, so the loss is 0
+    args = (
+        torch.tensor([-1.0, -1.0]),
+        torch.tensor([-3.0, -2.0]),
+        torch.tensor([-2.0, -2.0]),
+        torch.tensor([-2.0, -2.0]),
+    )
+    out = ipo_loss(*args, tau=0.25)
+    # second row: h = 1 - 0 = 1, (1 - 2)^2 = 1
+    torch.testing.assert_close(out, torch.tensor([0.0, 1.0]))
+    # At the reference point h = 0: (0 - 1/(2 tau))^2 = 1/(4 tau^2) = 25 at tau = 0.1
+    zero = ipo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), tau=0.1)
+    assert zero.item() == pytest.approx(25.0)
+
+
+def test_ipo_regresses_the_margin_and_stops_where_dpo_keeps_pushing():
+    """Beyond the margin 1/(2τ), IPO pulls the winner back down; DPO's gradient still raises it."""
+    chosen = torch.tensor([5.0], requires_grad=True)  # margin 5 > 1/(2 * 0.5) = 1
+    ipo_loss(chosen, torch.zeros(1), torch.zeros(1), torch.zeros(1), tau=0.5).sum().backward()
+    assert chosen.grad.item() == pytest.approx(2 * (5.0 - 1.0))  # > 0: descent lowers the margin
+    chosen.grad = None
+    dpo_loss(chosen, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.5).sum().backward()
+    assert chosen.grad.item() < 0
 
 
 def test_gradient_pushes_winners_up_and_losers_down():

@@ -197,3 +197,27 @@ def test_the_first_step_of_a_model_with_dropout_starts_at_pi_t(dropout_model_dir
 
     fit_one_iteration(SPPOModule(str(dropout_model_dir), learning_rate=1e-3), FirstStep())
     assert first["log_ratio"] == 0.0
+
+
+def test_ipo_step_regresses_the_token_averaged_margin(toy_model_dir):
+    """loss_type ipo: h = mean over tokens of log π_θ/π_t, winner minus loser (TRL's convention), and the loss is
+    (h − 1/(2τ))². π_t is shifted by hand so that every winner token has log-ratio 0.3 and every loser token −0.1."""
+    from sppo_lightning.errors import ConfigError
+
+    module = SPPOModule(str(toy_model_dir), loss_type="ipo", ipo_tau=0.25)
+    module.configure_model()
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    module._all_ranks_finite = lambda loss: True
+    rows = [Example([1, 2, 3], [4, 5, 6, 7], 1.0, 0.75, 0.0, 0), Example([1, 2, 3], [8, 9], 0.0, 0.25, 0.0, 0)]
+    batch = collate(rows, pad_id=0)
+    with torch.no_grad():
+        logps = module.token_logps(batch)  # (2, 4): the loser's last two columns are padding (0)
+    valid = torch.tensor([[1.0] * 4, [1.0, 1.0, 0.0, 0.0]])
+    batch["ref_logps"] = (logps - torch.tensor([[0.3], [-0.1]])) * valid
+    loss = module.training_step(batch, 0)
+    # h = 0.3 - (-0.1) = 0.4 whatever the lengths (summed, it would be 4 * 0.3 + 2 * 0.1 = 1.4); 1/(2τ) = 2
+    assert loss.item() == pytest.approx((0.4 - 2.0) ** 2, rel=1e-4)
+    with pytest.raises(ConfigError, match="ipo_tau"):
+        SPPOModule(str(toy_model_dir), loss_type="ipo", ipo_tau=0.0)
+    with pytest.raises(ConfigError, match="not to loss_type ipo"):
+        SPPOModule(str(toy_model_dir), loss_type="ipo", clip_ratio=0.2)

@@ -1,7 +1,7 @@
 """From a scored rollout to training micro-batches: which responses train, with which targets.
 
 A *group* is the set of rows that come from one prompt and must land in the same micro-batch: all K responses
-for ``sppo`` and ``sppo_softmean``, the winner and the loser for ``sppo_pair`` and ``dpo``. Micro-batches are
+for ``sppo`` and ``sppo_softmean``, the winner and the loser for ``sppo_pair``, ``dpo`` and ``ipo``. Micro-batches are
 made of whole groups, shuffled as groups, so group membership survives shuffling.
 """
 
@@ -14,8 +14,8 @@ import torch
 from sppo_lightning.loss import softmean_targets
 from sppo_lightning.rollout.base import Rollout
 
-LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo")
-PAIR_LOSSES = ("sppo_pair", "dpo")
+LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo")
+PAIR_LOSSES = ("sppo_pair", "dpo", "ipo")
 
 
 @dataclass
@@ -54,8 +54,8 @@ def build_groups(
             # responses even when all K tie (sppo_pair then regresses both onto 0, DPO skips the group).
             k = rollout.group_size
             win, lose = int(win_rates[p].argmax()), k - 1 - int(win_rates[p].flip(0).argmin())
-            if loss_type == "dpo" and win_rates[p, win] == win_rates[p, lose]:
-                continue  # all K tie: DPO has no preference to learn from
+            if loss_type in ("dpo", "ipo") and win_rates[p, win] == win_rates[p, lose]:
+                continue  # all K tie: DPO and IPO have no preference to learn from
             keep = [win, lose]
         else:
             keep = range(rollout.group_size)

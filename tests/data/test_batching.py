@@ -29,7 +29,7 @@ def test_sppo_keeps_all_k_with_eta_times_win_rate_minus_half():
     assert [e.target for e in groups[0]] == [0.75, -0.25, -0.25, -0.25]
 
 
-def test_pair_losses_take_winner_then_loser_and_dpo_drops_ties():
+def test_pair_losses_take_winner_then_loser_and_dpo_ipo_drop_ties():
     rollout = make_rollout([[0, 1, 0], [1, 1, 1]])
     pair = build_groups(rollout, "sppo_pair", eta=1.0)
     # winner: the best; loser: the last of the worst
@@ -37,7 +37,9 @@ def test_pair_losses_take_winner_then_loser_and_dpo_drops_ties():
     assert len(pair) == 2  # the all-tie group stays for SPPO (its targets are 0), with two different responses
     assert [e.target for e in pair[1]] == [0.0, 0.0]
     assert [e.response_ids for e in pair[1]] == [rollout.response_ids[1][0], rollout.response_ids[1][2]]
-    assert len(build_groups(rollout, "dpo", eta=1.0)) == 1
+    for loss_type in ("dpo", "ipo"):  # no preference to learn from an all-tie group
+        [group] = build_groups(rollout, loss_type, eta=1.0)
+        assert [e.response_ids for e in group] == [e.response_ids for e in pair[0]]
 
 
 def test_softmean_targets_use_the_pool():
