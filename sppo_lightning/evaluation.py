@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torchmetrics import Metric
 
-from sppo_lightning.data.prompts import PromptRecord
+from sppo_lightning.records import PromptRecord
 
 
 def group_keys(record: PromptRecord) -> list[str]:

@@ -11,20 +11,11 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sppo_lightning.errors import DataError
-
-
-@dataclass
-class PromptRecord:
-    messages: list[dict[str, str]]
-    """Chat messages, the last one the user's turn."""
-    ground_truth: str
-    data_source: str = ""
-    extra_info: dict[str, Any] = field(default_factory=dict)
+from sppo_lightning.records import PromptRecord
 
 
 def record_from_row(row: dict[str, Any], where: str) -> PromptRecord:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from sppo_lightning.errors import DataError
 from sppo_lightning.preference import win_rates_from_rewards
+from sppo_lightning.records import PromptRecord, Rollout
 from sppo_lightning.rewards.math import compute_score
-from sppo_lightning.rollout.base import Rollout
-
-if TYPE_CHECKING:  # a type only: the data layer imports rewards, not the other way round
-    from sppo_lightning.data.prompts import PromptRecord
 
 
 class Oracle(ABC):
