@@ -1,13 +1,15 @@
 """log π(y_t | x, y_<t) of every response token. Their sum over a response is log π(y|x), the quantity every SPPO
 loss regresses (log π_θ(y|x) − log π_t(y|x)); the per-token values are what the trust region (``clip_ratio``) reads.
 
-Both functions return ``[B, R]``, response-aligned: column j is the j-th token of each row's response, R the longest
-response, 0 past a response's end. Two ways to the same numbers. ``response_token_logps`` runs every row, prompt
-and response, through the model. ``shared_prompt_token_logps`` runs each distinct prompt once and lets the rows
-that share it (the K responses of a group) continue from its KV cache: a group then costs P + K·R tokens instead
-of K·(P + R), so with 32-token prompts and 10-token responses, K = 4 sends 72 tokens through the model instead of
-168. Causal attention makes the two equal up to float rounding, gradients included: the prompt's keys and values
-receive the gradient of every row that reads them, as the repeated prompt positions of the plain forward do.
+All three functions return ``[B, R]``, response-aligned: column j is the j-th token of each row's response, R the
+longest response, 0 past a response's end. Three ways to the same numbers. ``response_token_logps`` runs every row,
+prompt and response, through the model, right-padded. ``packed_token_logps`` lays the rows end to end in one
+sequence with no padding, attention confined to each row. ``shared_prompt_token_logps`` runs each distinct prompt
+once and lets the rows that share it (the K responses of a group) continue from its KV cache: a group then costs
+P + K·R tokens instead of K·(P + R), so with 32-token prompts and 10-token responses, K = 4 sends 72 tokens through
+the model instead of 168. Causal attention makes them equal up to float rounding, gradients included: the prompt's
+keys and values receive the gradient of every row that reads them, as the repeated prompt positions of the plain
+forward do.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mask
 
 
-def _response_columns(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The response-aligned layout ``[B, R]`` both functions return: column indices ``[1, R]`` and which columns of
-    each row hold a response token (R = the longest response)."""
+def _response_columns(response_mask: torch.Tensor, at_least: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The response-aligned layout ``[B, R]`` the functions return: column indices ``[1, R]`` and which columns of
+    each row hold a response token (R = the longest response, or ``at_least``)."""
     lengths = response_mask.sum(1).long()
-    cols = torch.arange(int(lengths.max()), device=response_mask.device)[None, :]
+    cols = torch.arange(max(int(lengths.max()), at_least), device=response_mask.device)[None, :]
     return cols, cols < lengths[:, None]
 
 
@@ -60,8 +62,9 @@ def shared_prompt_token_logps(
     """``response_token_logps`` for rows laid out as ``collate`` does (prompt + response, right-padded, the first
     ``prompt_lengths`` tokens of a row being its prompt): each distinct prompt goes through the model once,
     left-padded so that its last token ends every row, and its KV cache is selected for each of the rows that
-    share it before the responses go through. When no prompt repeats (K = 1, as in the MATH recipe) that would
-    only split one forward in two, so the rows go through ``response_token_logps`` instead.
+    share it before the responses go through. It takes these two forwards whatever the data (no prompt repeating,
+    no response token), so that ranks stepping together under FSDP run the same forwards; with one sample per
+    prompt (the MATH recipe) there is nothing to share: use ``response_token_logps``.
 
     Needs a model whose forward returns and accepts a KV cache with gradients (any Hugging Face decoder without
     gradient checkpointing, which turns the cache off in training).
@@ -79,8 +82,6 @@ def shared_prompt_token_logps(
     pos, mask = left_padding(prompt_lengths)
     keys = torch.cat([input_ids.gather(1, pos) * mask, prompt_lengths[:, None]], dim=1)
     distinct, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # row_prompt[i]: the prompt of row i
-    if len(distinct) == len(input_ids):
-        return response_token_logps(model, input_ids, attention_mask, response_mask)
     prompt_pos, prompt_mask = left_padding(distinct[:, -1])
     out = model(
         input_ids=distinct[:, :-1],
@@ -95,8 +96,10 @@ def shared_prompt_token_logps(
     cache = out[cache_name]
     cache.batch_select_indices(row_prompt)  # every row gets its prompt's keys and values: (B, ...)
 
-    # The responses, right-padded, at positions that continue their prompt: (B, R).
-    cols, response_valid = _response_columns(response_mask)
+    # The responses, right-padded, at positions that continue their prompt: (B, R), R >= 1 (one masked column
+    # when no row has a response: the forward still runs).
+    n_cols = int(response_mask.sum(1).max())
+    cols, response_valid = _response_columns(response_mask, at_least=1)
     r_pos = prompt_lengths[:, None] + cols
     response_ids = input_ids.gather(1, r_pos.clamp(max=width - 1)) * response_valid
     rest = model(
@@ -108,4 +111,74 @@ def shared_prompt_token_logps(
     )
     # response token t is predicted by response position t-1, and token 0 by the prompt's last position
     logits = torch.cat([out.logits[row_prompt], rest.logits[:, :-1]], dim=1)
-    return _token_logps(logits, response_ids, response_valid)
+    return _token_logps(logits, response_ids, response_valid)[:, :n_cols]
+
+
+def packed_token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    share_prompt: bool = False,
+) -> torch.Tensor:
+    """``response_token_logps`` with the rows laid end to end as one sequence ``[1, N]``, no padding (verl's
+    ``use_remove_padding``): position ids restart at 0 with each row, and from them alone transformers keeps
+    attention within each row (``flash_attention_2`` by its variable-length kernel, ``sdpa`` and ``eager`` by a
+    block-diagonal causal mask). Only the positions that predict a response token go through the head
+    (``logits_to_keep`` as indices).
+
+    ``share_prompt``: each distinct prompt once, followed by the responses of its rows at the positions that
+    continue it, under a 4-D mask where a response sees its prompt and itself (``sdpa``/``eager`` only): a group
+    costs P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with no KV cache (so also under
+    gradient checkpointing). Rows are laid out as ``collate`` makes them.
+    """
+    device = input_ids.device
+    lengths, n_prompt = attention_mask.sum(1).long().tolist(), prompt_lengths.long().tolist()
+    rows = [input_ids[i, : lengths[i]] for i in range(len(lengths))]
+    # Segments: a prompt followed by the responses of the rows that share it, or (not sharing) each row whole.
+    groups: dict[tuple, list[int]] = {}  # a prompt (or a row) -> its rows, in order of first appearance
+    for i, row in enumerate(rows):
+        groups.setdefault(tuple(row[: n_prompt[i]].tolist()) if share_prompt else (i,), []).append(i)
+    pieces, positions, segment, owner = [], [], [], []  # per packed token: its group and row (-1: a shared prompt)
+    predictor, target, row_col = [], [], []  # per response token: the packed index predicting it, its id, (row, j)
+    for g, members in enumerate(groups.values()):
+        p = n_prompt[members[0]]
+        prompt_end = len(segment) + p - 1  # the prompt's last token, which predicts every response's first token
+        if share_prompt:
+            pieces.append(rows[members[0]][:p])
+            positions.append(torch.arange(p))
+            segment += [g] * p
+            owner += [-1] * p
+        for i in members:
+            body = rows[i][p:] if share_prompt else rows[i]  # what this row adds to the sequence
+            start = len(segment)
+            first_response = start if share_prompt else start + p
+            pieces.append(body)
+            positions.append(torch.arange(lengths[i] - len(body), lengths[i]))
+            segment += [g] * len(body)
+            owner += [i] * len(body)
+            for j in range(lengths[i] - p):
+                predictor.append(prompt_end if j == 0 else first_response + j - 1)
+                row_col.append((i, j))
+            target.append(rows[i][p:])
+    ids, pos = torch.cat(pieces)[None], torch.cat(positions).to(device)[None]  # (1, N)
+    where = torch.tensor(predictor, dtype=torch.long, device=device)
+    kwargs = {"position_ids": pos, "use_cache": False, "logits_to_keep": where}
+    if share_prompt:
+        n, seg, own = len(segment), torch.tensor(segment, device=device), torch.tensor(owner, device=device)
+        allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril() & (seg[:, None] == seg[None, :])
+        allowed &= (own[None, :] == -1) | (own[:, None] == own[None, :])  # keys: the prompt, or the same row
+        if model.config._attn_implementation == "eager":  # eager adds its mask to the scores
+            mask = torch.zeros(n, n, dtype=model.dtype, device=device)
+            allowed = mask.masked_fill(~allowed, torch.finfo(model.dtype).min)
+        kwargs["attention_mask"] = allowed[None, None]  # (1, 1, N, N)
+    logits = model(input_ids=ids, **kwargs).logits  # (1, M, V): one row per response token
+    targets = torch.cat(target)[None]  # (1, M)
+    logps = _token_logps(logits, targets, torch.ones(targets.shape, device=device))[0]
+    cols, valid = _response_columns(response_mask)
+    out = torch.zeros(valid.shape, dtype=logps.dtype, device=device)
+    if row_col:
+        index = torch.tensor(row_col, device=device).T
+        out = out.index_put((index[0], index[1]), logps)
+    return out
