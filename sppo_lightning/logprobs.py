@@ -14,6 +14,8 @@ forward do.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -114,6 +116,60 @@ def shared_prompt_token_logps(
     return _token_logps(logits, response_ids, response_valid)[:, :n_cols]
 
 
+# The packed sequence's attention under any implementation but flash_attention_2 (which has a variable-length kernel
+# of its own): scaled-dot-product attention over each segment separately, causal within it, so that no query pays
+# for the keys it may not see (a block-diagonal mask over the whole sequence would cost N² per layer instead of the
+# segments' Σ n²). Registered under this name and switched to for the packed forward only.
+SEGMENT_ATTENTION = "sppo_segments"
+
+
+def _segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=(), **kwargs):
+    """``query`` (1, H, N, D), ``key``/``value`` (1, Hkv, N, D); ``segments``: (length, prefix) tiling [0, N) in
+    order, ``prefix`` the index of an earlier segment (a shared prompt) or -1. A segment's queries see its own
+    earlier keys and, with a prefix, every key of it. Split, not sliced: a slice's backward writes a zero tensor of
+    the whole sequence per segment, a split's is one concatenation."""
+    import torch.nn.functional as F
+
+    sizes = [length for length, _ in segments]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
+    outs = []
+    for s, (length, prefix) in enumerate(segments):
+        k, v, mask = keys[s], values[s], None
+        if prefix >= 0:  # a response after its shared prompt: every prompt key, then causal
+            k, v = torch.cat([keys[prefix], k], dim=2), torch.cat([values[prefix], v], dim=2)
+            mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=query.device).tril(sizes[prefix])
+        outs.append(
+            F.scaled_dot_product_attention(
+                queries[s],
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scaling,
+                dropout_p=dropout if module.training else 0.0,
+                enable_gqa=k.shape[1] != query.shape[1],
+            )  # fmt: skip
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D), as transformers' sdpa returns
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
+
+
+@contextmanager
+def _attention(model, name: str):
+    """The model's attention implementation set to ``name`` for the duration (the config is read at each forward)."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
 def packed_token_logps(
     model,
     input_ids: torch.Tensor,
@@ -123,62 +179,62 @@ def packed_token_logps(
     share_prompt: bool = False,
 ) -> torch.Tensor:
     """``response_token_logps`` with the rows laid end to end as one sequence ``[1, N]``, no padding (verl's
-    ``use_remove_padding``): position ids restart at 0 with each row, and from them alone transformers keeps
-    attention within each row (``flash_attention_2`` by its variable-length kernel, ``sdpa`` and ``eager`` by a
-    block-diagonal causal mask). Only the positions that predict a response token go through the head
-    (``logits_to_keep`` as indices).
+    ``use_remove_padding``), position ids restarting with each row and attention kept within it: under
+    ``flash_attention_2`` by its variable-length kernel (transformers derives the row boundaries from the position
+    ids), under any other implementation by ``_segment_attention``, one scaled-dot-product attention per row. Only
+    the positions that predict a response token go through the head (``logits_to_keep`` as indices).
 
-    ``share_prompt``: each distinct prompt once, followed by the responses of its rows at the positions that
-    continue it, under a 4-D mask where a response sees its prompt and itself (``sdpa``/``eager`` only): a group
-    costs P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with no KV cache (so also under
-    gradient checkpointing). Rows are laid out as ``collate`` makes them.
+    ``share_prompt`` (not under ``flash_attention_2``): each distinct prompt once, followed by the responses of its
+    rows at the positions that continue it, each response attending to its prompt and itself: a group costs
+    P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with no KV cache (so also under gradient
+    checkpointing). Rows are laid out as ``collate`` makes them.
     """
     device = input_ids.device
+    flash = model.config._attn_implementation.startswith("flash")
+    share_prompt = share_prompt and not flash
     lengths, n_prompt = attention_mask.sum(1).long().tolist(), prompt_lengths.long().tolist()
     rows = [input_ids[i, : lengths[i]] for i in range(len(lengths))]
-    # Segments: a prompt followed by the responses of the rows that share it, or (not sharing) each row whole.
-    groups: dict[tuple, list[int]] = {}  # a prompt (or a row) -> its rows, in order of first appearance
+    groups: dict[tuple, list[int]] = {}  # a prompt (or, not sharing, a row) -> its rows, in order of first appearance
     for i, row in enumerate(rows):
         groups.setdefault(tuple(row[: n_prompt[i]].tolist()) if share_prompt else (i,), []).append(i)
-    pieces, positions, segment, owner = [], [], [], []  # per packed token: its group and row (-1: a shared prompt)
-    predictor, target, row_col = [], [], []  # per response token: the packed index predicting it, its id, (row, j)
-    for g, members in enumerate(groups.values()):
+    pieces, positions, segments = [], [], []  # segments: (length, index of the prompt segment it follows or -1)
+    predictor, target, row_col = [], [], []  # per response token: the index predicting it, its id, (row, column)
+    n = 0
+    for members in groups.values():
         p = n_prompt[members[0]]
-        prompt_end = len(segment) + p - 1  # the prompt's last token, which predicts every response's first token
+        prompt_end, prompt_segment = n + p, len(segments)  # not sharing: the row's own prompt, in its segment
         if share_prompt:
             pieces.append(rows[members[0]][:p])
             positions.append(torch.arange(p))
-            segment += [g] * p
-            owner += [-1] * p
+            segments.append((p, -1))
+            n += p
         for i in members:
             body = rows[i][p:] if share_prompt else rows[i]  # what this row adds to the sequence
-            start = len(segment)
-            first_response = start if share_prompt else start + p
             pieces.append(body)
             positions.append(torch.arange(lengths[i] - len(body), lengths[i]))
-            segment += [g] * len(body)
-            owner += [i] * len(body)
-            for j in range(lengths[i] - p):
-                predictor.append(prompt_end if j == 0 else first_response + j - 1)
-                row_col.append((i, j))
+            segments.append((len(body), prompt_segment if share_prompt else -1))
+            first_response = n if share_prompt else n + p
+            # token 0 is predicted by the prompt's last position, token j by the response's position j - 1
+            predictor += [prompt_end - 1 if j == 0 else first_response + j - 1 for j in range(lengths[i] - p)]
+            row_col += [(i, j) for j in range(lengths[i] - p)]
             target.append(rows[i][p:])
+            n += len(body)
     ids, pos = torch.cat(pieces)[None], torch.cat(positions).to(device)[None]  # (1, N)
     where = torch.tensor(predictor, dtype=torch.long, device=device)
-    kwargs = {"position_ids": pos, "use_cache": False, "logits_to_keep": where}
-    if share_prompt:
-        n, seg, own = len(segment), torch.tensor(segment, device=device), torch.tensor(owner, device=device)
-        allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril() & (seg[:, None] == seg[None, :])
-        allowed &= (own[None, :] == -1) | (own[:, None] == own[None, :])  # keys: the prompt, or the same row
-        if model.config._attn_implementation == "eager":  # eager adds its mask to the scores
-            mask = torch.zeros(n, n, dtype=model.dtype, device=device)
-            allowed = mask.masked_fill(~allowed, torch.finfo(model.dtype).min)
-        kwargs["attention_mask"] = allowed[None, None]  # (1, 1, N, N)
-    logits = model(input_ids=ids, **kwargs).logits  # (1, M, V): one row per response token
-    targets = torch.cat(target)[None]  # (1, M)
+    if flash:
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=where).logits
+    else:
+        with _attention(model, SEGMENT_ATTENTION):
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=where,
+                           segments=segments).logits  # fmt: skip
+    targets = torch.cat(target)[None]  # (1, M): one logit row per response token
     logps = _token_logps(logits, targets, torch.ones(targets.shape, device=device))[0]
-    cols, valid = _response_columns(response_mask)
+    _, valid = _response_columns(response_mask)
     out = torch.zeros(valid.shape, dtype=logps.dtype, device=device)
     if row_col:
         index = torch.tensor(row_col, device=device).T
         out = out.index_put((index[0], index[1]), logps)
     return out
+
+
+_register_segment_attention()
