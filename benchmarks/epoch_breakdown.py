@@ -3,7 +3,8 @@
     python benchmarks/epoch_breakdown.py --config configs/demo.yaml --epochs 3 [--out runs/breakdown] [overrides...]
 
 Runs N epochs of the config through the real CLI classes and prints, per phase (rollout, scoring, π_t log-probs,
-training): seconds, share, tokens/s and peak memory. Then it does the same work raw, with no framework: bare
+training, validation: off unless an override such as --trainer.limit_val_batches=1.0 turns it on): seconds, share,
+tokens/s and peak memory. Then it does the same work raw, with no framework: bare
 ``model.generate`` on the same prompts with the same sampling settings and lengths, and bare forward/backward +
 AdamW on the very micro-batches training saw. ``framework_overhead`` is (rollout + training) / (raw generate + raw
 forward/backward): scoring and the π_t forward are SPPO's own work, shown apart. A JSON file is written next to the
@@ -25,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train")
+PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "time/validation")
 
 
 class Recorder(L.Callback):
@@ -39,6 +40,13 @@ class Recorder(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self._start = time.perf_counter()
         self._train_tokens = 0
+        self._val_seconds = 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._val_seconds += time.perf_counter() - self._val_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._train_tokens += int(batch["attention_mask"].sum())
@@ -47,7 +55,8 @@ class Recorder(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         dm = trainer.datamodule
         m = dict(dm.rollout_metrics)
-        m["time/train"] = time.perf_counter() - self._start
+        m["time/train"] = time.perf_counter() - self._start - self._val_seconds  # validation runs inside the epoch
+        m["time/validation"] = self._val_seconds  # 0 unless an override turns validation back on
         h = dm.hparams
         n_prompts = h.prompts_per_epoch or len(dm.train_prompts)
         m["generated_tokens"] = m["rollout/response_length"] * n_prompts * h.samples_per_prompt
@@ -148,12 +157,15 @@ def main() -> None:
     generated = sum(e["generated_tokens"] for e in epochs)
     trained = sum(e["train_tokens"] for e in epochs)
     tokens = {"time/rollout": generated, "time/scoring": generated, "time/ref_logprobs": trained, "time/train": trained}
+    tokens["time/validation"] = 0  # not counted
     all_s = sum(total.values())
     where = f"{cli.trainer.strategy.root_device} ({torch.get_num_threads()} threads)"
     print(f"{len(epochs)} iterations (after {args.warmup} warm-up) of {args.config} on {where}")
     print(f"{'phase':<20}{'seconds':>10}{'share':>8}{'tokens/s':>12}")
     for p in PHASES:
-        print(f"{p:<20}{total[p]:>10.2f}{total[p] / all_s:>8.0%}{tokens[p] / total[p]:>12.0f}")
+        # a phase that took no measurable time (π_t taken from the rollout's logits) has no meaningful rate
+        rate = f"{tokens[p] / total[p]:>12.0f}" if tokens[p] and total[p] >= 0.01 * all_s else f"{'-':>12}"
+        print(f"{p:<20}{total[p]:>10.2f}{total[p] / all_s:>8.0%}{rate}")
     print(f"{'raw/generate':<20}{raw['raw/generate']:>10.2f}{'':>8}{generated / raw['raw/generate']:>12.0f}")
     fb = raw["raw/forward_backward"]
     print(f"{'raw/forward_backward':<20}{fb:>10.2f}{'':>8}{trained / fb:>12.0f}")
@@ -167,6 +179,7 @@ def main() -> None:
     result = {"config": args.config, "epochs": recorder.epochs, "total": total, **raw, "framework_overhead": overhead,
               "peak_rss_mib": peak_framework, "generated_tokens": generated, "train_tokens": trained}  # fmt: skip
     (args.out / "epoch_breakdown.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'epoch_breakdown.json'}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.history import earlier_rows, values
+
 
 class LearningCurves(L.Callback):
     def __init__(self, filename: str = "curves.png"):
@@ -23,6 +25,17 @@ class LearningCurves(L.Callback):
         self.reward: list[tuple[int, float]] = []
         self.loss: list[tuple[int, float]] = []
         self._losses: list[float] = []
+        self._logged_step: int | None = None  # wandb gets the picture once per iteration
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after the checkpoint's loops are restored
+        """After a resume, the curves start from the run's beginning (the earlier parts' metrics.csv)."""
+        rows = earlier_rows(trainer)
+        self.accuracy = [(e + 1, v) for e, v in values(rows, "val/accuracy")]
+        self.reward = [(e + 1, v) for e, v in values(rows, "rollout/reward_mean")]
+        losses: dict[int, list[float]] = {}
+        for e, v in values(rows, "train/loss"):
+            losses.setdefault(e, []).append(v)
+        self.loss = [(e + 1, sum(v) / len(v)) for e, v in sorted(losses.items())]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if outputs is not None:
@@ -80,6 +93,9 @@ class LearningCurves(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
         plt.close(fig)
+        if self._logged_step == trainer.global_step:  # the end of fit redraws the last iteration's picture
+            return
+        self._logged_step = trainer.global_step
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key="curves", images=[str(path)], step=trainer.global_step)

@@ -17,6 +17,8 @@ class RolloutProgress(L.Callback):
         self._own = False
         self._task = None
         self._start = 0.0
+        self._finished = None  # (progress, task) of the rollout that just ended, shown until the next stage
+        self.last_line = ""  # what the last finished stage's line ended as
 
     def _bar(self, trainer):
         bar = trainer.progress_bar_callback
@@ -32,6 +34,9 @@ class RolloutProgress(L.Callback):
     def on_rollout_progress(self, trainer, stage: str, done: int, total: int, tokens: int) -> None:
         if not trainer.is_global_zero or trainer.progress_bar_callback is None:
             return
+        if done == 0 and stage == "rollout" and self._finished is not None:  # the last rollout's line, kept till now
+            self._finished[0].remove_task(self._finished[1])
+            self._finished = None
         if done == 0 and self._task is None:
             self._progress, self._own = self._bar(trainer)
             self._start = time.perf_counter()
@@ -45,7 +50,11 @@ class RolloutProgress(L.Callback):
             self._task, completed=done, description=f"{stage} (epoch {trainer.current_epoch}){suffix}"
         )
         if done >= total:
-            self._progress.remove_task(self._task)
+            self.last_line = f"{stage} (epoch {trainer.current_epoch}){suffix}"
             if self._own:
-                self._progress.stop()
+                self._progress.stop()  # a standalone bar stays printed, with its final tok/s
+            elif stage == "rollout":  # keep the finished line (and its tok/s) in view until the next rollout
+                self._finished = (self._progress, self._task)
+            else:
+                self._progress.remove_task(self._task)
             self._task, self._progress = None, None

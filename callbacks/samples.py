@@ -1,7 +1,7 @@
 """Each iteration's rollout as readable samples: prompts, their K responses, rewards and win-rates.
 
-Appended to ``<default_root_dir>/samples.jsonl`` (one line per prompt, with the epoch) and, when a wandb logger is
-configured, logged as a ``wandb.Table`` too.
+Appended to ``<default_root_dir>/samples.jsonl`` (one line per prompt, with the run and the epoch) and, when a wandb
+logger is configured, logged as a ``wandb.Table`` too.
 """
 
 from __future__ import annotations
@@ -23,9 +23,21 @@ class RolloutSamples(L.Callback):
         self.num_prompts, self.filename = num_prompts, filename
 
     @staticmethod
-    def rows(rollout, epoch: int, num_prompts: int) -> list[dict]:
+    def run_name(trainer) -> str:
+        """Which run wrote a row: the first logger's folder under ``default_root_dir`` (``logs/version_3``), so rows
+        of several runs in one folder (a resume writes a new version too) can be told apart and matched to their
+        ``metrics.csv``."""
+        logger = trainer.logger
+        if logger is None:
+            return ""
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return f"{logger.name}/{version}" if logger.name else version
+
+    @staticmethod
+    def rows(rollout, epoch: int, num_prompts: int, run: str = "") -> list[dict]:
         return [
             {
+                "run": run,
                 "epoch": epoch,
                 "prompt": rec.messages[-1]["content"],
                 "ground_truth": rec.ground_truth,
@@ -42,7 +54,7 @@ class RolloutSamples(L.Callback):
         rollout = getattr(trainer.datamodule, "rollout", None)
         if rollout is None or rollout.rewards is None:
             return
-        rows = self.rows(rollout, trainer.current_epoch, self.num_prompts)
+        rows = self.rows(rollout, trainer.current_epoch, self.num_prompts, self.run_name(trainer))
         path = Path(trainer.default_root_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:

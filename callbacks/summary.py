@@ -7,7 +7,9 @@ from collections import defaultdict
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train")
+from callbacks.history import earlier_rows, values
+
+PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "time/validation")
 
 
 class FitSummary(L.Callback):
@@ -21,17 +23,30 @@ class FitSummary(L.Callback):
         self.accuracy: list[float] = []
         self.seconds: dict[str, float] = defaultdict(float)
         self.epochs = 0
+        self._resumed_epochs = 0  # iterations done before this process started (a resume)
 
     def _add_epoch_times(self, trainer) -> None:
         for name in PHASES:
             if name in trainer.callback_metrics:
                 self.seconds[name] += float(trainer.callback_metrics[name])
 
+    def on_train_start(self, trainer, pl_module) -> None:  # after the checkpoint's loops are restored
+        """After a resume, start from what the earlier parts of the run measured (their metrics.csv)."""
+        rows = earlier_rows(trainer)
+        epochs = {e for e, _ in values(rows, "time/train")}
+        self.accuracy = [v for _, v in values(rows, "val/accuracy")]
+        for name in PHASES:
+            for _, v in values(rows, name):
+                self.seconds[name] += v
+        self.epochs = len(epochs)
+        self._resumed_epochs = self.epochs
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.epochs:
+        if self.epochs > self._resumed_epochs:
             self._add_epoch_times(trainer)
-        elif getattr(pl_module, "initial_val_accuracy", None) is not None:  # measured in on_train_start
+        elif not self.epochs and getattr(pl_module, "initial_val_accuracy", None) is not None:  # from on_train_start
             self.accuracy.append(pl_module.initial_val_accuracy)
+            self.seconds["time/validation"] += pl_module.initial_val_seconds or 0.0
         self.epochs += 1
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -39,7 +54,7 @@ class FitSummary(L.Callback):
             self.accuracy.append(float(trainer.callback_metrics["val/accuracy"]))
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.epochs:
+        if self.epochs > self._resumed_epochs:
             self._add_epoch_times(trainer)
         self._print(trainer)
 

@@ -1,40 +1,248 @@
 """The command line: ``LightningCLI`` over ``SPPOModule`` and ``RolloutDataModule``, with omegaconf configs.
 
-Mistakes in the input (a missing file, a malformed row, an impossible setting) end the run with one message
-and exit code 2; set ``SPPO_DEBUG=1`` to see the traceback. A run stopped by SIGTERM (a preempted SLURM job, a
-``kill``) exits 143, as a killed process would, so schedulers do not take it for a finished run.
+Mistakes in the input (a missing file, a malformed row, an impossible setting, a typo'd option, a checkpoint that
+cannot be resumed) end the run with one message and exit code 2; set ``SPPO_DEBUG=1`` to see the traceback. A run
+stopped by SIGTERM (a preempted SLURM job, a ``kill``) exits 143 and one stopped by Ctrl-C exits 130, as a killed
+process would, so schedulers do not take it for a finished run; both say how to resume.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
+import re
 import signal
 import sys
+from typing import NoReturn
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sppo_lightning import checkpoints
 from sppo_lightning.data.datamodule import RolloutDataModule
-from sppo_lightning.errors import UserInputError
-from sppo_lightning.loggers import ConfigToLoggers
+from sppo_lightning.errors import ConfigError, UserInputError
+from sppo_lightning.loggers import ConfigToLoggers, place_outputs
 from sppo_lightning.module import SPPOModule
+
+RESUME_HINT = "last.ckpt holds the last finished iteration; resume with --ckpt_path=last"
+
+
+def debugging() -> bool:
+    return bool(os.environ.get("SPPO_DEBUG"))
+
+
+# ----------------------------------------------------------------------------------------------- parser errors
+def _option_names(parser) -> list[str]:
+    """``--key`` of every option of the parser and of its subcommands' parsers (``fit``'s ``--data.seed``...)."""
+    names = [s for s in getattr(parser, "_option_string_actions", {}) if s.startswith("--")]
+    subcommands = getattr(parser, "_subcommands_action", None)
+    for sub in getattr(subcommands, "_name_parser_map", {}).values():
+        names += [s for s in _option_names(sub) if s not in names]
+    return names
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _class_path_hint(path: str) -> str:
+    """Why ``path`` names no class, and the closest name that does."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        return f"{e}"
+    public = [n for n in dir(module) if not n.startswith("_")]
+    if name in public:
+        return f"{path} exists but does not fit here"
+    close = difflib.get_close_matches(name, public, n=1, cutoff=0.6)
+    return f"{module_name} has no {name}" + (f"; did you mean {module_name}.{close[0]}?" if close else "")
+
+
+def short_parser_error(message: str, parser) -> str:
+    """The one line that matters from jsonargparse's error, with a "did you mean" where a name was mistyped."""
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        names = _option_names(parser)
+        parts = []
+        for arg in unknown.group(1).split():
+            option = arg.split("=", 1)[0]
+            if option.startswith("--"):
+                parts.append(f"unknown option {option}{_did_you_mean(option, names)}")
+        if parts:
+            return "; ".join(parts) + " (see --help)"
+    key = re.match(r'Parser key "([^"]+)"', message)
+    class_path = re.search(r"Problem with given class_path '([^']+)'", message)
+    option = re.search(r"Option '([\w.]+)' is not accepted", message)
+    if key and class_path and option:  # an init_args key the class does not take
+        import inspect
+
+        module_name, _, name = class_path.group(1).rpartition(".")
+        try:
+            params = list(inspect.signature(getattr(importlib.import_module(module_name), name)).parameters)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            params = []
+        hint = _did_you_mean(option.group(1), params)
+        return f"{key.group(1)}: {class_path.group(1)} takes no init_args.{option.group(1)}{hint}"
+    if key and class_path:
+        return f"{key.group(1)}: cannot import {class_path.group(1)}: {_class_path_hint(class_path.group(1))}"
+    not_accepted = re.search(r"(Group|Subcommand) '([\w.]+)' does not accept option '([\w.]+)'", message)
+    if not_accepted:
+        group, name = not_accepted.group(2), not_accepted.group(3)
+        unknown = name if not_accepted.group(1) == "Subcommand" else f"{group}.{name}"
+        keys = [option[2:] for option in _option_names(parser)]
+        return f"unknown key {unknown}{_did_you_mean(unknown, keys)}"
+    choices = re.search(r"Expected a typing.Literal\[(.*)\]. Got value: (.*)", message)
+    if key and choices:
+        options = re.findall(r"'([^']*)'", choices.group(1))
+        got = choices.group(2).strip()
+        hint = _did_you_mean(got, options)
+        return f"{key.group(1)}: {got!r} is not one of {', '.join(options)}{hint}"
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
+    text = " ".join(lines)
+    return re.sub(r'^Parser key "([^"]+)":\s*', r"\1: ", text)
+
+
+class SPPOArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose errors are one line (with a "did you mean") instead of the whole usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if debugging() or not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"error: {short_parser_error(message, parser)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _interpolation_error(e: Exception) -> ConfigError:
+    """An interpolation omegaconf could not resolve: the key holding it, and the two forms that work."""
+    key = getattr(e, "full_key", "") or ""
+    key = key.split(".", 1)[1] if key.split(".", 1)[0] in ("fit", "validate", "test", "predict") else key
+    target = re.search(r"Interpolation key '([^']+)'", str(e))
+    target = target.group(1) if target else "trainer.max_epochs"
+    relative = "." * max(len(key.split(".")), 1) + target  # up to the top: one dot per level of the key
+    return ConfigError(
+        f"config key {key}: {str(e).splitlines()[0]}. In a config file write ${{{target}}} (from the top of the "
+        f"config) or ${{{relative}}} (relative, one dot per level up); on the command line only the relative form "
+        "works"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+class SPPOCLI(LightningCLI):
+    """LightningCLI that checks a resume before it starts and turns a refused checkpoint into one message."""
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        place_outputs(trainer)
+        checkpoints.use_atomic_saves(trainer)
+        return trainer
+
+    def validate(self, **kwargs) -> None:
+        """``trainer.validate``, its results printed as percentages (shares of correct answers), not 0.3149999976."""
+        kwargs["verbose"] = False
+        results = self.trainer.validate(**kwargs)
+        if self.trainer.is_global_zero and results:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="validation")
+            table.add_column("metric")
+            table.add_column("value", justify="right")
+            for name, value in results[0].items():
+                table.add_row(name, f"{value:.1%}")
+            Console().print(table)
+
+    def before_validate(self) -> None:
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)
+        if config["ckpt_path"] is not None:
+            checkpoints.check_resume(config["ckpt_path"], self.model, self.datamodule)
+
+
+def quiet() -> None:
+    """Silence what a user cannot act on: Lightning's product tips, a deprecation inside Lightning, the warning that
+    the checkpoint folder is not empty (a resume or a second run there is expected), transformers' bars for loading
+    and writing weights (the latter erases the end-of-fit table's border in a terminal)."""
+    import logging
+    import warnings
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip")
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    from transformers.utils import logging as hf_logging
+
+    def no_weight_bars(factory, args, kwargs):  # download bars (the hub's) stay: a user waits on those
+        if kwargs.get("desc") in ("Loading weights", "Writing model shards"):
+            kwargs = {**kwargs, "disable": True}
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(no_weight_bars)
+
+
+class _Interrupted:
+    """Remembers a Ctrl-C: Lightning handles it by exiting 1, which must become 130 here."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum, frame) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
 
 
 def main(args: list[str] | None = None) -> None:
+    # ${trainer.max_epochs} in a config file: keys are absolute from that file's top (under a subcommand the
+    # parser's own root is `fit.`), the form omegaconf users write
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    if not debugging():
+        quiet()
+    previous = signal.signal(signal.SIGINT, _Interrupted.handler)
     try:
-        LightningCLI(
+        SPPOCLI(
             SPPOModule,
             RolloutDataModule,
             save_config_callback=ConfigToLoggers,
             parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_class=SPPOArgumentParser,
             args=args,
         )
     except UserInputError as e:
-        if os.environ.get("SPPO_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _user_error(e)
     except SIGTERMException:  # Lightning's own exits with status 0
-        message = "stopped by SIGTERM: last.ckpt holds the last finished iteration; resume with --ckpt_path=last"
-        print(message, file=sys.stderr)
+        print(f"stopped by SIGTERM: {RESUME_HINT}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except SystemExit as e:
+        if _Interrupted.seen:  # Lightning's KeyboardInterrupt handling ends in sys.exit(1)
+            print(f"stopped by Ctrl-C: {RESUME_HINT}", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
+        raise e
+    except KeyboardInterrupt:  # before or after the trainer's own handling
+        print("stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as e:
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(e, OmegaConfBaseException):
+            _user_error(_interpolation_error(e))
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _user_error(e: UserInputError) -> NoReturn:
+    if debugging():
+        raise e
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

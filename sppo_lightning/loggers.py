@@ -13,7 +13,9 @@ import os
 import re
 from typing import Any
 
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
@@ -39,12 +41,51 @@ def mask_secrets(value: Any) -> Any:
 
 
 class WandbLogger(_WandbLogger):
-    def __init__(self, *args, offline: bool | None = None, **kwargs):
-        """Lightning's ``WandbLogger``; ``offline`` None = offline unless wandb credentials are found."""
-        super().__init__(*args, offline=not has_wandb_credentials() if offline is None else offline, **kwargs)
+    def __init__(self, *args, offline: bool | None = None, save_dir: str | None = None, **kwargs):
+        """Lightning's ``WandbLogger``; ``offline`` None = offline unless wandb credentials are found; ``save_dir``
+        None = the trainer's ``default_root_dir`` when the run starts (see ``CSVLogger``)."""
+        offline = not has_wandb_credentials() if offline is None else offline
+        super().__init__(*args, offline=offline, save_dir=save_dir if save_dir is not None else ".", **kwargs)
+        self.follows_root_dir = save_dir is None and kwargs.get("dir") is None
+
+    def use_root_dir(self, root_dir: str) -> None:
+        if self.follows_root_dir and self._experiment is None:
+            self._save_dir = self._wandb_init["dir"] = os.fspath(root_dir)
 
     def log_hyperparams(self, params) -> None:
         super().log_hyperparams(mask_secrets(dict(params) if not isinstance(params, dict) else params))
+
+
+class CSVLogger(_CSVLogger):
+    """Lightning's ``CSVLogger``, whose ``save_dir`` left out is the trainer's ``default_root_dir`` when the run starts.
+
+    A config printed with ``--print_config`` then holds no output path but ``default_root_dir``'s, and rerunning it
+    with another ``--trainer.default_root_dir`` keeps the whole run in that folder.
+    """
+
+    def __init__(self, save_dir: str | None = None, name: str = "logs", version: int | str | None = None, **kwargs):
+        super().__init__(save_dir=save_dir if save_dir is not None else ".", name=name, version=version, **kwargs)
+        self.follows_root_dir = save_dir is None
+
+    def use_root_dir(self, root_dir: str) -> None:
+        """Called by the CLI once the trainer exists; nothing has been written yet."""
+        if self.follows_root_dir:
+            self._root_dir = self._save_dir = os.fspath(root_dir)
+            self._fs = get_filesystem(root_dir)
+
+
+def place_outputs(trainer) -> None:
+    """Loggers and checkpoint callbacks whose folder the config leaves out write under ``default_root_dir``:
+    ``logs/`` and ``checkpoints/`` (derived when the run starts, never baked into a printed config)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for logger in trainer.loggers:
+        if isinstance(logger, (CSVLogger, WandbLogger)):
+            logger.use_root_dir(trainer.default_root_dir)
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+            callback._fs = get_filesystem(callback.dirpath)
 
 
 class ConfigToLoggers(SaveConfigCallback):

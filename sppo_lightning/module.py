@@ -15,9 +15,9 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from sppo_lightning import sharding
+from sppo_lightning import optim, sharding
 from sppo_lightning.data.examples import PAIR_LOSSES
-from sppo_lightning.errors import ConfigError, DivergenceError, refusing_remote_code
+from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, group_keys
 from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import dpo_loss, loss_weights, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
@@ -27,6 +27,23 @@ from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
 
 LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo"]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere in ``model``, so that train mode computes what eval mode does.
+
+    ``nn.Dropout`` layers are not enough (TRL's ``disable_dropout_in_model`` stops there): transformers' attention
+    modules pass a float rate to the attention kernel (``self.attention_dropout``, Qwen2, Llama, ...) and a few read
+    it from the config at forward time. Rates are zeroed in the modules and the in-memory config; the folder is
+    untouched, so an export keeps the model's own config.
+    """
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())} if hasattr(model, "config") else {}
+    for owner in (*model.modules(), *configs.values()):
+        if isinstance(owner, torch.nn.modules.dropout._DropoutNd):
+            owner.p = 0.0
+        for name, value in list(vars(owner).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(owner, name, 0.0)
 
 
 class SPPOModule(L.LightningModule):
@@ -41,10 +58,13 @@ class SPPOModule(L.LightningModule):
         weight_decay: float = 0.01,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        warmup_unit: optim.WarmupUnit = "step",
+        weight_decay_on: optim.DecayOn = "matrices",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
         share_prompt: bool = True,
         packed: bool = False,
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
@@ -64,14 +84,22 @@ class SPPOModule(L.LightningModule):
                 (``data.passes_per_rollout``) pay off; not used by ``dpo``.
             dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
-            weight_decay: AdamW weight decay, not applied to biases and norms.
+            weight_decay: AdamW weight decay, on the parameters ``weight_decay_on`` names.
             adam_betas: AdamW betas.
-            warmup_steps: Optimizer steps of linear warm-up from 0, then constant.
+            warmup_steps: Length of the linear warm-up from 0, in ``warmup_unit``s; then constant.
+            warmup_unit: ``step``: the learning rate grows per optimizer step, (k + 1) / warmup_steps at step k.
+                ``rollout``: it grows per iteration, k / warmup_steps at rollout k (0-based), as verl's scheduler,
+                which steps once per rollout: the first rollout then trains at lr 0.
+            weight_decay_on: ``matrices``: parameters of 2+ dimensions (as they were before sharding), not biases
+                and norm weights. ``all``: every parameter, as verl's actor.
             dtype: Parameter dtype of the policy.
             attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
             trust_remote_code: Run a model repository's own code. Off unless you trust its author.
             gradient_checkpointing: Recompute activations in backward to save memory (generation still uses the
                 KV cache).
+            disable_dropout: Turn every dropout of the policy off (as TRL does). Generation and the π_t pass run in
+                eval mode, training in train mode: with dropout the first step's log-ratio is not 0 and a resumed run
+                draws other masks. False keeps the model's dropout.
             share_prompt: Run each prompt once per micro-batch and its K responses from its KV cache, in training and
                 in the π_t pass (same values, fewer tokens). Off under gradient checkpointing, which disables the
                 cache in training. Decided from these settings alone, the same on every rank; with one sample per
@@ -103,9 +131,13 @@ class SPPOModule(L.LightningModule):
         # come from the data) and must not enter the state dict or the FSDP wrapping.
         self._val: dict[str, GroupedAccuracy] = {}
         self.initial_val_accuracy: float | None = None
+        self.initial_val_seconds: float | None = None
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
-        self._train_start = 0.0
+        # time/train runs from the epoch's start to its last step's end, less any validation in between
+        self._train_start = self._train_end = self._val_start = 0.0
+        self._val_seconds: float | None = None  # validation time within the current training epoch
+        self._val_seconds_in_train = 0.0  # the part of it that ran before the last step
 
     # ----------------------------------------------------------------------------------------------- model
     def _load_tokenizer(self):
@@ -114,6 +146,7 @@ class SPPOModule(L.LightningModule):
         path = self.hparams.model_name_or_path
         with refusing_remote_code(path, "model.trust_remote_code"):
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
+        check_tokenizer(tok, path)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -133,6 +166,10 @@ class SPPOModule(L.LightningModule):
                 use_safetensors=True,  # never unpickle a .bin from a repository
             )
         self.policy.train()  # from_pretrained returns the model in eval mode
+        # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
+        self._param_ndims = optim.param_ndims(self.named_parameters())
+        if self.hparams.disable_dropout:
+            disable_dropout(self.policy)
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self._device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
@@ -176,10 +213,8 @@ class SPPOModule(L.LightningModule):
         """
         h = self.hparams
         rows = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        if h.packed:
-            # a custom 4-D mask is what sharing a prompt inside one packed sequence needs: not with flash attention
-            share = h.share_prompt and self.policy.config._attn_implementation in ("sdpa", "eager")
-            return packed_token_logps(self.policy, *rows, batch["prompt_lengths"], share_prompt=share)
+        if h.packed:  # the prompt shared inside the packed sequence, except under flash_attention_2 (see logprobs)
+            return packed_token_logps(self.policy, *rows, batch["prompt_lengths"], share_prompt=h.share_prompt)
         if h.share_prompt and not h.gradient_checkpointing:
             return shared_prompt_token_logps(self.policy, *rows, batch["prompt_lengths"])
         return response_token_logps(self.policy, *rows)
@@ -282,18 +317,30 @@ class SPPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         # The first point of the learning curve: accuracy of the policy before any update.
         if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
+            start = time.perf_counter()
             results = self.evaluate(self.trainer.datamodule.val_dataloader())
             if results:
                 self.initial_val_accuracy = results["accuracy"]
+                self.initial_val_seconds = time.perf_counter() - start
+                row = {**{f"val/{k}": v for k, v in results.items()}, "time/validation": self.initial_val_seconds}
                 for logger in self.loggers:
-                    logger.log_metrics({**{f"val/{k}": v for k, v in results.items()}, "epoch": -1}, step=0)
+                    logger.log_metrics({**row, "epoch": -1}, step=0)
 
     def on_train_epoch_start(self) -> None:
-        self._train_start = time.perf_counter()
+        self._train_start = self._train_end = time.perf_counter()
+        self._val_seconds, self._val_seconds_in_train = None, 0.0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._train_end = time.perf_counter()
+        self._val_seconds_in_train = self._val_seconds or 0.0
 
     def on_train_epoch_end(self) -> None:
+        # Lightning runs the epoch's validation, then the callbacks' epoch-end work, inside the training epoch, before
+        # this hook: validation is a phase of its own, and time/train is the training loop only.
         metrics = dict(getattr(self.trainer.datamodule, "rollout_metrics", {}) or {})
-        metrics["time/train"] = time.perf_counter() - self._train_start
+        metrics["time/train"] = self._train_end - self._train_start - self._val_seconds_in_train
+        if self._val_seconds is not None:
+            metrics["time/validation"] = self._val_seconds
         self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=True)  # each rank's rollout: their mean
 
     # ------------------------------------------------------------------------------------------ validation
@@ -303,10 +350,12 @@ class SPPOModule(L.LightningModule):
         return engine if engine is not None else HFEngine()
 
     def _score_batch(self, batch) -> torch.Tensor:
-        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1]."""
+        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1], one row per
+        record (rows of ``prompt_ids`` past the records are padding that keeps ranks in step, not scored)."""
         responses = self.rollout_engine().generate(self, batch["prompt_ids"], batch["params"], seed=self.current_epoch)
+        records = batch["records"]
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
-        return rule_scores(self.accuracy_fn, texts, batch["records"])
+        return rule_scores(self.accuracy_fn, texts[: len(records)], records).reshape(len(records), batch["params"].n)
 
     def _new_accuracy(self) -> GroupedAccuracy:
         # The groups of the whole validation set, identical on every rank, so the metric's states line up.
@@ -314,6 +363,7 @@ class SPPOModule(L.LightningModule):
         return GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(self.device)
 
     def on_validation_epoch_start(self) -> None:
+        self._val_start = time.perf_counter()
         self._val["accuracy"] = self._new_accuracy()
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -325,6 +375,7 @@ class SPPOModule(L.LightningModule):
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)  # equal on all ranks already
+        self._val_seconds = (self._val_seconds or 0.0) + time.perf_counter() - self._val_start  # logged with time/train
 
     @torch.no_grad()
     def evaluate(self, dataloader) -> dict[str, float]:
@@ -337,17 +388,16 @@ class SPPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+        h = self.hparams
+        groups = optim.decay_groups(
+            self.named_parameters(), h.weight_decay, h.weight_decay_on, getattr(self, "_param_ndims", None)
+        )
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate,
-            betas=self.hparams.adam_betas,
+            [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=h.learning_rate, betas=h.adam_betas
         )
-        warmup = self.hparams.warmup_steps
+        self.decay_names = [g["names"] for g in groups]  # [decayed, not decayed], for the record and the tests
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            optimizer, lambda k: optim.warmup_factor(k, h.warmup_steps, h.warmup_unit)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        interval = "epoch" if h.warmup_unit == "rollout" else "step"  # one iteration = one epoch = one rollout
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -52,3 +52,27 @@ def tiny_classifier_dir(tmp_path_factory):
     Qwen2ForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
     save_tokenizer(tok, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pairrm_dir(tmp_path_factory) -> Path:
+    """A random PairRM-architecture judge (DeBERTa-v2 encoder + pairwise head) in the hub's layout."""
+    from tests.rewards.tiny_pairrm import build_tiny_pairrm
+
+    return build_tiny_pairrm(tmp_path_factory.mktemp("tiny_pairrm"))
+
+
+@pytest.fixture(scope="session")
+def dropout_model_dir(tmp_path_factory) -> Path:
+    """The shipped toy model with ``attention_dropout: 0.5`` in its config, as real models' folders carry dropout."""
+    import json
+    import shutil
+
+    from sppo_lightning.toy import MODEL_DIR
+
+    out = tmp_path_factory.mktemp("toy_dropout") / "model"
+    shutil.copytree(MODEL_DIR, out)
+    config = json.loads((out / "config.json").read_text())
+    config["attention_dropout"] = 0.5
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

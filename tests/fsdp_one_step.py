@@ -2,13 +2,15 @@
 
 Run by tests/test_fsdp.py in a subprocess (Lightning's ModelParallelStrategy re-launches this script per rank):
 
-    python tests/fsdp_one_step.py --devices 2 --out result.pt [--packed] [--uneven]
+    python tests/fsdp_one_step.py --devices 2 --out result.pt [--fsdp1] [--weight-decay 0.01] [--packed] [--uneven]
 
 The global batch is the same whatever the process count: ROWS rows split evenly, each rank one contiguous shard
 (``--uneven``: 12 rows on rank 0, 4 on rank 1, as when DPO drops all-tie groups on one rank). ``--packed`` trains on
 packed rows (``SPPOModule(packed=True)``).
 Writes the mean first-step loss over ranks, the whole gradients of that step and the full parameters after it
-(rank 0).
+(rank 0), and the names of the parameters in AdamW's decayed and spared groups. ``--fsdp1`` shards with
+Lightning's FSDPStrategy (FSDP1, tests/cpu_fsdp1.py) instead of FSDP2; it writes the loss and the groups only
+(FSDP1's whole-state gathering crashes on CPU).
 """
 
 import argparse
@@ -60,11 +62,14 @@ class FixedBatch(L.LightningDataModule):
 
 
 class Record(L.Callback):
-    def __init__(self):
+    def __init__(self, whole_grads: bool = True):
         self.losses = []
         self.grads = {}
+        self.whole_grads = whole_grads  # FSDP1's are flat local shards
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not self.whole_grads:
+            return
         for name, p in pl_module.policy.named_parameters():  # whole gradients: a collective for DTensor shards
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             self.grads[name] = grad.detach().cpu().clone()
@@ -79,19 +84,26 @@ def main():
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu-offload", action="store_true")
+    parser.add_argument("--fsdp1", action="store_true")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--uneven", action="store_true")
     args = parser.parse_args()
 
     L.seed_everything(0)
     module = SPPOModule(
-        str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3, weight_decay=0.0,
+        str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3, weight_decay=args.weight_decay,
         fsdp_cpu_offload=args.cpu_offload, packed=args.packed,
     )  # fmt: skip
-    strategy = (
-        ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.devices > 1 else "auto"
-    )
-    record = Record()
+    if args.fsdp1:
+        from tests.cpu_fsdp1 import CPUFSDPStrategy
+
+        strategy = CPUFSDPStrategy()
+    elif args.devices > 1:
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    else:
+        strategy = "auto"
+    record = Record(whole_grads=not args.fsdp1)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -105,10 +117,15 @@ def main():
         callbacks=[record],
     )
     trainer.fit(module, datamodule=FixedBatch(args.uneven))
+    groups = {"decay_names": module.decay_names, "loss": record.losses[0]}
+    if args.fsdp1:
+        if trainer.is_global_zero:
+            torch.save(groups, args.out)
+        return
     sharded = any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
     params = module.full_policy_state_dict()
     if trainer.is_global_zero:
-        torch.save({"loss": record.losses[0], "grads": record.grads, "params": params, "sharded": sharded}, args.out)
+        torch.save({**groups, "grads": record.grads, "params": params, "sharded": sharded}, args.out)
 
 
 if __name__ == "__main__":

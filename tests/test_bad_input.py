@@ -3,7 +3,7 @@ no traceback (``SPPO_DEBUG=1`` would show it)."""
 
 import pytest
 
-from tests.test_cli import DEMO, run
+from tests.test_cli import DEMO, REPO, run
 
 GOOD = '{"prompt": "What is 1+1?", "ground_truth": "2"}\n'
 
@@ -23,6 +23,7 @@ CASES = {
         "train.jsonl", GOOD, ["--data.max_prompt_length=5", "--data.overlong_prompts=error"],
         "> data.max_prompt_length=5",
     ),
+    "not UTF-8": ("train.jsonl", b'{"prompt": "caf\xe9?", "ground_truth": "2"}\n', [], ":1: not UTF-8 text"),
     "nothing left after filtering": (
         "train.jsonl", GOOD, ["--data.max_prompt_length=5"],
         "no prompt left after filtering by data.max_prompt_length=5",
@@ -40,7 +41,7 @@ def test_bad_prompt_files(tmp_path, case):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    if case not in ("corrupt parquet",) and "filtering" not in message and "max_prompt" not in message:
+    if case not in ("corrupt parquet", "overlong prompt, error mode"):
         assert str(path) in proc.stderr  # names the file
 
 
@@ -82,3 +83,117 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, toy_model_dir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "runs only with model.trust_remote_code=true" in proc.stderr
     assert not marker.exists()  # the repository's code never ran
+
+
+TOY = str(REPO / "sppo_lightning" / "toy" / "model")
+
+
+def one_line_error(proc) -> str:
+    """The run ended with exit 2 and exactly one ``error:`` line, no traceback and no usage; that line."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr, proc.stderr[-2000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_typo_in_a_suffixless_path_is_file_not_found_not_a_hub_lookup(tmp_path):
+    (tmp_path / "data").mkdir()  # the folder exists, the file name is mistyped
+    proc = run(
+        "fit", "--config", DEMO, f"--model.model_name_or_path={TOY}", "--data.train=sppo_lightning.data.PromptFiles",
+        "--data.train.init_args.paths=data/mth", f"--trainer.default_root_dir={tmp_path / 'run'}", cwd=tmp_path,
+        check=False,
+    )  # fmt: skip
+    assert one_line_error(proc) == "error: data/mth: file not found"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--data.sample_per_prompt=3"],
+            "unknown option --data.sample_per_prompt; did you mean --data.samples_per_prompt?",
+        ),
+        (["--data.engine=sppo_lightning.rollout.HFEngin"], "did you mean sppo_lightning.rollout.HFEngine?"),
+        (["--data.train.init_args.splt=val"], "AdditionPrompts takes no init_args.splt; did you mean split?"),
+        (
+            ["--model.loss_type=spo"],
+            "model.loss_type: 'spo' is not one of sppo, sppo_pair, sppo_softmean, dpo; did you mean sppo?",
+        ),
+    ],
+    ids=["option", "class_path", "init_arg", "choice"],
+)
+def test_typos_get_one_line_with_did_you_mean(tmp_path, args, expected):
+    proc = run("fit", "--config", DEMO, *args, f"--trainer.default_root_dir={tmp_path}", check=False)
+    assert expected in one_line_error(proc)
+
+
+def test_typo_in_a_config_file_key(tmp_path):
+    (tmp_path / "typo.yaml").write_text("data:\n  sample_per_prompt: 3\n")
+    proc = run("fit", "--config", DEMO, "--config", str(tmp_path / "typo.yaml"), "--print_config", check=False)
+    assert one_line_error(proc) == "error: unknown key data.sample_per_prompt; did you mean data.samples_per_prompt?"
+
+
+def test_absolute_interpolation_works_in_a_config_file_and_is_explained_on_the_command_line(tmp_path):
+    """``${trainer.max_epochs}``, the form omegaconf users write, is rooted at the config file's top under ``fit``."""
+    import yaml
+
+    (tmp_path / "mine.yaml").write_text(
+        "trainer:\n  max_epochs: 3\ndata:\n  prompts_per_epoch: ${trainer.max_epochs}\n"
+    )
+    printed = yaml.safe_load(
+        run("fit", "--config", DEMO, "--config", str(tmp_path / "mine.yaml"), "--print_config").stdout
+    )
+    assert printed["data"]["prompts_per_epoch"] == 3
+    proc = run("fit", "--config", DEMO, "--data.prompts_per_epoch=${trainer.max_epochs}", "--print_config", check=False)
+    line = one_line_error(proc)
+    assert "config key data.prompts_per_epoch" in line and "${..trainer.max_epochs}" in line
+
+
+@pytest.mark.parametrize("problem", ["missing folder", "empty folder", "no chat template", "no eos"])
+def test_model_folders_that_cannot_serve_as_a_policy(tmp_path, toy_model_dir, problem):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    if problem != "missing folder":
+        folder.mkdir()
+    if problem in ("no chat template", "no eos"):
+        shutil.copytree(toy_model_dir, folder, dirs_exist_ok=True)
+    if problem == "no chat template":
+        (folder / "chat_template.jinja").unlink()
+    if problem == "no eos":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["eos_token"] = None
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    root = f"--trainer.default_root_dir={tmp_path}"
+    proc = run("fit", "--config", DEMO, f"--model.model_name_or_path={folder}", root, check=False)
+    line = one_line_error(proc)
+    assert f"model.model_name_or_path={folder}: " in line
+    expected = {
+        "missing folder": "no such folder",
+        "empty folder": "it holds: nothing",
+        "no chat template": "the tokenizer has no chat template",
+        "no eos": "the tokenizer has no EOS token",
+    }[problem]
+    assert expected in line
+
+
+@pytest.mark.parametrize("problem", ["no datasets package", "no network"])
+def test_prepare_math_from_the_hub_without_datasets_or_network_says_use_source(tmp_path, problem):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if problem == "no datasets package":  # a `datasets` that cannot be imported, as when the extra is not installed
+        (tmp_path / "fake" / "datasets").mkdir(parents=True)
+        (tmp_path / "fake" / "datasets" / "__init__.py").write_text("raise ImportError('No module named datasets')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"), env.get("PYTHONPATH", ""), str(REPO)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "sppo_lightning.data.prepare_math", "--out", str(tmp_path / "math")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    line = one_line_error(proc)
+    assert "--source path/to/MATH" in line
+    if problem == "no datasets package":
+        assert 'pip install "sppo-lightning[datasets]"' in line

@@ -14,6 +14,8 @@ class Recording(RolloutProgress):
 
     def on_rollout_progress(self, trainer, stage, done, total, tokens):
         super().on_rollout_progress(trainer, stage, done, total, tokens)
+        if stage == "rollout" and done == total:
+            self.rollout_line = self.last_line
         self.events.append((stage, done, total, tokens, self._task is not None))
 
 
@@ -28,3 +30,33 @@ def test_rollout_and_scoring_report_progress_with_tokens(toy_model_dir):
     assert rollout[-1][1] == 64 and rollout[-1][3] > 0 and not rollout[-1][4]  # closed at the end, tokens counted
     assert [e[1] for e in rollout] == sorted(e[1] for e in rollout)  # only forward
     assert progress._progress is None and type(trainer.progress_bar_callback).__name__ == "RichProgressBar"
+    # the finished rollout's line stays in view (printed, or kept in Lightning's display), with its speed
+    assert progress.last_line.startswith("scoring (epoch 0)")
+    assert any(e[0] == "rollout" and e[1] == e[2] for e in progress.events)
+    assert progress.rollout_line.startswith("rollout (epoch 0) · ") and progress.rollout_line.endswith(" tok/s")
+
+
+def test_a_resume_reads_the_earlier_parts_of_its_own_run_only(tmp_path):
+    """version_0: another run; version_1: a run stopped after iteration 1; version_2: its resume, stopped after
+    iteration 2; now resuming at iteration 3. The history is version_1's start and version_2's iterations."""
+    from types import SimpleNamespace
+
+    from callbacks.history import earlier_rows, values
+    from sppo_lightning.loggers import CSVLogger
+
+    def write(version, rows):
+        folder = tmp_path / "logs" / f"version_{version}"
+        folder.mkdir(parents=True)
+        lines = ["epoch,step,val/accuracy,time/train"] + [f"{e},{s},{a},{t}" for e, s, a, t in rows]
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    write(0, [(-1, 0, 0.9, ""), (0, 4, 0.95, 1.0)])
+    write(1, [(-1, 0, 0.3, ""), (0, 4, 0.4, 1.0), (1, 8, 0.5, 1.0), (2, 10, "", "")])  # 2: cut short
+    write(2, [(2, 12, 0.6, 1.0)])
+    (tmp_path / "logs" / "version_3").mkdir()
+    logger = CSVLogger(save_dir=str(tmp_path), name="logs", version=3)
+    trainer = SimpleNamespace(ckpt_path="last.ckpt", loggers=[logger], current_epoch=3)
+    rows = earlier_rows(trainer)
+    assert values(rows, "val/accuracy") == [(-1, 0.3), (0, 0.4), (1, 0.5), (2, 0.6)]
+    assert len(values(rows, "time/train")) == 3
+    assert earlier_rows(SimpleNamespace(ckpt_path=None, loggers=[logger], current_epoch=3)) == []

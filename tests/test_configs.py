@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -17,6 +18,7 @@ from sppo_lightning.rollout.sglang import SGLangEngine
 REPO = Path(__file__).resolve().parents[1]
 SEED_RECIPE = str(REPO / "configs" / "qwen2.5-7b-math.yaml")
 PAPER = str(REPO / "configs" / "qwen2.5-7b-math-sppo.yaml")
+OUR_SCORER = str(REPO / "configs" / "qwen2.5-7b-math-our-scorer.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -56,12 +58,48 @@ def test_seed_recipe_config_is_the_reference_run(tmp_path, tiny_model_dir):
     assert m.packed and d.max_tokens_per_micro_batch == 1792  # use_remove_padding, token-budget micro-batches
     # 4 optimizer steps per rollout: 1,024 rows / (4 GPUs x micro-batch 4 x 16 accumulated) = 4
     assert d.prompts_per_epoch * d.samples_per_prompt // (4 * d.micro_batch_size * t.accumulate_grad_batches) == 4
-    assert t.max_epochs * d.prompts_per_epoch >= 20 * 7500 > (t.max_epochs - 1) * d.prompts_per_epoch
+    # "20 epochs" of 1,024-prompt batches over 7,500 problems, verl's drop_last: 7 rollouts a pass, 140 in all
+    assert t.max_epochs == 20 * (7500 // d.prompts_per_epoch) == 140
     assert isinstance(t.strategy, ModelParallelStrategy) and t.gradient_clip_val == 1.0
-    assert isinstance(cli.datamodule.engine, SGLangEngine) and cli.datamodule.engine.mem_fraction_static == 0.5
+    assert isinstance(cli.datamodule.engine, SGLangEngine) and cli.datamodule.engine.mem_fraction_static == 0.3
     assert type(t.logger).__name__ == "WandbLogger"
     # the data really loads: the fixtures' problems (one has no boxed answer and was skipped by prepare_math)
     assert len(cli.datamodule.train_source.load()) == 3 and len(cli.datamodule.val_source.load()) == 2
+
+
+def test_seed_recipe_scores_trains_and_schedules_as_verl(tmp_path, tiny_model_dir):
+    """verl's scorer for the reward and the validation, its warm-up per rollout, its decay of every parameter."""
+    from sppo_lightning.rewards import RuleOracle
+    from sppo_lightning.rewards.math import compute_score_verl
+
+    cli = build(tmp_path, tiny_model_dir, SEED_RECIPE)
+    module, oracle = cli.model, cli.datamodule.oracle
+    assert module.accuracy_fn is compute_score_verl
+    assert isinstance(oracle, RuleOracle) and oracle.score_fn is compute_score_verl
+    assert compute_score_verl("\\fbox{4}", "4") == 0.0  # verl's verdict, not our checker's
+
+    module.hparams.attn_implementation = "sdpa"  # flash-attn is the GPU's
+    module.configure_model()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]
+    decayed, spared = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.01 and not spared["params"]  # biases and norms decay too
+    assert len(decayed["params"]) == len(list(module.parameters()))
+    assert config["lr_scheduler"]["interval"] == "epoch"  # Lightning steps it once per iteration = rollout
+    lrs = []
+    for _ in range(17):  # what each rollout trains at
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler["scheduler"].step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-6 / 15) and lrs[14] == pytest.approx(14e-6 / 15)
+    assert lrs[15] == lrs[16] == 1e-6
+
+
+def test_our_scorer_overlay_swaps_reward_and_validation_only(tmp_path, tiny_model_dir):
+    from sppo_lightning.rewards.math import compute_score
+
+    seed, ours = build(tmp_path, tiny_model_dir, SEED_RECIPE), build(tmp_path, tiny_model_dir, SEED_RECIPE, OUR_SCORER)
+    assert ours.model.accuracy_fn is compute_score and ours.datamodule.oracle.score_fn is compute_score
+    assert ours.model.hparams == seed.model.hparams and ours.datamodule.hparams == seed.datamodule.hparams
 
 
 def test_paper_estimator_config_layers_on_the_seed_recipe(tmp_path, tiny_model_dir):
@@ -89,3 +127,77 @@ def test_fsdp1_overlay_replaces_the_strategy():
     assert "class_path: lightning.pytorch.strategies.FSDPStrategy" in out
     assert "state_dict_type: sharded" in out and "data_parallel_size" not in out  # FSDP2's arguments are gone
     assert "precision: bf16-mixed" in out and "devices: 4" in out  # the recipe's GPU count stays
+
+
+# ------------------------------------------------------------------ the paper's pipeline: PairRM on UltraFeedback
+MISTRAL = str(REPO / "configs" / "mistral-7b-sppo-pairrm.yaml")
+LLAMA = str(REPO / "configs" / "llama-3-8b-sppo-pairrm.yaml")
+
+
+def build_pairrm(tmp_path, tiny_model_dir, tiny_pairrm_dir, config, *extra):
+    """A paper config with the tiny policy, the tiny PairRM and UltraFeedback's fixture prompts swapped in."""
+    from sppo_lightning.data.prepare_ultrafeedback import prepare as prepare_ultrafeedback
+
+    data = tmp_path / "ultrafeedback"
+    prepare_ultrafeedback(str(REPO / "tests" / "fixtures" / "ultrafeedback"), data)
+    args = [
+        "--config", config,
+        f"--model.model_name_or_path={tiny_model_dir}",
+        f"--data.train.init_args.paths={data / 'train.parquet'}",
+        f"--data.oracle.init_args.model_name_or_path={tiny_pairrm_dir}",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        *extra,
+    ]  # fmt: skip
+    return LightningCLI(
+        SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "model"),
+    [(MISTRAL, "mistralai/Mistral-7B-Instruct-v0.2"), (LLAMA, "meta-llama/Meta-Llama-3-8B-Instruct")],
+    ids=["mistral", "llama"],
+)
+def test_pairrm_configs_are_the_authors_run(tmp_path, tiny_model_dir, tiny_pairrm_dir, config, model):
+    from sppo_lightning.rewards.pairrm import PairRMOracle
+
+    assert f"model_name_or_path: {model}" in Path(config).read_text()
+    cli = build_pairrm(tmp_path, tiny_model_dir, tiny_pairrm_dir, config)
+    m, d, t = cli.model.hparams, cli.datamodule.hparams, cli.trainer
+    # uclaml/SPPO pipeline.sh: loss "sppo" (winner/loser), beta 1e-3 = 1/eta, lr 5e-7; config_full.yaml: bf16, ckpt
+    assert (m.loss_type, m.eta, m.learning_rate, m.weight_decay) == ("sppo_pair", 1000.0, 5e-7, 0.0)
+    assert (m.fsdp_param_dtype, m.gradient_checkpointing) == ("bfloat16", True)
+    # generate.sh / generate.py: K = 5 at temperature 0.7, top-p 0.9; config_full.yaml: 512 prompt + 512 response
+    assert (d.samples_per_prompt, d.temperature, d.top_p) == (5, 0.7, 0.9)
+    assert (d.max_prompt_length, d.max_response_length, d.passes_per_rollout) == (512, 512, 1)
+    # 3 iterations, each a disjoint third of the prompts; 8 GPUs x 8 pairs = 64 pairs per optimizer step
+    assert t.max_epochs == 3 and 3 * d.prompts_per_epoch <= 61135 and t.limit_val_batches == 0
+    assert t.num_devices == 8 and d.micro_batch_size // 2 * t.num_devices * t.accumulate_grad_batches == 64
+    assert isinstance(t.strategy, ModelParallelStrategy) and isinstance(cli.datamodule.engine, SGLangEngine)
+    oracle = cli.datamodule.oracle
+    assert isinstance(oracle, PairRMOracle) and oracle.from_scores and oracle.include_self
+    cli.datamodule._check_settings(m.loss_type)  # a possible combination
+    assert [r.messages[0]["content"] for r in cli.datamodule.train_source.load()][:1] == [
+        "Write a haiku about autumn leaves."
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [MISTRAL, LLAMA], ids=["mistral", "llama"])
+def test_pairrm_configs_fit_on_cpu(tmp_path, tiny_model_dir, tiny_pairrm_dir, config):
+    """The whole pipeline, on CPU: every setting of the config kept except what needs a GPU or the real models."""
+    cli = build_pairrm(
+        tmp_path, tiny_model_dir, tiny_pairrm_dir, config,
+        "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        "--data.engine=sppo_lightning.rollout.HFEngine", "--data.prompts_per_epoch=2", "--data.micro_batch_size=4",
+        "--data.max_prompt_length=64", "--data.max_response_length=8", "--model.attn_implementation=sdpa",
+        "--model.fsdp_param_dtype=null", "--model.gradient_checkpointing=false",
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    rollout = cli.datamodule.rollout
+    assert rollout.win_rates.shape == (2, 5) and cli.trainer.current_epoch == 2
+    # win-rates are the authors' from PairRM's scores: a row's mean of sigma(s_i - s_j) sums to K/2 over the group
+    torch.testing.assert_close(rollout.win_rates.sum(dim=1), torch.full((2,), 2.5), atol=1e-5, rtol=0)
+    assert rollout.win_rates.std() > 0.01

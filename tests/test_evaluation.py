@@ -61,3 +61,26 @@ def test_no_prompts_gives_no_numbers():
 @pytest.mark.parametrize(("a", "b", "level"), [(12, 34, 1), (15, 7, 2), (55, 55, 3), (99, 1, 3), (0, 0, 1)])
 def test_toy_levels_count_carries(a, b, level):
     assert difficulty(a, b) == level
+
+
+@pytest.mark.parametrize(("num_prompts", "world_size", "batch_size"), [(51, 2, 10), (5, 4, 1), (3, 4, 2), (8, 1, 3)])
+def test_validation_shares_count_each_prompt_once_and_keep_ranks_in_step(num_prompts, world_size, batch_size):
+    """Each rank's validation batches: together they score every prompt exactly once, and every rank generates for
+    the same number of batches of the same sizes (a rank one prompt short pads with an unscored row)."""
+    from types import SimpleNamespace
+
+    from sppo_lightning.data.datamodule import RolloutDataModule
+
+    dm = RolloutDataModule(train=None, val_batch_size=batch_size)
+    dm.val_prompts = [rec(index=i) for i in range(num_prompts)]
+    dm.val_prompt_ids = [[1, 10 + i] for i in range(num_prompts)]
+    scored, shapes = [], set()
+    for rank in range(world_size):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+        batches = list(dm.val_dataloader())
+        shapes.add(tuple(len(b["prompt_ids"]) for b in batches))
+        for b in batches:
+            assert [[1, 10 + r.extra_info["index"]] for r in b["records"]] == b["prompt_ids"][: len(b["records"])]
+            scored += [r.extra_info["index"] for r in b["records"]]
+    assert sorted(scored) == list(range(num_prompts))
+    assert len(shapes) == 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sppo_lightning.toy import MODEL_DIR
-from tests.test_cli import DEMO, REPO, run, val_accuracies
+from tests.test_cli import DEMO, REPO, read_metrics, run, val_accuracies
 
 FSDP = str(REPO / "configs" / "fsdp_cpu.yaml")
 
@@ -63,6 +63,19 @@ def test_sharded_step_equals_single_process(tmp_path, flags):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fsdp", ["fsdp2", "fsdp1"])
+def test_weight_decay_groups_are_the_single_process_ones_under_fsdp(tmp_path, fsdp):
+    """Issue #22: FSDP1's local shards are 1-D, so deciding decay on the live tensors spared every parameter there.
+    The groups are decided on the shapes recorded before wrapping: the same names as one process, under both."""
+    flags = ("--weight-decay=0.01", "--fsdp1") if fsdp == "fsdp1" else ("--weight-decay=0.01",)
+    single, sharded = one_step(tmp_path, 1, "--weight-decay=0.01"), one_step(tmp_path, 2, *flags)
+    decayed, spared = single["decay_names"]
+    assert decayed and spared and all(n.endswith(".bias") or "norm" in n for n in spared)  # the matrices decay
+    assert [sorted(g) for g in sharded["decay_names"]] == [sorted(decayed), sorted(spared)]
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_demo_learns_like_single_process_and_exports(tmp_path):
     """The README's command for 2 epochs: sharded, checkpointed as shards, exported, accuracy near single process."""
     args = ["--trainer.max_epochs=2", "--data.val.init_args.num_prompts=200", "--data.val_batch_size=200"]
@@ -79,6 +92,21 @@ def test_fsdp_demo_learns_like_single_process_and_exports(tmp_path):
     run("fit", "--config", DEMO, "--config", FSDP, f"--trainer.default_root_dir={tmp_path / 'fsdp'}", *args,
         "--trainer.max_epochs=3", "--ckpt_path=last")  # fmt: skip
     assert len(val_accuracies(tmp_path / "fsdp")) == 4  # before, after 1, after 2, then after 3 in a new version
+
+
+@pytest.mark.slow
+def test_validation_on_two_processes_counts_each_prompt_once(tmp_path):
+    """51 validation prompts over 2 ranks (26 + 25, batches of 10): accuracy overall and by level are one process's
+    figures (18/51), not those of a set padded with a duplicate prompt (18/52)."""
+    val = ["--data.val.init_args.num_prompts=51", "--data.val_batch_size=10"]
+    run("validate", "--config", DEMO, "--config", FSDP, *val, f"--trainer.default_root_dir={tmp_path / 'two'}")
+    run("validate", "--config", DEMO, *val, f"--trainer.default_root_dir={tmp_path / 'one'}")
+    two, one = [
+        {k: float(v) for k, v in row.items() if k.startswith("val/")}
+        for row in read_metrics(tmp_path / "two") + read_metrics(tmp_path / "one")
+    ]
+    assert one.keys() == {"val/accuracy", *(f"val/accuracy/level_{i}" for i in (1, 2, 3))}
+    assert one["val/accuracy"] == pytest.approx(18 / 51) and two == one
 
 
 def test_fsdp1_defaults_to_one_unit_per_decoder_layer_and_keeps_a_given_policy(tiny_model_dir):

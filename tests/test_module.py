@@ -171,3 +171,29 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_one_message(toy_model_dir):
     module = SPPOModule(str(toy_model_dir), max_nonfinite_steps=3)
     with pytest.raises(DivergenceError, match="3 steps in a row had a non-finite loss"):
         fit_one_iteration(module, Poison(nan_loss_at={0, 1, 2, 3}))
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_in_the_policy_unless_kept(dropout_model_dir, disable):
+    """Generation and the π_t pass run in eval mode, training in train mode: with dropout off (the default) both
+    modes compute the same function; with model.disable_dropout=false the model's attention dropout is kept."""
+    module = SPPOModule(str(dropout_model_dir), disable_dropout=disable)
+    module.configure_model()
+    ids = torch.tensor([[1, 20, 21, 22, 23, 30, 31, 2]])
+    with torch.no_grad():
+        train = module.policy.train()(ids).logits
+        evaluated = module.policy.eval()(ids).logits
+    assert torch.equal(train, evaluated) == disable
+
+
+def test_the_first_step_of_a_model_with_dropout_starts_at_pi_t(dropout_model_dir):
+    """The cached π_t log-probs and the first training forward agree exactly: train/log_ratio is 0 at step 1."""
+    L.seed_everything(0)
+    first = {}
+
+    class FirstStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            first.setdefault("log_ratio", float(trainer.callback_metrics["train/log_ratio"]))
+
+    fit_one_iteration(SPPOModule(str(dropout_model_dir), learning_rate=1e-3), FirstStep())
+    assert first["log_ratio"] == 0.0

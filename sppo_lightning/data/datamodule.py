@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 
 class _MicroBatches(torch.utils.data.IterableDataset):
+    """Batches made ahead, already this rank's share: training's micro-batches, validation's prompt batches."""
+
     def __init__(self, batches: list[dict]):
         self.batches = batches
 
@@ -49,17 +51,6 @@ class _MicroBatches(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:  # lets the progress bar and the scheduler know the epoch's length
         return len(self.batches)
-
-
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -197,7 +188,12 @@ class RolloutDataModule(L.LightningDataModule):
                 f"data.max_prompt_length={limit} tokens"
             )
         if not kept:
-            raise DataError(f"{what}: no prompt left after filtering by data.max_prompt_length={limit}")
+            source = getattr(self, f"{what}_source", None)
+            where = f" ({source.describe()})" if hasattr(source, "describe") else ""
+            raise DataError(
+                f"data.{what}{where}: no prompt left after filtering by data.max_prompt_length={limit} "
+                + (f"(the shortest has {min(len(p) for p in all_ids)} tokens)" if all_ids else "(the source is empty)")
+            )
         return kept, ids
 
     def setup(self, stage: str) -> None:
@@ -254,6 +250,8 @@ class RolloutDataModule(L.LightningDataModule):
         attach_step_units(batches, window, loss_type in PAIR_LOSSES, self.all_ranks_sum)
 
         metrics.update(rollout_metrics(rollout))
+        if hasattr(self.oracle, "unscored"):  # responses the rule could not score (scored 0)
+            metrics["rollout/unscored"] = float(self.oracle.unscored)
         self.rollout_metrics, self.rollout = metrics, rollout
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
@@ -333,6 +331,13 @@ class RolloutDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------- validation
     def val_dataloader(self) -> DataLoader:
+        """This rank's share of the validation prompts, in batches; over all ranks each prompt is scored once.
+
+        Rank r takes prompts r, r + world_size, ... A rank whose share is one prompt short generates for one prompt
+        of the set again, so that every rank runs the same ``generate`` calls (sharded weights are gathered inside
+        every forward), but does not score it: a batch's ``prompt_ids`` may have rows past its ``records``, which
+        name the rows to score, first.
+        """
         h = self.hparams
         params = SamplingParams(
             n=h.val_samples_per_prompt,
@@ -340,17 +345,23 @@ class RolloutDataModule(L.LightningDataModule):
             top_p=h.top_p,
             max_new_tokens=h.max_response_length,
         )
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         items = list(zip(self.val_prompt_ids, self.val_prompts, strict=True))
-        return DataLoader(
-            _ListDataset(items),
-            batch_size=h.val_batch_size,
-            shuffle=False,
-            collate_fn=lambda rows: {
-                "prompt_ids": [r[0] for r in rows],
-                "records": [r[1] for r in rows],
-                "params": params,
-            },
-        )
+        mine = items[rank::world]
+        rows = mine + [(items[0][0], None)] * (-(-len(items) // world) - len(mine))  # padding: no record
+        batches = []
+        for start in range(0, len(rows), h.val_batch_size):
+            chunk = rows[start : start + h.val_batch_size]
+            batches.append(
+                {
+                    "prompt_ids": [ids for ids, _ in chunk],
+                    "records": [rec for _, rec in chunk if rec is not None],
+                    "params": params,
+                }
+            )
+        # An iterable dataset, like training's: Lightning would otherwise shard a second time with a
+        # DistributedSampler, which pads by duplicating prompts.
+        return DataLoader(_MicroBatches(batches), batch_size=None)
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

@@ -59,9 +59,21 @@ def read_source(source: str) -> dict[str, Rows]:
         if not root.is_dir():
             raise DataError(f"{source}: expected a folder with a train and a test split, or a hub dataset id")
         return {split: _read_folder_split(root, split) for split in SPLITS}
-    import datasets
-
-    ds = datasets.load_dataset(source)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f'{source}: not a local folder; reading it from the hub needs `pip install "sppo-lightning[datasets]"`, '
+            "or give a local copy of MATH with --source path/to/MATH"
+        ) from None
+    try:
+        ds = datasets.load_dataset(source)
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types (no network, not found, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{source}: not a local folder, and the hub did not give it ({type(e).__name__}: {first}); without "
+            "network, give a local copy of MATH with --source path/to/MATH"
+        ) from None
     return {split: [(dict(r), f"{source}[{split}] row {i}") for i, r in enumerate(ds[split])] for split in SPLITS}
 
 

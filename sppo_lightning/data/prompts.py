@@ -2,7 +2,8 @@
 
 Rows are accepted in verl's parquet schema unchanged (``prompt`` = chat messages, ``reward_model.ground_truth``,
 ``data_source``, ``extra_info``) and in a plain form (``prompt`` or ``problem`` as a string, ``ground_truth`` or
-``answer``). Files may be jsonl or parquet; a hub id is read with ``datasets.load_dataset``.
+``answer``). Rows judged by a model (``reward_model.style: model``, e.g. UltraFeedback for PairRM) may have no
+ground truth. Files may be jsonl or parquet; a hub id is read with ``datasets.load_dataset``.
 """
 
 from __future__ import annotations
@@ -43,26 +44,32 @@ def record_from_row(row: dict[str, Any], where: str) -> PromptRecord:
     truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
     if truth is None:
         truth = row.get("ground_truth", row.get("answer"))
-    if truth is None or str(truth).strip() == "":
+    judged = isinstance(reward_model, dict) and reward_model.get("style") == "model"  # verl: a model judges, no truth
+    if (truth is None or str(truth).strip() == "") and not judged:
         raise DataError(f"{where}: missing or empty ground truth ('reward_model.ground_truth' or 'ground_truth')")
     extra = row.get("extra_info") or {}
     return PromptRecord(
         messages=messages,
-        ground_truth=str(truth),
+        ground_truth="" if truth is None else str(truth),
         data_source=str(row.get("data_source") or ""),
         extra_info=dict(extra) if isinstance(extra, dict) else {},
     )
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[dict, str]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line), f"{path}:{lineno}"
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line), f"{path}:{lineno}"
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[dict, str]]:
@@ -84,18 +91,42 @@ def iter_rows(path: Path) -> Iterator[tuple[dict, str]]:
 def read_prompts(source: str, split: str = "train") -> list[PromptRecord]:
     """Read a jsonl or parquet file, or a hub dataset id (``split`` picks its split)."""
     path = Path(source)
-    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() or not looks_like_hub_id(source):
         if not path.is_file():
-            raise DataError(f"{source}: file not found")
+            raise DataError(
+                f"{source}: file not found" + (" (a folder; name the files in it)" if path.is_dir() else "")
+            )
         records = [record_from_row(row, where) for row, where in iter_rows(path)]
     else:
-        import datasets
-
-        ds = datasets.load_dataset(source, split=split)
-        records = [record_from_row(row, f"{source}[{split}] row {i}") for i, row in enumerate(ds)]
+        records = [record_from_row(row, f"{source}[{split}] row {i}") for i, row in enumerate(_hub_rows(source, split))]
     if not records:
         raise DataError(f"{source}: no prompts")
     return records
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``name`` or ``org/name`` that is not a path here: no suffix, not absolute, no ``./``, its folder not local."""
+    parts = source.split("/")
+    if source.startswith((".", "/", "~")) or len(parts) > 2 or Path(source).suffix:
+        return False
+    return not (len(parts) == 2 and Path(parts[0]).is_dir())  # data/mth: a typo'd file under a local folder
+
+
+def _hub_rows(source: str, split: str):
+    """The rows of a hub dataset's split; a missing ``datasets`` or an unreachable hub is one message."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f'{source}: not a file here; reading it as a hub dataset needs `pip install "sppo-lightning[datasets]"`'
+        ) from None
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types (connection, not found, bad split)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{source}: not a file here, and the hub did not give it ({type(e).__name__}: {first})"
+        ) from None
 
 
 class PromptSource(ABC):
@@ -103,6 +134,10 @@ class PromptSource(ABC):
 
     @abstractmethod
     def load(self) -> list[PromptRecord]: ...
+
+    def describe(self) -> str:
+        """Where the prompts come from, for messages (the files for ``PromptFiles``)."""
+        return type(self).__name__
 
 
 class PromptFiles(PromptSource):
@@ -118,6 +153,9 @@ class PromptFiles(PromptSource):
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         self.split = split
         self.limit = limit
+
+    def describe(self) -> str:
+        return ", ".join(self.paths)
 
     def load(self) -> list[PromptRecord]:
         records = [r for p in self.paths for r in read_prompts(p, self.split)]

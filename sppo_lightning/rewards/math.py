@@ -8,8 +8,9 @@ ground truth, else 0.0, and never raises. Equality is decided in three steps, ch
 2. both are plain numbers and equal as numbers;
 3. math-verify (sympy) finds them mathematically equal (fractions vs decimals, intervals, radicals, ...).
 
-``strict=True`` stops after step 1, which is the string-normalisation scorer the reference MATH numbers were
-measured with, for like-for-like comparisons.
+``strict=True`` stops after step 1. It is *not* verl's scorer (it disagrees with it both ways: ``10,000``,
+``50%``, ``\\fbox``, ``5 \\text{ apples}``); ``compute_score_verl`` below is, exactly, for comparisons with numbers
+measured by verl (the SPPO recipe's 46.6 % -> 65.6 %).
 
 >>> compute_score("so the answer is \\\\boxed{\\\\dfrac{1}{2}}", "\\\\frac12")
 1.0
@@ -184,5 +185,144 @@ def compute_score(solution_str: str, ground_truth: str, strict: bool = False) ->
 
 
 def compute_score_strict(solution_str: str, ground_truth: str) -> float:
-    """``compute_score(..., strict=True)`` under a name a config can give (``model.accuracy_fn``)."""
+    """``compute_score(..., strict=True)`` under a name a config can give (``model.accuracy_fn``); not verl's scorer."""
     return compute_score(solution_str, ground_truth, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------ verl's scorer
+# verl scores MATH (training reward and reported accuracy) with the Hendrycks et al. string normalisation as
+# lm-evaluation-harness wrote it (verl/utils/reward_score/math_reward.py). Its verdicts, quirks included, are what
+# the published 46.6 % -> 65.6 % measured, so they are reproduced exactly here (tests/rewards/test_math_verl.py
+# compares against verl's released file):
+# - "\boxed " (with a space) anywhere wins over every braced box: the answer is the text after its last occurrence,
+#   up to the next "$";
+# - otherwise the last "\boxed" must be followed by "{" (its closing "}" found by depth); "\fbox{...}" is located
+#   but then refused (0.0), as is "\boxed" followed by anything else;
+# - the normalisation drops units only after "\text{ " (one occurrence), never a bare "$" or "%"; a normalisation
+#   that fails on a malformed answer ("\frac" or "\sqrt" at the end, two "\text{ ") falls back to raw equality.
+
+
+class _Unnormalisable(Exception):
+    """An answer verl's normalisation fails on: verl then compares the raw strings."""
+
+
+def _verl_last_box(text: str) -> str | None:
+    """The answer verl reads from a response (None: no usable box, which verl scores 0)."""
+    if "\\boxed " in text:
+        return text.rpartition("\\boxed ")[2].partition("$")[0]
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth, end = 0, None
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                end = i
+                break
+    if end is None:
+        return None
+    box = text[start : end + 1]
+    # verl strips the box by asserting it reads "\boxed{...}"; "\fbox{...}" or "\boxed x}" fail the assertion (0.0)
+    return box[len("\\boxed{") : -1] if box.startswith("\\boxed{") else None
+
+
+def _verl_units(s: str) -> str:
+    if "\\text{ " not in s:
+        return s
+    parts = s.split("\\text{ ")
+    if len(parts) != 2:
+        raise _Unnormalisable
+    return parts[0]
+
+
+def _verl_sqrt(s: str) -> str:
+    head, *rest = s.split("\\sqrt")
+    for piece in rest:
+        if not piece:
+            raise _Unnormalisable
+        head += "\\sqrt" + (piece if piece[0] == "{" else "{" + piece[0] + "}" + piece[1:])
+    return head
+
+
+def _verl_fracs(s: str) -> str:
+    head, *rest = s.split("\\frac")
+    for piece in rest:
+        if not piece:
+            raise _Unnormalisable
+        if piece[0] == "{":
+            head += "\\frac" + piece
+        elif len(piece) < 2:
+            return s  # verl gives up on the whole string, keeping earlier pieces unfixed too
+        elif piece[1] == "{":  # \frac1{72} -> \frac{1}{72}
+            head += "\\frac{" + piece[0] + "}" + piece[1:]
+        else:  # \frac12 -> \frac{1}{2}
+            head += "\\frac{" + piece[0] + "}{" + piece[1] + "}" + piece[2:]
+    return head
+
+
+def _verl_slash(s: str) -> str:
+    parts = s.split("/")
+    if len(parts) != 2:
+        return s
+    try:  # only integers written as Python writes them: "3/4", "-3/4", "3/-4"; not "03/4", "+3/4", "3.0/4"
+        a, b = int(parts[0]), int(parts[1])
+    except ValueError:
+        return s
+    return f"\\frac{{{a}}}{{{b}}}" if s == f"{a}/{b}" else s
+
+
+def _verl_normalise(s: str) -> str:
+    """verl's ``strip_string``, step for step (raises ``_Unnormalisable`` where it raises)."""
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac")):
+        s = s.replace(old, new)
+    for old in ("\\left", "\\right", "^{\\circ}", "^\\circ", "\\$"):
+        s = s.replace(old, "")
+    s = _verl_units(s)
+    s = s.replace("\\\\%", "").replace("\\%", "")
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s.startswith("."):
+        s = "0" + s
+    lhs, eq, rhs = s.partition("=")
+    if eq and "=" not in rhs and len(lhs) <= 2:  # "k = 5" -> " 5"
+        s = rhs
+    s = _verl_sqrt(s).replace(" ", "")
+    s = _verl_fracs(s)
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return _verl_slash(s)
+
+
+def _verl_equiv(answer: str, ground_truth) -> bool:
+    if ground_truth is None:
+        return False
+    if not isinstance(ground_truth, str):  # verl's normalisation fails on it and compares raw values
+        return answer == ground_truth
+    try:
+        return _verl_normalise(answer) == _verl_normalise(ground_truth)
+    except _Unnormalisable:
+        return answer == ground_truth
+
+
+def compute_score_verl(solution_str: str, ground_truth: str) -> float:
+    """verl's MATH verdict (``verl.utils.reward_score.math_reward.compute_score``), exactly: 1.0 or 0.0, never raises.
+
+    The scorer behind verl's published SPPO numbers, for like-for-like comparisons; ``compute_score`` is the better
+    checker (it accepts ``\\fbox``, ``10,000`` for ``10000``, ``50\\%`` for ``50``, equal numbers and expressions).
+
+    >>> compute_score_verl("\\\\boxed{5 \\\\text{ apples}}", "5")
+    1.0
+    >>> compute_score_verl("\\\\boxed{10,000}", "10000"), compute_score_verl("\\\\fbox{4}", "4")
+    (0.0, 0.0)
+    """
+    try:
+        answer = _verl_last_box(solution_str)
+        return 1.0 if answer is not None and _verl_equiv(answer, ground_truth) else 0.0
+    except Exception:  # noqa: BLE001 - a non-string response, as verl: scored 0
+        return 0.0

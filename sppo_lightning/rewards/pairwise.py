@@ -6,9 +6,9 @@ asks for both orders of every pair, batched (``prefer``), and the win-rates come
 response's win-rate: it has no other scale.
 
 Any judge plugs in by implementing ``prefer``; ``PairClassifierOracle`` does so for any Hugging Face sequence
-classifier that reads (prompt, response A, response B) as one text and gives one logit for "A is better".
-PairRM through ``llm-blender`` is not offered: llm-blender 0.0.2 fails to import with transformers 5
-(``TRANSFORMERS_CACHE`` was removed).
+classifier that reads (prompt, response A, response B) as one text and gives one logit for "A is better";
+``PairRMOracle`` (``rewards/pairrm.py``) for PairRM, the paper's judge, written here (llm-blender 0.0.2 itself does
+not import with transformers 5).
 """
 
 from __future__ import annotations

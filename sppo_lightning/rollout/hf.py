@@ -1,11 +1,14 @@
 """Rollouts with ``transformers``' ``generate`` on the policy itself: the CPU default, and what tests use.
 
 One batched call per chunk of prompts with ``num_return_sequences=K``, left padding, always with the KV cache
-(even when training uses gradient checkpointing), seeded so that an iteration's samples are reproducible.
+(even when training uses gradient checkpointing), seeded so that an iteration's samples are reproducible. Generation
+uses exactly the sampling settings it is given: nothing from the model folder's ``generation_config.json``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +36,9 @@ def hf_generate(
     from transformers import GenerationConfig
 
     stop = {eos_id, *params.stop_token_ids}
-    # Sampling fields only when sampling (transformers warns about them under greedy decoding). top_k is always
-    # given: HF's default of 50 would silently truncate the distribution; 0 disables it.
+    # These are all the settings generate sees (no_folder_defaults). Sampling fields only when sampling (transformers
+    # warns about them under greedy decoding). top_k is always given: HF's default of 50 would silently truncate the
+    # distribution; top_k <= 0 means off, which transformers spells 0.
     sampling = (
         {}
         if params.greedy
@@ -67,12 +71,13 @@ def hf_generate(
             width = max(map(len, chunk))
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            gen = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=gen_config,
-                synced_gpus=synced,
-            )
+            with no_folder_defaults(model):
+                gen = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=gen_config,
+                    synced_gpus=synced,
+                )
             new = gen.sequences[:, width:]  # (len(chunk) * K, new_tokens), grouped by prompt
             responses = [truncate_at_stop(r, stop, pad_id) for r in new.tolist()]
             if with_logprobs:
@@ -87,6 +92,26 @@ def hf_generate(
     finally:
         model.train(was_training)
     return (out, logprobs) if with_logprobs else out
+
+
+@contextmanager
+def no_folder_defaults(model) -> Iterator[None]:
+    """Let ``model.generate`` see only the GenerationConfig it is given.
+
+    transformers 5 fills every field that config leaves None from ``model.generation_config`` (the folder's
+    ``generation_config.json``: repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens, top_k, ...),
+    then from its global defaults, which are all neutral except top_k=50 and max_length=20 (both always given here).
+    A field cannot be pinned to "off" where off is None (bad_words_ids, suppress_tokens), so the source of the
+    merge is replaced by an empty config for the call; the model keeps its own for export.
+    """
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def _token_logps(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:

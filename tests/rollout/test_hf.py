@@ -100,3 +100,65 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     torch.testing.assert_close(b["ref_logps"], expected, atol=1e-4, rtol=1e-5)
     # the same samples as without log-probs: the option changes nothing else
     assert HFEngine(batch_size=4).generate(m, prompts, params, 0) == ids
+
+
+# What instruct models commonly ship in generation_config.json, and more: transformers 5 fills every field that
+# generate is not given from this file, so each of these would change what the engine samples.
+FOLDER_GENERATION_CONFIG = {
+    "do_sample": True,
+    "temperature": 0.3,
+    "top_k": 3,
+    "top_p": 0.5,
+    "typical_p": 0.9,
+    "repetition_penalty": 1.8,
+    "no_repeat_ngram_size": 2,
+    "min_new_tokens": 6,
+    "bad_words_ids": [[93]],  # "{": the toy answers in \boxed{...}
+    "suppress_tokens": [19],  # "1"
+    "renormalize_logits": True,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+def test_generation_uses_only_the_configured_settings_not_the_folders(toy_model_dir, tmp_path):
+    """Two folders with the same weights, one whose generation_config.json sets penalties, bans, a minimum length,
+    top-k...: the rollout's samples and log-probs and the greedy validation outputs are identical, and the log-probs
+    are the policy's own (a forward pass), so the samples really are draws from π_t."""
+    import json
+    import shutil
+
+    from sppo_lightning.data.batching import collate
+    from sppo_lightning.data.examples import Example
+    from sppo_lightning.logprobs import response_token_logps
+
+    plain, shipped = tmp_path / "plain", tmp_path / "shipped"
+    shutil.copytree(toy_model_dir, plain)
+    (plain / "generation_config.json").unlink()
+    shutil.copytree(toy_model_dir, shipped)
+    (shipped / "generation_config.json").write_text(json.dumps(FOLDER_GENERATION_CONFIG))
+
+    results = {}
+    for name, path in (("plain", plain), ("shipped", shipped)):
+        m = module_for(path)
+        tok = m.tokenizer
+        prompts = [
+            tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False)["input_ids"]
+            for q in ("What is 3+4?", "What is 33+44?", "What is 11+19?")
+        ]  # fmt: skip
+        sample = SamplingParams(n=4, max_new_tokens=12)
+        ids, logps = HFEngine(batch_size=8, logprobs_from_rollout=True).generate_with_logprobs(m, prompts, sample, 0)
+        greedy = HFEngine().generate(m, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=12), seed=0)
+        results[name] = (ids, logps, greedy)
+        assert m.policy.generation_config.repetition_penalty == (1.8 if name == "shipped" else None)  # left as loaded
+
+    (ids, logps, greedy), (s_ids, s_logps, s_greedy) = results["plain"], results["shipped"]
+    assert s_ids == ids and s_greedy == greedy
+    assert s_logps == logps
+    assert any("{" in tok.decode(r) for group in greedy for r in group)  # what the folder bans is still produced
+    rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p, ref_logps=logps[p][k]) for p in range(3) for k in range(4)]
+    b = collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        expected = response_token_logps(m.policy.eval(), b["input_ids"], b["attention_mask"], b["response_mask"])
+    torch.testing.assert_close(b["ref_logps"], expected, atol=1e-4, rtol=1e-5)
