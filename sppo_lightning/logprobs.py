@@ -1,16 +1,20 @@
 """log π(y_t | x, y_<t) of every response token. Their sum over a response is log π(y|x), the quantity every SPPO
 loss regresses (log π_θ(y|x) − log π_t(y|x)); the per-token values are what the trust region (``clip_ratio``) reads.
 
-Both functions return ``[B, R]``, response-aligned: column j is the j-th token of each row's response, R the longest
-response, 0 past a response's end. Two ways to the same numbers. ``response_token_logps`` runs every row, prompt
-and response, through the model. ``shared_prompt_token_logps`` runs each distinct prompt once and lets the rows
-that share it (the K responses of a group) continue from its KV cache: a group then costs P + K·R tokens instead
-of K·(P + R), so with 32-token prompts and 10-token responses, K = 4 sends 72 tokens through the model instead of
-168. Causal attention makes the two equal up to float rounding, gradients included: the prompt's keys and values
-receive the gradient of every row that reads them, as the repeated prompt positions of the plain forward do.
+All three functions return ``[B, R]``, response-aligned: column j is the j-th token of each row's response, R the
+longest response, 0 past a response's end. Three ways to the same numbers. ``response_token_logps`` runs every row,
+prompt and response, through the model, right-padded. ``packed_token_logps`` lays the rows end to end in one
+sequence with no padding, attention confined to each row. ``shared_prompt_token_logps`` runs each distinct prompt
+once and lets the rows that share it (the K responses of a group) continue from its KV cache: a group then costs
+P + K·R tokens instead of K·(P + R), so with 32-token prompts and 10-token responses, K = 4 sends 72 tokens through
+the model instead of 168. Causal attention makes them equal up to float rounding, gradients included: the prompt's
+keys and values receive the gradient of every row that reads them, as the repeated prompt positions of the plain
+forward do.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -22,11 +26,11 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mask
 
 
-def _response_columns(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The response-aligned layout ``[B, R]`` both functions return: column indices ``[1, R]`` and which columns of
-    each row hold a response token (R = the longest response)."""
+def _response_columns(response_mask: torch.Tensor, at_least: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The response-aligned layout ``[B, R]`` the functions return: column indices ``[1, R]`` and which columns of
+    each row hold a response token (R = the longest response, or ``at_least``)."""
     lengths = response_mask.sum(1).long()
-    cols = torch.arange(int(lengths.max()), device=response_mask.device)[None, :]
+    cols = torch.arange(max(int(lengths.max()), at_least), device=response_mask.device)[None, :]
     return cols, cols < lengths[:, None]
 
 
@@ -60,8 +64,9 @@ def shared_prompt_token_logps(
     """``response_token_logps`` for rows laid out as ``collate`` does (prompt + response, right-padded, the first
     ``prompt_lengths`` tokens of a row being its prompt): each distinct prompt goes through the model once,
     left-padded so that its last token ends every row, and its KV cache is selected for each of the rows that
-    share it before the responses go through. When no prompt repeats (K = 1, as in the MATH recipe) that would
-    only split one forward in two, so the rows go through ``response_token_logps`` instead.
+    share it before the responses go through. It takes these two forwards whatever the data (no prompt repeating,
+    no response token), so that ranks stepping together under FSDP run the same forwards; with one sample per
+    prompt (the MATH recipe) there is nothing to share: use ``response_token_logps``.
 
     Needs a model whose forward returns and accepts a KV cache with gradients (any Hugging Face decoder without
     gradient checkpointing, which turns the cache off in training).
@@ -79,8 +84,6 @@ def shared_prompt_token_logps(
     pos, mask = left_padding(prompt_lengths)
     keys = torch.cat([input_ids.gather(1, pos) * mask, prompt_lengths[:, None]], dim=1)
     distinct, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # row_prompt[i]: the prompt of row i
-    if len(distinct) == len(input_ids):
-        return response_token_logps(model, input_ids, attention_mask, response_mask)
     prompt_pos, prompt_mask = left_padding(distinct[:, -1])
     out = model(
         input_ids=distinct[:, :-1],
@@ -95,8 +98,10 @@ def shared_prompt_token_logps(
     cache = out[cache_name]
     cache.batch_select_indices(row_prompt)  # every row gets its prompt's keys and values: (B, ...)
 
-    # The responses, right-padded, at positions that continue their prompt: (B, R).
-    cols, response_valid = _response_columns(response_mask)
+    # The responses, right-padded, at positions that continue their prompt: (B, R), R >= 1 (one masked column
+    # when no row has a response: the forward still runs).
+    n_cols = int(response_mask.sum(1).max())
+    cols, response_valid = _response_columns(response_mask, at_least=1)
     r_pos = prompt_lengths[:, None] + cols
     response_ids = input_ids.gather(1, r_pos.clamp(max=width - 1)) * response_valid
     rest = model(
@@ -108,4 +113,128 @@ def shared_prompt_token_logps(
     )
     # response token t is predicted by response position t-1, and token 0 by the prompt's last position
     logits = torch.cat([out.logits[row_prompt], rest.logits[:, :-1]], dim=1)
-    return _token_logps(logits, response_ids, response_valid)
+    return _token_logps(logits, response_ids, response_valid)[:, :n_cols]
+
+
+# The packed sequence's attention under any implementation but flash_attention_2 (which has a variable-length kernel
+# of its own): scaled-dot-product attention over each segment separately, causal within it, so that no query pays
+# for the keys it may not see (a block-diagonal mask over the whole sequence would cost N² per layer instead of the
+# segments' Σ n²). Registered under this name and switched to for the packed forward only.
+SEGMENT_ATTENTION = "sppo_segments"
+
+
+def _segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=(), **kwargs):
+    """``query`` (1, H, N, D), ``key``/``value`` (1, Hkv, N, D); ``segments``: (length, prefix) tiling [0, N) in
+    order, ``prefix`` the index of an earlier segment (a shared prompt) or -1. A segment's queries see its own
+    earlier keys and, with a prefix, every key of it. Split, not sliced: a slice's backward writes a zero tensor of
+    the whole sequence per segment, a split's is one concatenation."""
+    import torch.nn.functional as F
+
+    sizes = [length for length, _ in segments]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
+    outs = []
+    for s, (length, prefix) in enumerate(segments):
+        k, v, mask = keys[s], values[s], None
+        if prefix >= 0:  # a response after its shared prompt: every prompt key, then causal
+            k, v = torch.cat([keys[prefix], k], dim=2), torch.cat([values[prefix], v], dim=2)
+            mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=query.device).tril(sizes[prefix])
+        outs.append(
+            F.scaled_dot_product_attention(
+                queries[s],
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scaling,
+                dropout_p=dropout if module.training else 0.0,
+                enable_gqa=k.shape[1] != query.shape[1],
+            )  # fmt: skip
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D), as transformers' sdpa returns
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
+
+
+@contextmanager
+def _attention(model, name: str):
+    """The model's attention implementation set to ``name`` for the duration (the config is read at each forward)."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def packed_token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    share_prompt: bool = False,
+) -> torch.Tensor:
+    """``response_token_logps`` with the rows laid end to end as one sequence ``[1, N]``, no padding (verl's
+    ``use_remove_padding``), position ids restarting with each row and attention kept within it: under
+    ``flash_attention_2`` by its variable-length kernel (transformers derives the row boundaries from the position
+    ids), under any other implementation by ``_segment_attention``, one scaled-dot-product attention per row. Only
+    the positions that predict a response token go through the head (``logits_to_keep`` as indices).
+
+    ``share_prompt`` (not under ``flash_attention_2``): each distinct prompt once, followed by the responses of its
+    rows at the positions that continue it, each response attending to its prompt and itself: a group costs
+    P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with no KV cache (so also under gradient
+    checkpointing). Rows are laid out as ``collate`` makes them.
+    """
+    device = input_ids.device
+    flash = model.config._attn_implementation.startswith("flash")
+    share_prompt = share_prompt and not flash
+    lengths, n_prompt = attention_mask.sum(1).long().tolist(), prompt_lengths.long().tolist()
+    rows = [input_ids[i, : lengths[i]] for i in range(len(lengths))]
+    groups: dict[tuple, list[int]] = {}  # a prompt (or, not sharing, a row) -> its rows, in order of first appearance
+    for i, row in enumerate(rows):
+        groups.setdefault(tuple(row[: n_prompt[i]].tolist()) if share_prompt else (i,), []).append(i)
+    pieces, positions, segments = [], [], []  # segments: (length, index of the prompt segment it follows or -1)
+    predictor, target, row_col = [], [], []  # per response token: the index predicting it, its id, (row, column)
+    n = 0
+    for members in groups.values():
+        p = n_prompt[members[0]]
+        prompt_end, prompt_segment = n + p, len(segments)  # not sharing: the row's own prompt, in its segment
+        if share_prompt:
+            pieces.append(rows[members[0]][:p])
+            positions.append(torch.arange(p))
+            segments.append((p, -1))
+            n += p
+        for i in members:
+            body = rows[i][p:] if share_prompt else rows[i]  # what this row adds to the sequence
+            pieces.append(body)
+            positions.append(torch.arange(lengths[i] - len(body), lengths[i]))
+            segments.append((len(body), prompt_segment if share_prompt else -1))
+            first_response = n if share_prompt else n + p
+            # token 0 is predicted by the prompt's last position, token j by the response's position j - 1
+            predictor += [prompt_end - 1 if j == 0 else first_response + j - 1 for j in range(lengths[i] - p)]
+            row_col += [(i, j) for j in range(lengths[i] - p)]
+            target.append(rows[i][p:])
+            n += len(body)
+    ids, pos = torch.cat(pieces)[None], torch.cat(positions).to(device)[None]  # (1, N)
+    where = torch.tensor(predictor, dtype=torch.long, device=device)
+    if flash:
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=where).logits
+    else:
+        with _attention(model, SEGMENT_ATTENTION):
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=where,
+                           segments=segments).logits  # fmt: skip
+    targets = torch.cat(target)[None]  # (1, M): one logit row per response token
+    logps = _token_logps(logits, targets, torch.ones(targets.shape, device=device))[0]
+    _, valid = _response_columns(response_mask)
+    out = torch.zeros(valid.shape, dtype=logps.dtype, device=device)
+    if row_col:
+        index = torch.tensor(row_col, device=device).T
+        out = out.index_put((index[0], index[1]), logps)
+    return out
+
+
+_register_segment_attention()

@@ -124,3 +124,10 @@ def ipo_loss(
     """
     margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     return (margin - 1 / (2 * tau)) ** 2
+
+
+def loss_weights(row_weight: torch.Tensor, paired: bool) -> torch.Tensor:
+    """Which loss terms count in a step's mean, ``[B] -> [B]`` or ``[B/2]`` for the pair losses (rows alternate
+    winner, loser): a row's term when its ``row_weight`` is 1 (0 for an empty response, as verl masks them, and
+    for filler rows), a pair's when both of its rows count."""
+    return row_weight[0::2] * row_weight[1::2] if paired else row_weight

@@ -18,10 +18,19 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sppo_lightning import optim, sharding
+from sppo_lightning.data.examples import PAIR_LOSSES
 from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, ReferenceResponses, WinRate, group_keys, update_win_rate
-from sppo_lightning.logprobs import response_token_logps, shared_prompt_token_logps
-from sppo_lightning.loss import dpo_loss, ipo_loss, sppo_loss, sppo_pair_loss, sppo_target_loss, trust_region_logps
+from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
+from sppo_lightning.loss import (
+    dpo_loss,
+    ipo_loss,
+    loss_weights,
+    sppo_loss,
+    sppo_pair_loss,
+    sppo_target_loss,
+    trust_region_logps,
+)
 from sppo_lightning.rewards.base import RuleOracle, rule_scores
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import RolloutEngine
@@ -71,6 +80,7 @@ class SPPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         share_prompt: bool = True,
+        packed: bool = False,
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
         fsdp_cpu_offload: bool = False,
         max_nonfinite_steps: int = 10,
@@ -110,7 +120,13 @@ class SPPOModule(L.LightningModule):
                 draws other masks. False keeps the model's dropout.
             share_prompt: Run each prompt once per micro-batch and its K responses from its KV cache, in training and
                 in the π_t pass (same values, fewer tokens). Off under gradient checkpointing, which disables the
-                cache in training.
+                cache in training. Decided from these settings alone, the same on every rank; with one sample per
+                prompt there is nothing to share: set it to false. With ``packed``, the prompt and its K responses
+                are packed as one sequence instead (``sdpa``/``eager`` attention; not under ``flash_attention_2``,
+                which packs whole rows).
+            packed: Lay a micro-batch's rows end to end with no padding, attention kept within each row (verl's
+                ``use_remove_padding``): the variable-length path of ``flash_attention_2``, a block-diagonal mask
+                under ``sdpa``/``eager``. Same values and gradients as the padded rows.
             fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype layers compute in, gradients are
                 reduced in float32. None = bfloat16 on GPU, the stored dtype on CPU.
             fsdp_cpu_offload: Under FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory.
@@ -219,10 +235,16 @@ class SPPOModule(L.LightningModule):
         return sharding.full_policy_state_dict(self.policy, self._trainer)
 
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log π_θ(y_t | x, y_<t) of every response token of a micro-batch, ``[B, R]`` (see ``logprobs``)."""
+        """log π_θ(y_t | x, y_<t) of every response token of a micro-batch, ``[B, R]`` (see ``logprobs``).
+
+        The path follows from the settings only, never from the data: under FSDP every rank must run the same
+        forwards, or the collectives stop matching.
+        """
         h = self.hparams
         rows = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        if h.share_prompt and not h.gradient_checkpointing and batch["response_mask"].any():
+        if h.packed:  # the prompt shared inside the packed sequence, except under flash_attention_2 (see logprobs)
+            return packed_token_logps(self.policy, *rows, batch["prompt_lengths"], share_prompt=h.share_prompt)
+        if h.share_prompt and not h.gradient_checkpointing:
             return shared_prompt_token_logps(self.policy, *rows, batch["prompt_lengths"])
         return response_token_logps(self.policy, *rows)
 
@@ -250,16 +272,33 @@ class SPPOModule(L.LightningModule):
             losses = ipo_loss(avg[0::2], avg[1::2], avg_ref[0::2], avg_ref[1::2], self.hparams.ipo_tau)
         else:
             losses = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], self.hparams.dpo_beta)
-        loss = losses.mean()
+        loss, mean, n = self._step_share(losses, batch)
         if not self._all_ranks_finite(loss):
             self._count_nonfinite("loss")
             return None  # Lightning skips this micro-batch: no backward, no optimizer step
-        n = logps.shape[0]
         # sync_dist: under FSDP/DDP each rank trains on its own rows; the logged value is their mean.
-        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/loss", mean, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/log_ratio", (logps - ref).mean().detach(), batch_size=n, sync_dist=True)
         self.log("train/target", batch["targets"].mean(), batch_size=n, sync_dist=True)
         return loss
+
+    def _step_share(self, losses: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This micro-batch's part of its optimizer step's loss, such that the step's gradient is the mean over every
+        loss term of the step on every rank, whatever the split (``batching.attach_step_units``). Also the
+        micro-batch's own mean and term count, for the log.
+
+        Lightning divides what ``training_step`` returns by ``accumulate_grad_batches`` and the gradient reduction
+        averages over ranks: both are multiplied back. A batch without ``step_units`` is its own mean, as before.
+        """
+        paired = self.hparams.loss_type in PAIR_LOSSES
+        row_weight = batch.get("row_weight", torch.ones(len(batch["input_ids"]), device=losses.device))
+        weights = loss_weights(row_weight.to(losses.dtype), paired)
+        total, n = (losses * weights).sum(), weights.sum()
+        mean = total / n.clamp(min=1)
+        if "step_units" not in batch:
+            return mean, mean.detach(), max(int(n), 1)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return total * scale / batch["step_units"].clamp(min=1), mean.detach(), max(int(n), 1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]

@@ -2,9 +2,11 @@
 
 Run by tests/test_fsdp.py in a subprocess (Lightning's ModelParallelStrategy re-launches this script per rank):
 
-    python tests/fsdp_one_step.py --devices 2 --out result.pt [--fsdp1] [--weight-decay 0.01]
+    python tests/fsdp_one_step.py --devices 2 --out result.pt [--fsdp1] [--weight-decay 0.01] [--packed] [--uneven]
 
-The global batch is the same whatever the process count: ROWS rows split evenly, each rank one contiguous shard.
+The global batch is the same whatever the process count: ROWS rows split evenly, each rank one contiguous shard
+(``--uneven``: 12 rows on rank 0, 4 on rank 1, as when DPO drops all-tie groups on one rank). ``--packed`` trains on
+packed rows (``SPPOModule(packed=True)``).
 Writes the mean first-step loss over ranks, the whole gradients of that step and the full parameters after it
 (rank 0), and the names of the parameters in AdamW's decayed and spared groups. ``--fsdp1`` shards with
 Lightning's FSDPStrategy (FSDP1, tests/cpu_fsdp1.py) instead of FSDP2; it writes the loss and the groups only
@@ -18,7 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from sppo_lightning.data.batching import collate
+from sppo_lightning.data.batching import attach_step_units, collate
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.data.examples import Example
 from sppo_lightning.module import SPPOModule
@@ -40,12 +42,22 @@ def fixed_rows() -> list[Example]:
 
 
 class FixedBatch(L.LightningDataModule):
+    def __init__(self, uneven: bool = False):
+        super().__init__()
+        self.uneven = uneven
+
     def train_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        per_rank = ROWS // world
+        bounds = [0, 12, ROWS] if self.uneven and world == 2 else [ROWS * r // world for r in range(world + 1)]
         module = self.trainer.lightning_module
-        batch = collate(fixed_rows()[rank * per_rank : (rank + 1) * per_rank], module.tokenizer.pad_token_id)
+        batch = collate(fixed_rows()[bounds[rank] : bounds[rank + 1]], module.tokenizer.pad_token_id)
         RolloutDataModule.attach_ref_logps(module, [batch])
+        strategy = self.trainer.strategy
+
+        def all_ranks_sum(t):
+            return strategy.all_gather(t.to(strategy.root_device)).sum(0).cpu() if world > 1 else t
+
+        attach_step_units([batch], 1, paired=False, all_ranks_sum=all_ranks_sum)
         return torch.utils.data.DataLoader([batch], batch_size=None)
 
 
@@ -74,12 +86,14 @@ def main():
     parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--fsdp1", action="store_true")
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--uneven", action="store_true")
     args = parser.parse_args()
 
     L.seed_everything(0)
     module = SPPOModule(
         str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3, weight_decay=args.weight_decay,
-        fsdp_cpu_offload=args.cpu_offload,
+        fsdp_cpu_offload=args.cpu_offload, packed=args.packed,
     )  # fmt: skip
     if args.fsdp1:
         from tests.cpu_fsdp1 import CPUFSDPStrategy
@@ -102,7 +116,7 @@ def main():
         limit_val_batches=0,
         callbacks=[record],
     )
-    trainer.fit(module, datamodule=FixedBatch())
+    trainer.fit(module, datamodule=FixedBatch(args.uneven))
     groups = {"decay_names": module.decay_names, "loss": record.losses[0]}
     if args.fsdp1:
         if trainer.is_global_zero:

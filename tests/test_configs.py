@@ -55,6 +55,7 @@ def test_seed_recipe_config_is_the_reference_run(tmp_path, tiny_model_dir):
     assert (d.prompts_per_epoch, d.samples_per_prompt, d.temperature) == (1024, 1, 1.0)
     assert (d.max_prompt_length, d.max_response_length, d.overlong_prompts) == (1024, 512, "filter")
     assert (d.micro_batch_size, d.val_temperature) == (4, 0.0)
+    assert m.packed and d.max_tokens_per_micro_batch == 1792  # use_remove_padding, token-budget micro-batches
     # 4 optimizer steps per rollout: 1,024 rows / (4 GPUs x micro-batch 4 x 16 accumulated) = 4
     assert d.prompts_per_epoch * d.samples_per_prompt // (4 * d.micro_batch_size * t.accumulate_grad_batches) == 4
     # "20 epochs" of 1,024-prompt batches over 7,500 problems, verl's drop_last: 7 rollouts a pass, 140 in all

@@ -1,12 +1,23 @@
-"""Micro-batches of whole groups, collated into the tensors the module trains on."""
+"""Micro-batches of whole groups, collated into the tensors the module trains on, and the share each micro-batch
+has in its optimizer step.
+
+A step's gradient is the mean over every loss term of that step on every rank, whatever the split into
+micro-batches (by rows or by a token budget), accumulation windows (a short last one included) and ranks (which
+may hold different row counts): each micro-batch carries ``step_units``, the number of loss terms of its step over
+all ranks, and the module divides its sum by that (``SPPOModule.training_step``). Rows with an empty response count
+for nothing (``row_weight`` 0), as verl masks them; so do the filler micro-batches that keep ranks and passes in
+step (``filler``).
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 
 from sppo_lightning.data.examples import Example
+from sppo_lightning.loss import loss_weights
 
 
 def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -29,6 +40,8 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         "rewards": torch.tensor([r.reward for r in rows]),
         "group": torch.tensor([r.group for r in rows]),  # rows of a group share their prompt
         "prompt_lengths": torch.tensor([len(r.prompt_ids) for r in rows]),
+        # 1 = the row's loss term counts in its step's mean; an empty response has no token to learn from
+        "row_weight": torch.tensor([float(len(r.response_ids) > 0) for r in rows]),
     }
     if all(r.ref_logps is not None for r in rows):  # π_t log-probs from the rollout: no forward pass needed
         # response-aligned and zero-padded, as the module's own ``token_logps``
@@ -39,22 +52,49 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def group_tokens(group: list[Example]) -> int:
+    """Tokens a group sends through the model as whole rows (prompt + response each), what a budget counts."""
+    return sum(len(r.prompt_ids) + len(r.response_ids) for r in group)
+
+
 def micro_batches(
-    groups: list[list[Example]], micro_batch_size: int, pad_id: int, seed: int, balance_tokens: bool = False
+    groups: list[list[Example]],
+    micro_batch_size: int,
+    pad_id: int,
+    seed: int,
+    balance_tokens: bool = False,
+    max_tokens: int | None = None,
 ) -> list[dict]:
-    """Pack whole groups (never splitting one) into micro-batches of ``micro_batch_size`` rows.
+    """Pack whole groups (never splitting one) into micro-batches of ``micro_batch_size`` rows, or, with
+    ``max_tokens``, of at most that many tokens (verl's ``use_dynamic_bsz``; a group longer than the budget goes
+    alone).
 
     Default: groups in a shuffled order. ``balance_tokens``: groups sorted by length, so that every rank's i-th
     micro-batch holds its i-th longest groups and ranks that step together carry similar token counts (less waiting
     in the gradient reduction, less padding); the micro-batches are then shuffled with ``seed``, the same order on
-    every rank.
+    every rank. A token budget always fills first-fit by decreasing length (fewest micro-batches), then shuffles.
     """
     rng = random.Random(seed)
     order = list(range(len(groups)))
-    if balance_tokens:
-        order.sort(key=lambda g: -sum(len(r.prompt_ids) + len(r.response_ids) for r in groups[g]))
+    if balance_tokens or max_tokens is not None:
+        order.sort(key=lambda g: -group_tokens(groups[g]))
     else:
         rng.shuffle(order)
+    if max_tokens is not None:
+        bins: list[list[int]] = []  # group indices per micro-batch
+        room: list[int] = []
+        for g in order:
+            need = group_tokens(groups[g])
+            fit = next((i for i, left in enumerate(room) if need <= left), None)
+            if fit is None:
+                bins.append([])
+                room.append(max_tokens)
+                fit = len(bins) - 1
+            bins[fit].append(g)
+            room[fit] -= need
+        batches = [collate([r for g in sorted(b) for r in groups[g]], pad_id) for b in bins]
+        rng.shuffle(batches)
+        return batches
     batches, current = [], []
     for g in order:
         current.extend(groups[g])
@@ -68,11 +108,40 @@ def micro_batches(
     return batches
 
 
-def repeat_passes(batches: list[dict], passes: int, seed: int) -> list[dict]:
+def filler(batches: list[dict]) -> dict:
+    """The smallest of ``batches`` with every row weighing 0: a micro-batch that runs the same forward and backward
+    as the others (so ranks and collectives stay in step) and adds nothing to the gradient."""
+    smallest = min(batches, key=lambda b: int(b["attention_mask"].sum()))
+    return {**smallest, "row_weight": torch.zeros_like(smallest["row_weight"]), "filler": torch.tensor(True)}
+
+
+def repeat_passes(batches: list[dict], passes: int, seed: int, window: int = 1) -> list[dict]:
     """The micro-batches ``passes`` times, the first pass in packing order and each later one reshuffled (the same
-    order on every rank, which step together)."""
+    order on every rank, which step together).
+
+    ``window`` is the gradient accumulation: with several passes each pass is topped up with fillers to a multiple
+    of it, so that accumulation windows align with passes and no step holds the same micro-batch twice.
+    """
     rng = random.Random(seed)
-    out = list(batches)
-    for _ in range(passes - 1):
-        out += rng.sample(batches, len(batches))
+    top_up = (-len(batches)) % window if passes > 1 and batches else 0
+    out = []
+    for p in range(passes):
+        order = batches if p == 0 else rng.sample(batches, len(batches))
+        # copies: a micro-batch's step share (``attach_step_units``) is per occurrence
+        out += [dict(b) for b in order] + [filler(batches) for _ in range(top_up)]
     return out
+
+
+def attach_step_units(
+    batches: list[dict], window: int, paired: bool, all_ranks_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
+    """Give every micro-batch ``step_units``: the loss terms (rows, or pairs when ``paired``) that count in its
+    optimizer step, summed over all ranks. Steps are Lightning's accumulation windows of ``window`` micro-batches,
+    the last one possibly short; ``all_ranks_sum`` sums a tensor over ranks (None: a single process)."""
+    steps = [batches[i : i + window] for i in range(0, len(batches), window)]
+    units = torch.tensor([sum(float(loss_weights(b["row_weight"], paired).sum()) for b in step) for step in steps])
+    if all_ranks_sum is not None:
+        units = all_ranks_sum(units)
+    for step, n in zip(steps, units.tolist(), strict=True):
+        for b in step:
+            b["step_units"] = torch.tensor(n)

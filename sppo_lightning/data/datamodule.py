@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from sppo_lightning.data.batching import micro_batches, repeat_passes
+from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, repeat_passes
 from sppo_lightning.data.draw import draw_indices, shard
 from sppo_lightning.data.examples import PAIR_LOSSES, build_groups
 from sppo_lightning.data.prompts import PromptRecord, PromptSource
@@ -69,6 +69,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_response_length: int = 256,
         overlong_prompts: str = "filter",
         micro_batch_size: int = 8,
+        max_tokens_per_micro_batch: int | None = None,
         passes_per_rollout: int = 1,
         balance_tokens: bool = False,
         val_batch_size: int = 64,
@@ -91,9 +92,14 @@ class RolloutDataModule(L.LightningDataModule):
             max_response_length: Maximum new tokens per response.
             overlong_prompts: ``filter`` (dropped, with a count) or ``error``.
             micro_batch_size: Rows per training micro-batch (a multiple of the rows each prompt contributes).
+            max_tokens_per_micro_batch: Fill micro-batches with whole groups up to this many tokens (prompt +
+                response of every row) instead of ``micro_batch_size`` rows (verl's ``use_dynamic_bsz``): even
+                work per micro-batch whatever the lengths, and a batch of long responses cannot run out of memory.
+                An optimizer step is still ``trainer.accumulate_grad_batches`` micro-batches. None = by rows.
             passes_per_rollout: How many times training goes over each rollout's micro-batches (TRL's
                 ``num_iterations``, verl's ``ppo_epochs``), each pass in a new order. π_t and the targets stay those
-                of the rollout, so later passes carry on the same regression towards η(P̂ − ½).
+                of the rollout, so later passes carry on the same regression towards η(P̂ − ½). Under gradient
+                accumulation each pass ends an optimizer step (topped up with zero-weight fillers).
             balance_tokens: Pack groups by length so that the micro-batches ranks train on together carry similar
                 token counts (for several processes); otherwise groups are packed in a shuffled order.
             val_batch_size: Prompts per validation batch.
@@ -125,6 +131,8 @@ class RolloutDataModule(L.LightningDataModule):
             problems.append(f"data.prompts_per_epoch must be >= 1 or null, got {h.prompts_per_epoch}")
         if h.micro_batch_size < 1:
             problems.append(f"data.micro_batch_size must be >= 1, got {h.micro_batch_size}")
+        if h.max_tokens_per_micro_batch is not None and h.max_tokens_per_micro_batch < 1:
+            problems.append(f"data.max_tokens_per_micro_batch must be >= 1 or null, got {h.max_tokens_per_micro_batch}")
         if h.passes_per_rollout < 1:
             problems.append(f"data.passes_per_rollout must be >= 1, got {h.passes_per_rollout}")
         if h.overlong_prompts not in ("filter", "error"):
@@ -226,17 +234,20 @@ class RolloutDataModule(L.LightningDataModule):
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
         groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)
         h = self.hparams
-        batches = micro_batches(
-            groups, h.micro_batch_size, module.tokenizer.pad_token_id, seed + epoch, h.balance_tokens
-        )
-        # Every rank must take the same number of optimizer steps (sharded and DDP training block in the gradient
-        # reduction), but DPO drops all-tie groups and the last micro-batch may be partial: keep the fewest.
-        fewest = self.fewest_on_any_rank(len(batches))
-        metrics["rollout/dropped_micro_batches"] = float(len(batches) - fewest)
-        batches = batches[:fewest]
+        pad_id, max_tokens = module.tokenizer.pad_token_id, h.max_tokens_per_micro_batch
+        batches = micro_batches(groups, h.micro_batch_size, pad_id, seed + epoch, h.balance_tokens, max_tokens)
+        # Every rank must run the same number of micro-batches (sharded and DDP training block in the collectives),
+        # but DPO drops all-tie groups and token budgets give uneven counts: the ranks with fewer are topped up with
+        # fillers, which weigh nothing (step_units below keeps the step a mean over real rows). A rank with none
+        # has nothing to copy a filler from: then no rank trains on this rollout.
+        most, fewest = self.most_and_fewest_on_any_rank(len(batches))
+        batches = [*batches, *(filler(batches) for _ in range(most - len(batches)))] if fewest else []
+        metrics["rollout/filler_micro_batches"] = float(sum("filler" in b for b in batches))
         with _timed(metrics, "time/ref_logprobs"):
             self.attach_ref_logps(module, batches)
-        batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch)
+        window = trainer.accumulate_grad_batches
+        batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch, window)
+        attach_step_units(batches, window, loss_type in PAIR_LOSSES, self.all_ranks_sum)
 
         metrics.update(rollout_metrics(rollout))
         if hasattr(self.oracle, "unscored"):  # responses the rule could not score (scored 0)
@@ -246,11 +257,19 @@ class RolloutDataModule(L.LightningDataModule):
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
         return DataLoader(_MicroBatches(batches), batch_size=None)
 
-    def fewest_on_any_rank(self, count: int) -> int:
+    def most_and_fewest_on_any_rank(self, count: int) -> tuple[int, int]:
         if self.trainer.world_size > 1:
             strategy = self.trainer.strategy
-            count = int(strategy.all_gather(torch.tensor(count, device=strategy.root_device)).min())
-        return count
+            counts = strategy.all_gather(torch.tensor(count, device=strategy.root_device))
+            return int(counts.max()), int(counts.min())
+        return count, count
+
+    def all_ranks_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over ranks (on the device: NCCL has no CPU tensors)."""
+        if self.trainer.world_size == 1:
+            return values
+        strategy = self.trainer.strategy
+        return strategy.all_gather(values.to(strategy.root_device)).sum(0).cpu()
 
     def sampling_params(self) -> SamplingParams:
         h = self.hparams

@@ -105,3 +105,40 @@ def test_later_passes_reshuffle_the_same_micro_batches():
         assert sorted(b["i"] for b in three[6 * p : 6 * (p + 1)]) == list(range(6))  # every micro-batch once a pass
     assert three[6:12] != batches or three[12:] != batches  # reshuffled
     assert repeat_passes(batches, 3, seed=0) == three  # the same order on every rank
+
+
+def test_a_token_budget_keeps_groups_whole_and_under_the_budget():
+    """Groups of 2 rows carrying 2 x (2 + n) tokens, budget 40: every micro-batch holds whole groups and at most 40
+    tokens, except a group bigger than the budget alone; first-fit by decreasing size needs the fewest."""
+    from sppo_lightning.data.batching import group_tokens
+
+    lengths = [3, 14, 5, 8, 1, 9, 2, 30]  # group tokens 10, 32, 14, 20, 6, 22, 8, 64
+    groups = [[Example([1, 2], [5] * n, 0.0, 0.5, 0.0, g), Example([1, 2], [6] * n, 0.0, 0.5, 0.0, g)]
+              for g, n in enumerate(lengths)]  # fmt: skip
+    batches = micro_batches(groups, micro_batch_size=2, pad_id=0, seed=3, max_tokens=40)
+    seen = sorted(g for b in batches for g in b["group"].unique().tolist())
+    assert seen == list(range(8))  # every group once
+    for b in batches:
+        counts = b["group"].unique(return_counts=True)[1].tolist()
+        assert counts == [2] * len(counts)  # whole groups
+        tokens = int(b["attention_mask"].sum())
+        assert tokens <= 40 or b["group"].unique().tolist() == [7]  # the 64-token group goes alone
+    assert len(batches) == 4  # 64 | 32+8 | 22+14 | 20+10+6: the 112 tokens besides the 64 need at least 3
+    assert sum(group_tokens(g) for g in groups) == 176
+
+
+def test_step_units_count_the_rows_of_each_window_and_skip_empty_and_filler_rows():
+    from sppo_lightning.data.batching import attach_step_units, filler
+
+    def batch(*response_lengths):
+        return collate([Example([1, 2], [5] * n, 0.0, 0.5, 0.0, 0) for n in response_lengths], pad_id=0)
+
+    batches = [batch(3, 0), batch(2, 2), batch(4, 1)]
+    batches.append(filler(batches))
+    attach_step_units(batches, window=3, paired=False)  # windows: [1 + 2 + 2 rows], [a filler: 0]
+    assert [float(b["step_units"]) for b in batches] == [5.0, 5.0, 5.0, 0.0]
+    attach_step_units(batches, window=2, paired=True)  # pairs: (3, 0) does not count, (2, 2) and (4, 1) do
+    assert [float(b["step_units"]) for b in batches] == [1.0, 1.0, 1.0, 1.0]
+    # two ranks: every micro-batch gets the window's total over both
+    attach_step_units(batches, window=3, paired=False, all_ranks_sum=lambda t: t * 2)
+    assert float(batches[0]["step_units"]) == 10.0
