@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from sppo_lightning.loss import LOSS_TYPES
+
 REPO = Path(__file__).resolve().parents[1]
-LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo")
 
 
 def accuracies(root: Path) -> list[float]:

@@ -12,6 +12,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo")
+"""Every ``model.loss_type``."""
+PAIR_LOSSES = ("sppo_pair", "dpo", "ipo")
+"""The loss types that train on a winner and a loser per prompt (rows alternate winner, loser)."""
+
 
 def sppo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, win_rates: torch.Tensor, eta: float) -> torch.Tensor:
     """Per-sample SPPO loss, no reduction (Wu et al. 2024, eq. 3.6).

@@ -18,11 +18,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sppo_lightning import optim, sharding
-from sppo_lightning.data.examples import PAIR_LOSSES
 from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import GroupedAccuracy, ReferenceResponses, WinRate, group_keys, update_win_rate
 from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import (
+    PAIR_LOSSES,
     dpo_loss,
     ipo_loss,
     loss_weights,

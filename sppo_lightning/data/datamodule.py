@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 
 from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, repeat_passes
 from sppo_lightning.data.draw import draw_indices, shard
-from sppo_lightning.data.examples import PAIR_LOSSES, build_groups
+from sppo_lightning.data.examples import build_groups
 from sppo_lightning.data.prompts import PromptRecord, PromptSource
 from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.loss import PAIR_LOSSES
 from sppo_lightning.rewards.base import Oracle, RuleOracle
 from sppo_lightning.rollout.base import Rollout, RolloutEngine, SamplingParams
 from sppo_lightning.rollout.hf import HFEngine

@@ -11,11 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sppo_lightning.loss import softmean_targets
-from sppo_lightning.rollout.base import Rollout
-
-LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo")
-PAIR_LOSSES = ("sppo_pair", "dpo", "ipo")
+from sppo_lightning.loss import LOSS_TYPES, PAIR_LOSSES, softmean_targets
+from sppo_lightning.records import Rollout
 
 
 @dataclass
