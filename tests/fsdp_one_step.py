@@ -96,7 +96,7 @@ def main():
         fsdp_cpu_offload=args.cpu_offload, packed=args.packed,
     )  # fmt: skip
     if args.fsdp1:
-        from tests.cpu_fsdp1 import CPUFSDPStrategy
+        from cpu_fsdp1 import CPUFSDPStrategy  # beside this script, whose folder is on sys.path
 
         strategy = CPUFSDPStrategy()
     elif args.devices > 1:

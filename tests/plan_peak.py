@@ -6,7 +6,8 @@ Builds the model of MODEL_DIR/config.json (random weights in ``--dtype``, float3
 steps as SPPOModule does:
 response-token log-probs of rows of prompt + response tokens (``response_token_logps``), a squared loss on their
 sums, backward, AdamW on ``optim.decay_groups``, gradients set to None. Prints JSON: the process's peak resident
-memory (``ru_maxrss``) minus its resident memory before the model was built, in bytes.
+memory from the model's build on (``VmHWM``, reset at that point through ``/proc/self/clear_refs``) minus its resident
+memory then, in bytes: a peak reached earlier, while importing, does not count.
 
 So that resident memory follows the tensors alive, glibc is told to serve every allocation over 64 KiB by ``mmap``
 (returned to the system when freed: no heap that only grows), and the model's code is imported (by building it on
@@ -28,6 +29,16 @@ from sppo_lightning.optim import decay_groups
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: the peak resident set size (VmHWM) starts again from the current one
+
+
+def peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main():
@@ -54,6 +65,7 @@ def main():
     response[:, args.prompt :] = 1
 
     before = rss_bytes()
+    reset_peak()
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     model.train()
     if args.checkpointing:
@@ -67,7 +79,7 @@ def main():
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_bytes() - before
     print(json.dumps({"peak_bytes": peak, "params": sum(p.numel() for p in model.parameters())}))
 
 

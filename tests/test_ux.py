@@ -1,6 +1,7 @@
 """Experiment UX through the real CLI: wandb sweeps' arguments, the offline wandb run, no secret anywhere."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,10 @@ def test_offline_wandb_run_has_the_resolved_config_and_no_secret(tmp_path):
     )  # fmt: skip
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
     [record] = run_dir.glob("run-*.wandb")
-    data = record.read_bytes()
+    # wandb's service process writes the record; on a loaded machine it may still be flushing when fit returns
+    deadline = time.monotonic() + 60
+    while b"samples_per_prompt" not in (data := record.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(1)
     assert b"logprobs_from_rollout" in data and b"samples_per_prompt" in data  # the resolved config went along
     assert secret not in proc.stdout + proc.stderr
     for path in Path(tmp_path).rglob("*"):
