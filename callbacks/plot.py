@@ -38,8 +38,11 @@ class LearningCurves(L.Callback):
         self.loss = [(e + 1, sum(v) / len(v)) for e, v in sorted(losses.items())]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if outputs is not None:
-            self._losses.append(float(outputs["loss"]))
+        # the logged micro-batch mean, as metrics.csv holds it for the iterations before a resume: what training_step
+        # returns is scaled for the step's gradient (by the accumulation and the step's row count), not a loss value
+        loss = trainer.callback_metrics.get("train/loss")
+        if outputs is not None and loss is not None and batch.get("filler") is None:
+            self._losses.append(float(loss))
 
     def _close_epoch(self, trainer) -> None:
         """Record this iteration's reward and mean loss once: validation runs before on_train_epoch_end, and the

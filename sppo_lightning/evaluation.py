@@ -89,7 +89,7 @@ def preference_over_reference(
     a rule 1, ½ or 0. The probability is read back from the group's win-rates, P̂ = (½ + p) / 2 when the oracle
     counts each response against itself (``include_self``), P̂ = p otherwise.
     """
-    from sppo_lightning.rollout.base import Rollout
+    from sppo_lightning.records import Rollout
 
     pairs = [(p, i) for p, group in enumerate(responses) for i in range(len(group))]
     if not pairs:
@@ -192,6 +192,8 @@ def update_win_rate(
 ) -> None:
     """Add a validation batch (``responses`` ids and their ``texts``, ``[P][n]``) to ``metric``: the oracle's
     preference of each over the reference response to the same prompt, and both lengths."""
+    if not records:  # a batch of padding rows only (a rank's short share, see the datamodule's val_dataloader)
+        return
     n = min(len(group) for group in texts)
     ref_texts, ref_lengths = reference.lookup(records, n)
     preference = preference_over_reference(oracle, records, [g[:n] for g in texts], ref_texts, device)

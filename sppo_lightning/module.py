@@ -22,6 +22,7 @@ from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer,
 from sppo_lightning.evaluation import GroupedAccuracy, ReferenceResponses, WinRate, group_keys, update_win_rate
 from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import (
+    LOSS_TYPES,
     PAIR_LOSSES,
     dpo_loss,
     ipo_loss,
@@ -39,7 +40,7 @@ from sppo_lightning.rollout.hf import HFEngine
 REFERENCE_FILE = "reference_responses.jsonl"
 """Under ``trainer.default_root_dir``: the starting policy's validation responses, the win rate's reference."""
 
-LossType = Literal["sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo"]
+LossType = Literal[LOSS_TYPES]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -125,7 +126,7 @@ class SPPOModule(L.LightningModule):
                 are packed as one sequence instead (``sdpa``/``eager`` attention; not under ``flash_attention_2``,
                 which packs whole rows).
             packed: Lay a micro-batch's rows end to end with no padding, attention kept within each row (verl's
-                ``use_remove_padding``): the variable-length path of ``flash_attention_2``, a block-diagonal mask
+                ``use_remove_padding``): the variable-length path of ``flash_attention_2``, one attention call per row
                 under ``sdpa``/``eager``. Same values and gradients as the padded rows.
             fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype layers compute in, gradients are
                 reduced in float32. None = bfloat16 on GPU, the stored dtype on CPU.
@@ -285,7 +286,8 @@ class SPPOModule(L.LightningModule):
     def _step_share(self, losses: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This micro-batch's part of its optimizer step's loss, such that the step's gradient is the mean over every
         loss term of the step on every rank, whatever the split (``batching.attach_step_units``). Also the
-        micro-batch's own mean and term count, for the log.
+        micro-batch's own mean and term count, for the log (0 for a filler, which then weighs nothing in the
+        iteration's logged mean).
 
         Lightning divides what ``training_step`` returns by ``accumulate_grad_batches`` and the gradient reduction
         averages over ranks: both are multiplied back. A batch without ``step_units`` is its own mean, as before.
@@ -296,9 +298,9 @@ class SPPOModule(L.LightningModule):
         total, n = (losses * weights).sum(), weights.sum()
         mean = total / n.clamp(min=1)
         if "step_units" not in batch:
-            return mean, mean.detach(), max(int(n), 1)
+            return mean, mean.detach(), int(n)
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        return total * scale / batch["step_units"].clamp(min=1), mean.detach(), max(int(n), 1)
+        return total * scale / batch["step_units"].clamp(min=1), mean.detach(), int(n)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.loss import PAIR_LOSSES
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -93,6 +94,8 @@ class RunShape:
     compute_dtype: str = "float32"
     cpu_offload: bool = False
     micro_batch: int = 1  # rows per micro-batch per GPU
+    max_tokens: int | None = None  # data.max_tokens_per_micro_batch: a token budget instead of the row count
+    group_rows: int = 1  # rows a prompt contributes (K, or 2 for the pair losses): a micro-batch holds whole groups
     prompt_len: int = 512
     response_len: int = 256
     checkpointing: bool = False
@@ -170,13 +173,16 @@ def activation_bytes(model: ModelShape, run: RunShape, checkpointing: bool) -> d
     b = DTYPE_BYTES[run.compute_dtype]
     h, i, kv = model.hidden, model.intermediate, model.kv_dim
     tokens = run.micro_batch * (run.prompt_len + run.response_len)
+    if run.max_tokens:  # the budget bounds a micro-batch, except a group longer than it, which goes alone
+        tokens = max(run.max_tokens, run.group_rows * (run.prompt_len + run.response_len))
     per_layer = b * (LAYER_H * h + LAYER_I * i + LAYER_KV * kv) + (4 * h if b < 4 else 0) + LAYER_CONST
     base = (4 + 2.25 * b) * h
     if checkpointing:  # each layer keeps its input; one layer's activations are rebuilt at a time in backward
         layers = tokens * (model.layers * b * h + per_layer + base)
     else:
         layers = tokens * (model.layers * per_layer + base)
-    logit_tokens = run.micro_batch * (run.response_len + 1)  # the head runs on the response positions only
+    # the head runs on the response positions only: at the longest rows, their share of the micro-batch's tokens
+    logit_tokens = tokens * (run.response_len + 1) / (run.prompt_len + run.response_len)
     logits = logit_tokens * model.vocab * (4 * LOGIT_COPIES_FP32 + (b if b < 4 else 0))
     return {"layers": layers, "logits": logits, "total": layers + logits}
 
@@ -347,6 +353,8 @@ def run_shape(config) -> RunShape:
         compute_dtype=compute,
         cpu_offload=bool(m.fsdp_cpu_offload) and strategy == "fsdp2",
         micro_batch=d.micro_batch_size,
+        max_tokens=getattr(d, "max_tokens_per_micro_batch", None),
+        group_rows=2 if m.loss_type in PAIR_LOSSES else d.samples_per_prompt,
         prompt_len=d.max_prompt_length,
         response_len=d.max_response_length,
         checkpointing=bool(m.gradient_checkpointing),
@@ -365,6 +373,7 @@ def parse_config(args: list[str]):
     """``train.py fit``'s config from ``--config`` files and dotted overrides, parsed and checked, not instantiated."""
     from lightning.pytorch.cli import LightningCLI
 
+    from sppo_lightning.cli import SPPOArgumentParser
     from sppo_lightning.data.datamodule import RolloutDataModule
     from sppo_lightning.module import SPPOModule
 
@@ -379,7 +388,12 @@ def parse_config(args: list[str]):
     sys.argv = [saved_argv[0]]  # LightningCLI(args=...) warns when the process's own arguments are also set
     try:
         cli = ParseOnly(
-            SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"}
+            SPPOModule,
+            RolloutDataModule,
+            run=False,
+            args=args,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_class=SPPOArgumentParser,  # a typo is one line with a "did you mean", as in train.py
         )
     finally:
         sys.argv = saved_argv
@@ -401,7 +415,8 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         f"model: {model.params / 1e9:.3f} B parameters, {model.layers} layers, hidden {model.hidden}, intermediate "
         f"{model.intermediate}, kv width {model.kv_dim}, vocab {model.vocab} ({model.source})",
         f"run: {run.strategy} over {run.world} {run.accelerator.upper()}(s) ({run.shards} shard(s)), parameters "
-        f"{run.param_dtype}, compute {run.compute_dtype}, micro-batch {run.micro_batch} rows of "
+        f"{run.param_dtype}, compute {run.compute_dtype}, micro-batch "
+        f"{f'{run.max_tokens:,} tokens (budget)' if run.max_tokens else f'{run.micro_batch} rows'}, rows of "
         f"{run.prompt_len} + {run.response_len} tokens, accumulate {run.accumulate}, gradient checkpointing "
         f"{'on' if run.checkpointing else 'off'}",
         "",

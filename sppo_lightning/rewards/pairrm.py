@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from sppo_lightning.errors import ConfigError
+from sppo_lightning.records import Rollout
 from sppo_lightning.rewards.pairwise import PairwiseOracle, prompt_text
-from sppo_lightning.rollout.base import Rollout
 
 SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE = "<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"
 MARKERS = (SOURCE, CANDIDATE1, CANDIDATE2, CANDIDATE)  # the order LLM-Blender adds them to the tokenizer

@@ -18,9 +18,9 @@ from abc import abstractmethod
 import torch
 
 from sppo_lightning.preference import win_rates_from_pairwise
+from sppo_lightning.records import Rollout
 from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rewards.classifier import SequenceClassifier
-from sppo_lightning.rollout.base import Rollout
 
 DEFAULT_TEMPLATE = "Prompt:\n{prompt}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\nIs response A better?"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from sppo_lightning.preference import win_rates_from_scores
+from sppo_lightning.records import Rollout
 from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rewards.classifier import SequenceClassifier
-from sppo_lightning.rollout.base import Rollout
 
 
 class RewardModelOracle(Oracle):

@@ -13,6 +13,13 @@ def module_for(path) -> SPPOModule:  # an engine generates from the module's liv
     return module
 
 
+def chat_prompt_ids(tok, questions) -> list[list[int]]:
+    """Each question as a one-turn chat, templated for generation and tokenized, as the datamodule does."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in questions]  # fmt: skip
+    return [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
 def test_truncate_at_stop_keeps_eos_and_drops_padding():
     assert truncate_at_stop([5, 6, 2, 7, 0], {2}, pad_id=0) == [5, 6, 2]
     assert truncate_at_stop([5, 6, 0, 0], {2}, pad_id=0) == [5, 6]
@@ -86,11 +93,7 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
 
     m = module_for(toy_model_dir)
     tok = m.tokenizer
-    prompts = [
-        tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False)["input_ids"]
-        for q in ("What is 3+4?", "What is 33+44?", "What is 1+99?")
-    ]  # fmt: skip
+    prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?", "What is 1+99?"))
     params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12)
     ids, logps = HFEngine(batch_size=4, logprobs_from_rollout=True).generate_with_logprobs(m, prompts, params, 0)
     rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p, ref_logps=logps[p][k]) for p in range(3) for k in range(3)]
@@ -142,11 +145,7 @@ def test_generation_uses_only_the_configured_settings_not_the_folders(toy_model_
     for name, path in (("plain", plain), ("shipped", shipped)):
         m = module_for(path)
         tok = m.tokenizer
-        prompts = [
-            tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
-                add_special_tokens=False)["input_ids"]
-            for q in ("What is 3+4?", "What is 33+44?", "What is 11+19?")
-        ]  # fmt: skip
+        prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?", "What is 11+19?"))
         sample = SamplingParams(n=4, max_new_tokens=12)
         ids, logps = HFEngine(batch_size=8, logprobs_from_rollout=True).generate_with_logprobs(m, prompts, sample, 0)
         greedy = HFEngine().generate(m, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=12), seed=0)

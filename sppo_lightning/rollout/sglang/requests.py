@@ -25,6 +25,12 @@ def sglang_sampling_params(params: SamplingParams, eos_id: int) -> dict[str, Any
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": params.top_k if params.top_k > 0 else -1,
+        # stated, not left to the server: a server started with --preferred-sampling-params merges its own values
+        # under ours, and draws must come from π_t itself (as the HF engine ignores generation_config.json)
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
         "max_new_tokens": params.max_new_tokens,
         "stop_token_ids": sorted({eos_id, *params.stop_token_ids}),
     }
