@@ -202,6 +202,20 @@ class _Interrupted:
         raise KeyboardInterrupt
 
 
+def make_cli(args: list[str] | None = None, run: bool = True) -> SPPOCLI:
+    """``train.py``'s CLI: with ``run=False`` the model, datamodule and trainer are built from ``args`` and not run
+    (what tests use to build a config exactly as ``train.py`` would)."""
+    return SPPOCLI(
+        SPPOModule,
+        RolloutDataModule,
+        save_config_callback=ConfigToLoggers,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_class=SPPOArgumentParser,
+        args=args,
+        run=run,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     # ${trainer.max_epochs} in a config file: keys are absolute from that file's top (under a subcommand the
     # parser's own root is `fit.`), the form omegaconf users write
@@ -210,14 +224,7 @@ def main(args: list[str] | None = None) -> None:
         quiet()
     previous = signal.signal(signal.SIGINT, _Interrupted.handler)
     try:
-        SPPOCLI(
-            SPPOModule,
-            RolloutDataModule,
-            save_config_callback=ConfigToLoggers,
-            parser_kwargs={"parser_mode": "omegaconf+"},
-            parser_class=SPPOArgumentParser,
-            args=args,
-        )
+        make_cli(args)
     except UserInputError as e:
         _user_error(e)
     except SIGTERMException:  # Lightning's own exits with status 0

@@ -405,6 +405,13 @@ def _gib(x: float) -> str:
     return f"{x / GIB:8.2f} GiB"
 
 
+def _micro_batch(run: RunShape) -> str:
+    rows = f"{run.prompt_len} + {run.response_len} tokens"
+    if run.max_tokens:
+        return f"of up to {run.max_tokens:,} tokens (rows of {rows})"
+    return f"{run.micro_batch} rows of {rows}"
+
+
 def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput) -> str:
     gpu = gpu_gib * GIB
     train = training_memory(model, run)
@@ -415,9 +422,8 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         f"model: {model.params / 1e9:.3f} B parameters, {model.layers} layers, hidden {model.hidden}, intermediate "
         f"{model.intermediate}, kv width {model.kv_dim}, vocab {model.vocab} ({model.source})",
         f"run: {run.strategy} over {run.world} {run.accelerator.upper()}(s) ({run.shards} shard(s)), parameters "
-        f"{run.param_dtype}, compute {run.compute_dtype}, micro-batch "
-        f"{f'{run.max_tokens:,} tokens (budget)' if run.max_tokens else f'{run.micro_batch} rows'}, rows of "
-        f"{run.prompt_len} + {run.response_len} tokens, accumulate {run.accumulate}, gradient checkpointing "
+        f"{run.param_dtype}, compute {run.compute_dtype}, micro-batch {_micro_batch(run)}, accumulate "
+        f"{run.accumulate}, gradient checkpointing "
         f"{'on' if run.checkpointing else 'off'}",
         "",
         f"memory per {device}, training (SGLang released):",
@@ -449,7 +455,9 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         train["peak"] += run.mem_fraction_static * gpu
     peak = max(train["peak"], roll.get("peak", 0.0))
     if run.accelerator == "gpu":
-        verdict = "fits" if peak <= gpu else "does NOT fit"
+        # SGLang's fixed share must hold its weights and some KV cache, whatever the peak
+        starved = run.engine == "sglang" and roll["sglang_kv_cache"] <= 0
+        verdict = "fits" if peak <= gpu and not starved else "does NOT fit"
         lines.append(f"peak {peak / GIB:.1f} GiB per GPU: {verdict} on a {gpu_gib:g} GiB GPU")
     else:
         lines.append(f"peak {peak / GIB:.2f} GiB of process memory (model state and activations, not the libraries)")

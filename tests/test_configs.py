@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from sppo_lightning.data.datamodule import RolloutDataModule
+from sppo_lightning.cli import make_cli
 from sppo_lightning.data.prepare_math import prepare
-from sppo_lightning.module import SPPOModule
 from sppo_lightning.rollout.sglang import SGLangEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +34,7 @@ def build(tmp_path, tiny_model_dir, *configs):
         "--trainer.accelerator=cpu",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
-    return LightningCLI(
-        SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"}
-    )
+    return make_cli(args, run=False)  # as train.py builds it: outputs under default_root_dir
 
 
 def test_seed_recipe_config_is_the_reference_run(tmp_path, tiny_model_dir):
@@ -149,9 +145,7 @@ def build_pairrm(tmp_path, tiny_model_dir, tiny_pairrm_dir, config, *extra):
         f"--trainer.default_root_dir={tmp_path / 'run'}",
         *extra,
     ]  # fmt: skip
-    return LightningCLI(
-        SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"}
-    )
+    return make_cli(args, run=False)  # as train.py builds it: outputs under default_root_dir
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,11 @@ def test_sampling_params_map_to_sglang_names_and_top_k_off_is_minus_one():
         "temperature": 0.7,
         "top_p": 0.9,
         "top_k": 20,
+        # neutral, stated: a server's --preferred-sampling-params would otherwise fill them in under ours
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
         "max_new_tokens": 32,
         "stop_token_ids": [2, 5, 9],
     }
