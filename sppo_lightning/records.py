@@ -1,13 +1,14 @@
 """The shared records of one self-play iteration: the ground floor every other part imports.
 
-Data flows one way through them: a ``PromptRecord`` is drawn, an engine samples responses with ``SamplingParams``,
-the ``Rollout`` collects them and the oracle's rewards and win-rates. This module imports only torch, so the data
-layer, the engines, the oracles and the module can all use it without importing one another.
+Data flows one way through them: a ``PromptRecord`` is drawn, an engine samples ``Samples`` with ``SamplingParams``,
+the ``Rollout`` collects them with their text, an oracle returns ``Scores`` for it, and the pipeline lays the rows
+out as ``TrainBatch``es for the step. This module imports only torch, so the data layer, the engines, the oracles
+and the module can all use it without importing one another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,10 +46,34 @@ class SamplingParams:
 
 
 @dataclass
+class Samples:
+    """What an engine returns for P prompts: K responses each, as token ids."""
+
+    response_ids: list[list[list[int]]]
+    """[P][K] sampled token ids; a response ends with EOS unless it hit ``max_new_tokens`` (truncated)."""
+    logprobs: list[list[list[float]]] | None = None
+    """[P][K][T] log π_t(y_t | x, y_<t) of each response token, when the engine has them at no extra cost and with
+    the policy's own numerics; None makes the pipeline compute them with a forward pass."""
+
+
+@dataclass
+class Scores:
+    """What an oracle returns for P prompts × K responses."""
+
+    rewards: torch.Tensor
+    """[P, K] the oracle's per-response reward or score."""
+    win_rates: torch.Tensor
+    """[P, K] P̂(y_k ≻ π_t | x)."""
+    unscored: int = 0
+    """Responses the oracle could not score (a rule that raised or gave a value outside [0, 1]): scored as losses."""
+
+
+@dataclass
 class Rollout:
     """One iteration's samples: P prompts × K responses drawn from π_t, and what was learned about them.
 
-    Filled stage by stage: the engine sets the ids and text, the oracle ``rewards`` and ``win_rates``.
+    Built from the engine's ``Samples`` and their text; ``with_scores`` adds the oracle's ``Scores`` (a new record:
+    nothing is filled in by mutation).
     """
 
     prompts: list[PromptRecord]
@@ -65,6 +90,11 @@ class Rollout:
     """[P, K] the oracle's per-response reward or score."""
     win_rates: torch.Tensor | None = None
     """[P, K] P̂(y_k ≻ π_t | x)."""
+    unscored: int = 0
+    """Responses the oracle could not score."""
+
+    def with_scores(self, scores: Scores) -> Rollout:
+        return replace(self, rewards=scores.rewards, win_rates=scores.win_rates, unscored=scores.unscored)
 
     @property
     def num_prompts(self) -> int:
@@ -73,3 +103,48 @@ class Rollout:
     @property
     def group_size(self) -> int:
         return len(self.response_ids[0]) if self.response_ids else 0
+
+
+@dataclass
+class TrainBatch:
+    """One training micro-batch: B rows of prompt + response, right-padded to one width, and what the loss needs.
+
+    Rows of one prompt (a *group*) are adjacent. In a ``paired`` batch every group is two rows, winner then loser;
+    ``pairs`` hands out that layout as ``[B/2, 2, ...]`` views, so no code slices rows by convention.
+    """
+
+    input_ids: torch.Tensor
+    """[B, T] prompt + response token ids."""
+    attention_mask: torch.Tensor
+    """[B, T] 1 on real tokens."""
+    response_mask: torch.Tensor
+    """[B, T] 1.0 on response tokens."""
+    prompt_lengths: torch.Tensor
+    """[B] prompt tokens of each row."""
+    group: torch.Tensor
+    """[B] the prompt each row comes from (rows of a group share their prompt)."""
+    targets: torch.Tensor
+    """[B] what log π_θ/π_t regresses onto: η(P̂ − ½), or η(r − SoftMean_η(r)); 0 for losses without a target."""
+    win_rates: torch.Tensor
+    """[B] P̂(y ≻ π_t | x) of each row's response."""
+    rewards: torch.Tensor
+    """[B] the oracle's reward of each row's response."""
+    row_weight: torch.Tensor
+    """[B] 1 = the row's loss term counts in its step's mean; 0 for an empty response and in a filler."""
+    paired: bool = False
+    """Groups are (winner, loser) pairs."""
+    ref_logps: torch.Tensor | None = None
+    """[B, R] log π_t(y_t | x, y_<t) of each response token, response-aligned and zero-padded."""
+    step_units: torch.Tensor | None = None
+    """Loss terms of this micro-batch's optimizer step on all ranks (the step's gradient is their mean)."""
+    filler: bool = False
+    """A micro-batch that only keeps ranks and passes in step: every row weighs 0."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def pairs(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, ...] -> [B/2, 2, ...]``: each group's (winner, loser); only for a paired batch."""
+        if not self.paired:
+            raise ValueError("pairs() of a batch that is not laid out in (winner, loser) pairs")
+        return values.reshape(len(values) // 2, 2, *values.shape[1:])

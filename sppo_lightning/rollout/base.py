@@ -8,10 +8,54 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from sppo_lightning.records import Rollout, SamplingParams
+import torch
 
-__all__ = ["Rollout", "RolloutEngine", "SamplingParams", "truncate_at_stop"]
+from sppo_lightning.records import Rollout, Samples, SamplingParams
+
+__all__ = ["PolicyHandle", "Rollout", "RolloutEngine", "Samples", "SamplingParams", "truncate_at_stop"]
+
+
+@dataclass(frozen=True)
+class PolicyHandle:
+    """What an engine may touch of the trainer's policy: made by ``SPPOModule.policy_handle()`` for each call.
+
+    Everything an engine needs to generate from π_t, or to copy its weights into an engine of its own, and nothing
+    else of the LightningModule or the Trainer.
+    """
+
+    policy: torch.nn.Module
+    """The policy (possibly sharded); run it only through ``run``."""
+    tokenizer: Any
+    name_or_path: str
+    """The model folder or hub id the policy was loaded from (an engine with its own copy loads its config there)."""
+    trust_remote_code: bool
+    step: int
+    """Optimizer steps taken so far: the version of the weights (an engine re-syncs its copy when it changes)."""
+    device: torch.device
+    """Where the policy computes on this rank."""
+    rank: int = 0
+    world_size: int = 1
+    output_dir: Path = Path(".")
+    """The run's folder (``trainer.default_root_dir``)."""
+    fsdp1: bool = False
+    """Under ``FSDPStrategy`` (FSDP1), which gathers its root's weights only inside its own forward."""
+    run: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
+    """``run(fn)``: call ``fn()``, which runs the policy outside a Lightning step, without gradients."""
+    full_parameters: Callable[[], AbstractContextManager] | None = None
+    """A context in which the policy's parameters can be read whole (None: they always can)."""
+    full_state_dict: Callable[[], dict[str, torch.Tensor]] | None = None
+    """The whole weights on CPU, complete on rank 0; a collective under FSDP (every rank calls it)."""
+    barrier: Callable[[str], None] = lambda name: None
+    """Wait until every rank gets here."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 class RolloutEngine(ABC):
