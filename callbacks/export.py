@@ -20,15 +20,15 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:  # stopped by SIGTERM/Ctrl-C: last.ckpt holds the state, nothing half-trained here
             return
-        state_dict = pl_module.full_policy_state_dict()  # a collective under FSDP: every rank takes part
+        policy = pl_module.policy_handle()  # what the policy is and where it came from, not the module's settings
+        state_dict = policy.full_state_dict()  # a collective under FSDP: every rank takes part
         if trainer.is_global_zero:
-            h = pl_module.hparams
             out = save_hf_folder(
-                h.model_name_or_path,
+                policy.name_or_path,
                 state_dict,
-                pl_module.tokenizer,
+                policy.tokenizer,
                 Path(trainer.default_root_dir) / self.dirname,
-                trust_remote_code=h.trust_remote_code,
+                trust_remote_code=policy.trust_remote_code,
             )
             print(f"Exported the policy to {out}")
         trainer.strategy.barrier("hf_export")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ from sppo_lightning.loss import (
 )
 from sppo_lightning.rewards.base import RuleOracle, rule_scores
 from sppo_lightning.rewards.math import compute_score
-from sppo_lightning.rollout.base import RolloutEngine
+from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
 
 REFERENCE_FILE = "reference_responses.jsonl"
@@ -202,8 +203,8 @@ class SPPOModule(L.LightningModule):
             disable_dropout(self.policy)
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self._device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
-            mesh = self._device_mesh["data_parallel"]
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
+            mesh = self.device_mesh["data_parallel"]
             param_dtype = self.hparams.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
             sharding.fully_shard_policy(self.policy, mesh, param_dtype, self.hparams.fsdp_cpu_offload)
         elif self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
@@ -211,21 +212,9 @@ class SPPOModule(L.LightningModule):
 
     @torch.no_grad()
     def run_with_policy(self, fn: Callable[[], Any]) -> Any:
-        """``fn()``, which calls the policy outside a Lightning step (the rollout, the π_t pass, the first validation).
-
-        FSDP1 gathers its root unit's parameters (embeddings, final norm, head) only inside the wrapper's forward,
-        so under it ``fn`` runs through that forward, as Lightning runs ``training_step``. Elsewhere, and when
-        already inside a step, ``fn`` is simply called.
-        """
-        from torch.distributed.fsdp._common_utils import TrainingState
-
-        root = sharding.fsdp1_root(self._trainer)
-        if root is None or root.training_state != TrainingState.IDLE:
-            return fn()
-        return self.trainer.strategy._forward_redirection(root, self, "_call", fn)
-
-    def _call(self, fn: Callable[[], Any]) -> Any:  # the method _forward_redirection runs inside the wrapper
-        return fn()
+        """``fn()``, which calls the policy outside a Lightning step (the rollout, the π_t pass, the first validation);
+        under FSDP1 through the wrapper's forward, where its root's weights are gathered (see ``sharding``)."""
+        return sharding.run_with_policy(self._trainer, fn)
 
     def full_parameters(self) -> AbstractContextManager:
         """A context in which the policy's parameters can be read whole (what FSDP1 needs, see ``sharding``)."""
@@ -234,6 +223,33 @@ class SPPOModule(L.LightningModule):
     def full_policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's full weights on CPU, complete on rank 0; a collective under FSDP (every rank calls it)."""
         return sharding.full_policy_state_dict(self.policy, self._trainer)
+
+    def policy_handle(self) -> PolicyHandle:
+        """What an engine may touch of the policy (see ``PolicyHandle``): the rank, world size, run folder and
+        strategy come from the trainer when one is attached; otherwise one unsharded process in the working folder."""
+        handle = PolicyHandle(
+            policy=self.policy,
+            tokenizer=self.tokenizer,
+            name_or_path=self.hparams.model_name_or_path,
+            trust_remote_code=self.hparams.trust_remote_code,
+            step=self.global_step,
+            device=self.device,
+            run=self.run_with_policy,
+            full_parameters=self.full_parameters,
+            full_state_dict=self.full_policy_state_dict,
+        )
+        trainer = self._trainer
+        if trainer is None:
+            return handle
+        return replace(
+            handle,
+            device=trainer.strategy.root_device,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            output_dir=Path(trainer.default_root_dir),
+            fsdp1=isinstance(trainer.strategy, FSDPStrategy),
+            barrier=trainer.strategy.barrier,
+        )
 
     def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log π_θ(y_t | x, y_<t) of every response token of a micro-batch, ``[B, R]`` (see ``logprobs``).
@@ -317,12 +333,8 @@ class SPPOModule(L.LightningModule):
         self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        root = sharding.fsdp1_root(self._trainer)
-        if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            # Lightning's FSDP1 precision plugin refuses norm clipping; the wrapper computes the norm over all shards
-            root.clip_grad_norm_(gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not sharding.clip_fsdp1_grad_norm(self._trainer, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
         """Every rank must skip together, or the others would wait in the gradient reduction forever."""
@@ -392,7 +404,8 @@ class SPPOModule(L.LightningModule):
     def _score_batch(self, batch, win_rate: WinRate | None = None) -> torch.Tensor:
         """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1], one row per
         record (rows of ``prompt_ids`` past the records are padding that keeps ranks in step, not scored)."""
-        responses = self.rollout_engine().generate(self, batch["prompt_ids"], batch["params"], seed=self.current_epoch)
+        engine, policy = self.rollout_engine(), self.policy_handle()
+        responses = engine.generate(policy, batch["prompt_ids"], batch["params"], seed=self.current_epoch).response_ids
         records = batch["records"]
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
         if win_rate is not None:
@@ -414,7 +427,7 @@ class SPPOModule(L.LightningModule):
         self._val["accuracy"].update(self._score_batch(batch, self._val.get("win_rate")), batch["records"])
 
     def on_validation_epoch_end(self) -> None:
-        self.rollout_engine().after_rollout(self)
+        self.rollout_engine().after_rollout(self.policy_handle())
         results = self._val.pop("accuracy").compute()  # synchronised across ranks: the same on every rank
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
@@ -432,7 +445,7 @@ class SPPOModule(L.LightningModule):
             self._reference = ReferenceResponses(Path(self.trainer.default_root_dir) / REFERENCE_FILE)
         for batch in dataloader:
             metric.update(self._score_batch(batch, win_rate), batch["records"])
-        self.rollout_engine().after_rollout(self)
+        self.rollout_engine().after_rollout(self.policy_handle())
         return {**metric.compute(), **(win_rate.compute() if win_rate is not None else {})}
 
     # -------------------------------------------------------------------------------------- win rate (val)

@@ -3,12 +3,17 @@
 Both give one FSDP unit per decoder layer (its all-gather overlaps the previous layer's compute) plus a root for the
 embeddings, final norm and head. They differ in where whole weights can be read: FSDP2's parameters are DTensors
 that gather on request anywhere, while FSDP1 gathers its root unit's parameters only inside the wrapper's forward
-(see ``SPPOModule.run_with_policy``) and the others inside ``summon_full_params``.
+(``run_with_policy``) and the others inside ``summon_full_params`` (``full_parameters``).
+
+Only Lightning's public API is used here: the wrapper is ``trainer.strategy.model``, the FSDP2 mesh
+``LightningModule.device_mesh``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -68,6 +73,47 @@ def fsdp1_root(trainer) -> torch.nn.Module | None:
     return wrapper if isinstance(wrapper, FullyShardedDataParallel) else None
 
 
+def run_inside_forward(root: torch.nn.Module, module: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """``fn()``, called from inside ``root``'s forward, where ``root`` wraps ``module``.
+
+    FSDP1 gathers its root unit's parameters (embeddings, final norm, head) in the wrapper's forward and frees them
+    after it, so code that runs the policy outside a Lightning step must run there. For the one call, ``module``'s
+    ``forward`` (which the wrapper calls) is replaced by ``fn``; the real one is put back before ``fn`` runs, in case
+    ``fn`` calls it. This is what Lightning does to run ``training_step`` under a wrapper (its private
+    ``_ForwardRedirection``).
+    """
+    shadowed = "forward" in vars(module)  # an instance attribute hides the class's forward; keep whichever it is
+    saved = vars(module).get("forward")
+
+    def restore() -> None:
+        if shadowed:
+            module.forward = saved
+        else:
+            vars(module).pop("forward", None)
+
+    def forward(*args, **kwargs) -> Any:
+        restore()
+        return fn()
+
+    module.forward = forward
+    try:
+        return root()
+    finally:
+        restore()
+
+
+def run_with_policy(trainer, fn: Callable[[], Any]) -> Any:
+    """``fn()``, which runs the policy outside a Lightning step, where its weights can be used: through the FSDP1
+    root's forward (``run_inside_forward``) unless already inside it (a training or validation step); elsewhere
+    ``fn`` is simply called."""
+    from torch.distributed.fsdp._common_utils import TrainingState
+
+    root = fsdp1_root(trainer)
+    if root is None or root.training_state != TrainingState.IDLE:
+        return fn()
+    return run_inside_forward(root, trainer.lightning_module, fn)
+
+
 def full_parameters(trainer) -> AbstractContextManager:
     """A context in which the policy's parameters are whole (read-only): needed under FSDP1 only, since FSDP2's
     DTensors gather on request (``full_tensor``) and unsharded parameters are whole already."""
@@ -88,6 +134,17 @@ def full_policy_state_dict(policy: torch.nn.Module, trainer) -> dict[str, torch.
         return get_model_state_dict(policy, options=options)
     full = get_model_state_dict(root, options=options)  # FSDP1 shards the whole LightningModule
     return {k.removeprefix(POLICY_PREFIX): v for k, v in full.items() if k.startswith(POLICY_PREFIX)}
+
+
+def clip_fsdp1_grad_norm(trainer, clip_val: float | None, algorithm: str | None) -> bool:
+    """Clip the gradient norm to ``clip_val`` under FSDP1, where Lightning's precision plugin refuses norm clipping:
+    the wrapper computes the norm over all shards. False when this does not apply (the caller clips as Lightning
+    does)."""
+    root = fsdp1_root(trainer)
+    if root is None or not clip_val or algorithm not in (None, "norm"):
+        return False
+    root.clip_grad_norm_(clip_val)
+    return True
 
 
 def global_grad_norm(grads: list[torch.Tensor], trainer, device) -> torch.Tensor:

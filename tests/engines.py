@@ -14,7 +14,7 @@ class SlowValidation(HFEngine):
 
     seconds: float = 0.0
 
-    def generate(self, module, prompt_ids, params, seed):
+    def generate(self, policy, prompt_ids, params, seed):
         if params.greedy:
             time.sleep(self.seconds)
-        return super().generate(module, prompt_ids, params, seed)
+        return super().generate(policy, prompt_ids, params, seed)

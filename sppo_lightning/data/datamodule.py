@@ -292,23 +292,22 @@ class RolloutDataModule(L.LightningDataModule):
         """Stage: K responses per drawn prompt from the current policy, decoded once for the oracle."""
         prompt_ids = [self.train_prompt_ids[i] for i in indices]
         total = len(prompt_ids) * self.hparams.samples_per_prompt
+        policy = module.policy_handle()  # all the engine sees of the module
         self.progress("rollout", 0, total)
         self.engine.on_progress = lambda done, tokens: self.progress("rollout", done, total, tokens)
         try:
-            response_ids, logprobs = self.engine.generate_with_logprobs(
-                module, prompt_ids, self.sampling_params(), seed
-            )
+            samples = self.engine.generate(policy, prompt_ids, self.sampling_params(), seed)
         finally:
             self.engine.on_progress = None  # validation generates through the same engine, unreported
-        self.progress("rollout", total, total, sum(len(r) for group in response_ids for r in group))
-        self.engine.after_rollout(module)
-        tok = module.tokenizer
+        self.progress("rollout", total, total, sum(len(r) for group in samples.response_ids for r in group))
+        self.engine.after_rollout(policy)
+        tok = policy.tokenizer
         return Rollout(
             prompts=[self.train_prompts[i] for i in indices],
             prompt_ids=prompt_ids,
-            response_ids=response_ids,
-            response_text=[[tok.decode(r, skip_special_tokens=True) for r in group] for group in response_ids],
-            response_logprobs=logprobs,
+            response_ids=samples.response_ids,
+            response_text=[[tok.decode(r, skip_special_tokens=True) for r in group] for group in samples.response_ids],
+            response_logprobs=samples.logprobs,
         )
 
     @staticmethod

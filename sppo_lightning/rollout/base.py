@@ -61,26 +61,22 @@ class PolicyHandle:
 class RolloutEngine(ABC):
     """Turns prompts into K responses each, from the current policy.
 
-    ``generate`` is called once per iteration, at the start of the epoch, with the module whose policy is π_t:
-    an engine that keeps its own copy of the weights (SGLang) refreshes it there.
+    ``generate`` is called once per iteration, at the start of the epoch, and for each validation batch, with a
+    ``PolicyHandle`` on π_t: all an engine may touch of the trainer. An engine that keeps its own copy of the
+    weights (SGLang) refreshes it there when ``policy.step`` has moved.
     """
 
     on_progress: Callable[[int, int], None] | None = None
     """Set by the pipeline: an engine that works in chunks calls it with (sequences done, tokens generated)."""
 
     @abstractmethod
-    def generate(self, module, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> list[list[list[int]]]:
-        """Return ``[P][K]`` response token ids for ``prompt_ids`` ([P] lists of ids), sampled with ``seed``."""
+    def generate(self, policy: PolicyHandle, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> Samples:
+        """``[P][K]`` responses for ``prompt_ids`` ([P] lists of ids), sampled with ``seed``; their log-probs too
+        (``Samples.logprobs``) when the engine has them at no extra cost and with the policy's own numerics."""
 
-    def generate_with_logprobs(
-        self, module, prompt_ids: list[list[int]], params: SamplingParams, seed: int
-    ) -> tuple[list[list[list[int]]], list[list[list[float]]] | None]:
-        """``generate`` plus ``[P][K][T]`` log π_t(y_t | x, y_<t) of each response token when the engine has them at
-        no extra cost and with the policy's own numerics; None makes the pipeline compute them with a forward pass."""
-        return self.generate(module, prompt_ids, params, seed), None
-
-    def after_rollout(self, module) -> None:  # noqa: B027 - optional hook
-        """Called once the rollout is done, before training: release memory held for generation."""
+    def after_rollout(self, policy: PolicyHandle) -> None:  # noqa: B027 - optional hook
+        """Called once the rollout (or a validation pass) is done, before training: release memory held for
+        generation."""
 
 
 def truncate_at_stop(ids: list[int], stop_ids: set[int], pad_id: int | None) -> list[int]:

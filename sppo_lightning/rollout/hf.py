@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sppo_lightning.rollout.base import RolloutEngine, SamplingParams, truncate_at_stop
+from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine, Samples, SamplingParams, truncate_at_stop
 
 
 @torch.no_grad()
@@ -132,30 +132,23 @@ class HFEngine(RolloutEngine):
     more in bf16. Its logits are kept for a whole ``generate`` call, (steps × batch_size × vocab) floats, so this
     suits small vocabularies or small batches."""
 
-    def generate_with_logprobs(self, module, prompt_ids, params, seed):
-        if not self.logprobs_from_rollout:
-            return self.generate(module, prompt_ids, params, seed), None
-        return self._generate(module, prompt_ids, params, seed, with_logprobs=True)
-
-    def generate(self, module, prompt_ids, params, seed):
-        return self._generate(module, prompt_ids, params, seed, with_logprobs=False)
-
-    def _generate(self, module, prompt_ids, params, seed, with_logprobs):
+    def generate(self, policy: PolicyHandle, prompt_ids, params, seed) -> Samples:
         # A private RNG stream per iteration: the samples depend on (seed, iteration) only, so a resumed run
         # draws exactly what the uninterrupted one drew, whatever else consumed random numbers before.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            tok = module.tokenizer
-            return module.run_with_policy(
+            tok = policy.tokenizer
+            out = policy.run(
                 lambda: hf_generate(
-                    module.policy,
+                    policy.policy,
                     prompt_ids,
                     params,
                     tok.pad_token_id,
                     tok.eos_token_id,
                     self.batch_size,
-                    with_logprobs,
+                    self.logprobs_from_rollout,
                     on_chunk=self.on_progress,
                 )
             )
+        return Samples(*out) if self.logprobs_from_rollout else Samples(out)

@@ -3,7 +3,7 @@
 import torch
 
 from sppo_lightning.module import SPPOModule
-from sppo_lightning.rollout.base import SamplingParams, truncate_at_stop
+from sppo_lightning.rollout.base import PolicyHandle, SamplingParams, truncate_at_stop
 from sppo_lightning.rollout.hf import HFEngine, hf_generate
 
 
@@ -34,7 +34,9 @@ def test_k_samples_per_prompt_grouped_and_bounded(toy_model_dir):
         for c in ["What is 1+2?", "What is 40+41?", "What is 9+99?"]
     ]
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    out = HFEngine(batch_size=8).generate(m, prompts, SamplingParams(n=4, max_new_tokens=12), seed=0)
+    out = HFEngine(batch_size=8).generate(m.policy_handle(), prompts, SamplingParams(n=4, max_new_tokens=12), seed=0)
+    assert out.logprobs is None  # without logprobs_from_rollout the pipeline computes them
+    out = out.response_ids
     assert len(out) == 3 and all(len(g) == 4 for g in out)
     for group in out:
         for r in group:
@@ -56,14 +58,37 @@ def test_same_seed_same_samples_and_rng_untouched(toy_model_dir):
         )["input_ids"]
     ]
     params = SamplingParams(n=4, max_new_tokens=8)
+    policy = m.policy_handle()
     torch.manual_seed(123)
-    a = HFEngine().generate(m, prompts, params, seed=5)
+    a = HFEngine().generate(policy, prompts, params, seed=5)
     after_a = torch.rand(1)
     torch.manual_seed(123)
-    b = HFEngine().generate(m, prompts, params, seed=5)
+    b = HFEngine().generate(policy, prompts, params, seed=5)
     assert a == b
     assert torch.rand(1) == after_a  # the engine's private RNG stream leaves the global one alone
-    assert HFEngine().generate(m, prompts, params, seed=6) != a
+    assert HFEngine().generate(policy, prompts, params, seed=6) != a
+
+
+def test_a_handle_without_any_lightning_module_is_all_an_engine_needs(toy_model_dir):
+    """A PolicyHandle made from a bare policy and its tokenizer (no LightningModule, no Trainer): the engine samples
+    exactly what it samples through the module's own handle, and the log-probs with them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy = AutoModelForCausalLM.from_pretrained(toy_model_dir)
+    tok = AutoTokenizer.from_pretrained(toy_model_dir)
+    bare = PolicyHandle(policy, tok, str(toy_model_dir), trust_remote_code=False, step=0, device=torch.device("cpu"))
+    prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?"))
+    params = SamplingParams(n=3, max_new_tokens=12)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    engine = HFEngine(batch_size=6, logprobs_from_rollout=True)
+    got, got_greedy = engine.generate(bare, prompts, params, seed=4), engine.generate(bare, prompts, greedy, seed=0)
+    via_module = module_for(toy_model_dir).policy_handle()
+    assert got == engine.generate(via_module, prompts, params, seed=4)
+    assert got_greedy == engine.generate(via_module, prompts, greedy, seed=0)
+    assert [len(g) for g in got.response_ids] == [3, 3]
+    assert [[len(x) for x in g] for g in got.logprobs] == [[len(r) for r in g] for g in got.response_ids]
+    answers = [tok.decode(g[0], skip_special_tokens=True) for g in got_greedy.response_ids]
+    assert answers[1] == "\\boxed{77}"  # the toy policy answering (it gets 33+44 right, 3+4 wrong: 75)
 
 
 def test_greedy_result_does_not_depend_on_left_padding(toy_model_dir):
@@ -95,14 +120,15 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     tok = m.tokenizer
     prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?", "What is 1+99?"))
     params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12)
-    ids, logps = HFEngine(batch_size=4, logprobs_from_rollout=True).generate_with_logprobs(m, prompts, params, 0)
+    samples = HFEngine(batch_size=4, logprobs_from_rollout=True).generate(m.policy_handle(), prompts, params, 0)
+    ids, logps = samples.response_ids, samples.logprobs
     rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p, ref_logps=logps[p][k]) for p in range(3) for k in range(3)]
     b = collate(rows, tok.pad_token_id)  # the rollout's values, response-aligned as training reads them
     with torch.no_grad():
         expected = response_token_logps(m.policy.eval(), b["input_ids"], b["attention_mask"], b["response_mask"])
     torch.testing.assert_close(b["ref_logps"], expected, atol=1e-4, rtol=1e-5)
     # the same samples as without log-probs: the option changes nothing else
-    assert HFEngine(batch_size=4).generate(m, prompts, params, 0) == ids
+    assert HFEngine(batch_size=4).generate(m.policy_handle(), prompts, params, 0).response_ids == ids
 
 
 # What instruct models commonly ship in generation_config.json, and more: transformers 5 fills every field that
@@ -147,8 +173,10 @@ def test_generation_uses_only_the_configured_settings_not_the_folders(toy_model_
         tok = m.tokenizer
         prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?", "What is 11+19?"))
         sample = SamplingParams(n=4, max_new_tokens=12)
-        ids, logps = HFEngine(batch_size=8, logprobs_from_rollout=True).generate_with_logprobs(m, prompts, sample, 0)
-        greedy = HFEngine().generate(m, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=12), seed=0)
+        samples = HFEngine(batch_size=8, logprobs_from_rollout=True).generate(m.policy_handle(), prompts, sample, 0)
+        ids, logps = samples.response_ids, samples.logprobs
+        greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
+        greedy = HFEngine().generate(m.policy_handle(), prompts, greedy_params, seed=0).response_ids
         results[name] = (ids, logps, greedy)
         assert m.policy.generation_config.repetition_penalty == (1.8 if name == "shipped" else None)  # left as loaded
 

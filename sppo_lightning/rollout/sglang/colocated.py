@@ -15,12 +15,13 @@ Every ``(success, message)`` SGLang answers is checked; a refusal stops the run 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from sppo_lightning.errors import ConfigError, UserInputError
-from sppo_lightning.rollout.base import RolloutEngine
+from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine, Samples
 from sppo_lightning.rollout.sglang import compat
 from sppo_lightning.rollout.sglang.requests import (
     check_result,
@@ -90,10 +91,9 @@ class SGLangEngine(RolloutEngine):
         self._request_seeds = False
 
     # ------------------------------------------------------------------------------------------------- start
-    def check_placement(self, module) -> None:
+    def check_placement(self, policy: PolicyHandle) -> None:
         """Refuse, before anything starts, what this engine cannot place or feed (one message naming the key)."""
-        trainer = getattr(module, "_trainer", None)
-        world = trainer.world_size if trainer is not None else 1
+        world = policy.world_size
         if self.tp_size > 1 and world > 1:
             raise ConfigError(
                 f"data.engine.init_args.tp_size={self.tp_size} with {world} training processes: every training rank "
@@ -106,31 +106,27 @@ class SGLangEngine(RolloutEngine):
                 f"data.engine.init_args.tp_size={self.tp_size} needs {self.tp_size} GPUs; "
                 f"{torch.cuda.device_count()} are visible"
             )
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(getattr(trainer, "strategy", None), FSDPStrategy):
+        if policy.fsdp1:
             raise ConfigError(
                 "trainer.strategy=FSDPStrategy (FSDP1) with data.engine=SGLangEngine is not supported: validation "
                 "generates inside FSDP1's forward, where the whole weights SGLang needs cannot be gathered. Use "
                 "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2; model.fsdp_cpu_offload works with it)."
             )
 
-    def engine_args(self, module) -> dict[str, Any]:
+    def engine_args(self, policy: PolicyHandle) -> dict[str, Any]:
         """ServerArgs of this rank's engine (``tests/rollout/test_sglang_contract.py`` checks the keys)."""
-        trainer = getattr(module, "_trainer", None)
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        rank = trainer.global_rank if trainer is not None else 0
+        device = policy.device
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         return {
-            "model_path": module.hparams.model_name_or_path,
+            "model_path": policy.name_or_path,
             "dtype": self.dtype,
             "tp_size": self.tp_size,
             "mem_fraction_static": self.mem_fraction_static,
             "skip_tokenizer_init": True,  # ids in, ids out
             "enable_memory_saver": self.release_memory,  # needed by release/resume_memory_occupation
             "base_gpu_id": device.index if device.type == "cuda" and device.index is not None else 0,
-            "random_seed": seed + rank,
-            "trust_remote_code": module.hparams.trust_remote_code,
+            "random_seed": seed + policy.rank,
+            "trust_remote_code": policy.trust_remote_code,
             **self.engine_kwargs,
         }
 
@@ -149,13 +145,13 @@ class SGLangEngine(RolloutEngine):
         return self._sglang.Engine(**kwargs)
 
     # ----------------------------------------------------------------------------------------------- weights
-    def _ready(self, module):
+    def _ready(self, policy: PolicyHandle):
         """Started, resident and holding the current weights (see the module docstring for the order)."""
         if self.engine is None:
-            self.check_placement(module)
-            self.engine = self.make_engine(**self.engine_args(module))
+            self.check_placement(policy)
+            self.engine = self.make_engine(**self.engine_args(policy))
             self._stale, self._released = True, False
-        if self._synced_step != module.global_step:
+        if self._synced_step != policy.step:
             self._stale = True
         if self._released:
             self._stale = True  # without enable_weights_cpu_backup the released weights come back undefined
@@ -164,30 +160,30 @@ class SGLangEngine(RolloutEngine):
             else:
                 check_result(self.engine.resume_memory_occupation(tags=[WEIGHTS]), "resume_memory_occupation")
         if self._stale:
-            self.push_weights(module)
+            self.push_weights(policy)
         if self._released and self._tags is not None:
             rest = [t for t in self._tags if t != WEIGHTS]  # KV cache and CUDA graphs, once the weights are in
             check_result(self.engine.resume_memory_occupation(tags=rest), "resume_memory_occupation")
         if self._stale or self._released:
             check_result(self.engine.flush_cache(), "flush_cache")  # prefixes cached with the old weights
         self._released = self._stale = False
-        self._synced_step = module.global_step
+        self._synced_step = policy.step
         return self.engine
 
-    def push_weights(self, module) -> None:
+    def push_weights(self, policy: PolicyHandle) -> None:
         """The policy's whole weights into the engine (a collective under FSDP: every rank pushes to its own)."""
-        config = module.policy.config
+        config = policy.policy.config
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # the checkpoint's dtype
         stored = getattr(torch, stored) if isinstance(stored, str) else stored
-        dtype = torch_dtype(self.dtype, stored or next(module.policy.parameters()).dtype)
-        device = module.device if torch.cuda.is_available() else None
-        with module.full_parameters():
-            push_weights(self.engine, named_full_tensors(module.policy, dtype, device), self.bucket_bytes)
+        dtype = torch_dtype(self.dtype, stored or next(policy.policy.parameters()).dtype)
+        device = policy.device if torch.cuda.is_available() else None
+        with policy.full_parameters() if policy.full_parameters is not None else nullcontext():
+            push_weights(self.engine, named_full_tensors(policy.policy, dtype, device), self.bucket_bytes)
 
     # ---------------------------------------------------------------------------------------------- generate
-    def generate(self, module, prompt_ids, params, seed):
-        engine = self._ready(module)
-        tok = module.tokenizer
+    def generate(self, policy: PolicyHandle, prompt_ids, params, seed) -> Samples:
+        engine = self._ready(policy)
+        tok = policy.tokenizer
         requests = repeat_prompts(prompt_ids, params.n)
         outputs = engine.generate(
             input_ids=requests,
@@ -196,9 +192,9 @@ class SGLangEngine(RolloutEngine):
             ),
         )
         stop = {tok.eos_token_id, *params.stop_token_ids}
-        return group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id)
+        return Samples(group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id))
 
-    def after_rollout(self, module) -> None:
+    def after_rollout(self, policy: PolicyHandle) -> None:
         if self.release_memory and self.engine is not None and not self._released:
             if self._tags is None:
                 check_result(self.engine.release_memory_occupation(), "release_memory_occupation")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.rollout.base import RolloutEngine
+from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine, Samples
 from sppo_lightning.rollout.sglang.requests import (
     SGLangError,
     check_result,
@@ -21,17 +21,6 @@ from sppo_lightning.rollout.sglang.requests import (
     repeat_prompts,
 )
 from sppo_lightning.rollout.sglang.retries import post_json
-
-
-def _is_main(module) -> bool:
-    trainer = getattr(module, "_trainer", None)
-    return trainer is None or trainer.is_global_zero
-
-
-def _barrier(module, name: str) -> None:
-    trainer = getattr(module, "_trainer", None)
-    if trainer is not None:
-        trainer.strategy.barrier(name)
 
 
 class SGLangServerEngine(RolloutEngine):
@@ -74,34 +63,33 @@ class SGLangServerEngine(RolloutEngine):
         """POST JSON with retries and exponential backoff; one clear error when the server cannot be reached."""
         return post_json(self.url, path, payload, self.timeout, self.retries, self.backoff)
 
-    def _weights_dir(self, module) -> Path:
-        if self.weights_dir is not None:
-            return Path(self.weights_dir)
-        trainer = getattr(module, "_trainer", None)
-        return Path(trainer.default_root_dir if trainer is not None else ".") / "sglang_weights"
+    def _weights_dir(self, policy: PolicyHandle) -> Path:
+        return Path(self.weights_dir) if self.weights_dir is not None else Path(policy.output_dir) / "sglang_weights"
 
-    def refresh_weights(self, module) -> None:
+    def refresh_weights(self, policy: PolicyHandle) -> None:
         """Rank 0 writes the policy and the server loads it; every rank waits until it has."""
         from sppo_lightning.export import save_hf_folder
 
-        state_dict = module.full_policy_state_dict()  # collective under FSDP
-        if _is_main(module):
-            h = module.hparams
+        if policy.full_state_dict is not None:
+            state_dict = policy.full_state_dict()  # collective under FSDP
+        else:  # an unsharded policy: its own state dict is whole
+            state_dict = {k: v.detach().cpu() for k, v in policy.policy.state_dict().items()}
+        if policy.is_main:
             folder = save_hf_folder(
-                h.model_name_or_path, state_dict, module.tokenizer, self._weights_dir(module), h.trust_remote_code
+                policy.name_or_path, state_dict, policy.tokenizer, self._weights_dir(policy), policy.trust_remote_code
             )
             result = self.post("/update_weights_from_disk", {"model_path": str(folder.resolve())})
             if not isinstance(result, dict) or "success" not in result:
                 raise SGLangError(f"SGLang server {self.url}/update_weights_from_disk answered {result!r}")
             check_result(result, f"to load the weights in {folder}")
-        _barrier(module, "sglang_weights")
+        policy.barrier("sglang_weights")
 
-    def generate(self, module, prompt_ids, params, seed):
-        if self._synced_step != module.global_step:
-            if module.global_step > 0 or self._synced_step is not None:  # the server starts from the base weights
-                self.refresh_weights(module)
-            self._synced_step = module.global_step
-        tok = module.tokenizer
+    def generate(self, policy: PolicyHandle, prompt_ids, params, seed) -> Samples:
+        if self._synced_step != policy.step:
+            if policy.step > 0 or self._synced_step is not None:  # the server starts from the base weights
+                self.refresh_weights(policy)
+            self._synced_step = policy.step
+        tok = policy.tokenizer
         requests = repeat_prompts(prompt_ids, params.n)
         sampling = per_request_sampling_params(
             params, tok.eos_token_id, len(requests), seed if self.request_seeds else None
@@ -119,4 +107,4 @@ class SGLangServerEngine(RolloutEngine):
                 )
             outputs.extend(result)
         stop = {tok.eos_token_id, *params.stop_token_ids}
-        return group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id)
+        return Samples(group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id))
