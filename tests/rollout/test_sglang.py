@@ -27,7 +27,7 @@ import torch
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.errors import ConfigError, UserInputError
 from sppo_lightning.module import SPPOModule
-from sppo_lightning.rollout.base import SamplingParams
+from sppo_lightning.rollout.base import PolicyHandle, SamplingParams
 from sppo_lightning.rollout.hf import hf_generate
 from sppo_lightning.rollout.sglang import (
     SGLangEngine,
@@ -258,27 +258,48 @@ def test_generation_after_a_release_samples_the_policy(standin, toy_model_dir):
     answers equal the policy's own greedy answers before and after a release at the same step."""
     module = SPPOModule(str(toy_model_dir))
     module.configure_model()
+    policy = module.policy_handle()
     prompts = [module.tokenizer.encode(f"{a}+{b}=") for a, b in [(12, 34), (5, 77), (40, 41), (9, 9)]]
     engine = SGLangEngine(dtype="float32")
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
     expected = greedy(module, prompts)
-    assert engine.generate(module, prompts, params, seed=0) == expected
-    engine.after_rollout(module)
-    assert engine.generate(module, prompts, params, seed=0) == expected
+    assert engine.generate(policy, prompts, params, seed=0).response_ids == expected
+    engine.after_rollout(policy)
+    assert engine.generate(policy, prompts, params, seed=0).response_ids == expected
     with torch.no_grad():  # a new policy: the engine must now answer with it
         for p in module.policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    engine.after_rollout(module)
-    assert engine.generate(module, prompts, params, seed=0) == greedy(module, prompts)
+    engine.after_rollout(policy)
+    assert engine.generate(policy, prompts, params, seed=0).response_ids == greedy(module, prompts)
+
+
+def bare_policy(model_dir, step=0) -> PolicyHandle:
+    """A handle on a policy loaded without any LightningModule or Trainer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    return PolicyHandle(policy, tok, str(model_dir), trust_remote_code=False, step=step, device=torch.device("cpu"))
+
+
+def test_a_handle_without_any_lightning_module_is_all_the_colocated_engine_needs(standin, toy_model_dir):
+    policy = bare_policy(toy_model_dir)
+    with torch.no_grad():  # not the folder's weights: the engine must answer with the ones it is handed
+        for p in policy.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = [policy.tokenizer.encode(f"{a}+{b}=") for a, b in [(12, 34), (5, 77)]]
+    engine = SGLangEngine(dtype="float32")
+    samples = engine.generate(policy, prompts, SamplingParams(temperature=0.0, max_new_tokens=8), seed=0)
+    assert samples.response_ids == greedy(policy, prompts) and samples.logprobs is None
 
 
 def test_a_refused_weight_update_stops_with_sglangs_message(standin, toy_model_dir, monkeypatch):
     monkeypatch.setattr(standin, "begin_weight_update", lambda self, selector="all": (False, "scheduler is busy"))
     module = SPPOModule(str(toy_model_dir))
     module.configure_model()
+    policy = module.policy_handle()
     engine = SGLangEngine()
     with pytest.raises(SGLangError, match="SGLang refused begin_weight_update: scheduler is busy"):
-        engine.generate(module, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)
+        engine.generate(policy, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)
 
 
 def test_pushes_outside_a_session_are_refused_by_sglang(standin, toy_model_dir, release):
@@ -296,13 +317,14 @@ def test_an_sglang_without_sessions_still_gets_the_weights(monkeypatch, release,
     old = sglang_standin.install(monkeypatch, release, sessions=False, version="0.5.21")
     module = SPPOModule(str(toy_model_dir))
     module.configure_model()
+    policy = module.policy_handle()
     prompts = [module.tokenizer.encode("12+34=")]
     engine = SGLangEngine(dtype="float32")
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
-    engine.after_rollout(module)  # nothing started yet: nothing to release
-    assert engine.generate(module, prompts, params, seed=0) == greedy(module, prompts)
-    engine.after_rollout(module)
-    assert engine.generate(module, prompts, params, seed=0) == greedy(module, prompts)
+    engine.after_rollout(policy)  # nothing started yet: nothing to release
+    assert engine.generate(policy, prompts, params, seed=0).response_ids == greedy(module, prompts)
+    engine.after_rollout(policy)
+    assert engine.generate(policy, prompts, params, seed=0).response_ids == greedy(module, prompts)
     calls = names(old.instances[0])
     assert "update_weights_from_tensor" in calls and "begin_weight_update" not in calls
 
@@ -311,12 +333,13 @@ def test_an_sglang_without_memory_tags_resumes_everything_then_gets_the_weights(
     monkeypatch.delitem(sys.modules, "sglang.srt.constants")  # no GPU_MEMORY_ALL_TYPES: release/resume all at once
     module = SPPOModule(str(toy_model_dir))
     module.configure_model()
+    policy = module.policy_handle()
     prompts = [module.tokenizer.encode("12+34=")]
     engine = SGLangEngine(dtype="float32")
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
-    engine.generate(module, prompts, params, seed=0)
-    engine.after_rollout(module)
-    assert engine.generate(module, prompts, params, seed=0) == greedy(module, prompts)
+    engine.generate(policy, prompts, params, seed=0)
+    engine.after_rollout(policy)
+    assert engine.generate(policy, prompts, params, seed=0).response_ids == greedy(module, prompts)
     memory = [(c.name, c.kwargs) for c in standin.instances[0].calls if c.name.endswith("_memory_occupation")]
     assert memory == [("release_memory_occupation", {}), ("resume_memory_occupation", {})]
 
@@ -324,8 +347,9 @@ def test_an_sglang_without_memory_tags_resumes_everything_then_gets_the_weights(
 def test_dtype_auto_holds_a_float32_model_in_float16(standin, toy_model_dir):
     module = SPPOModule(str(toy_model_dir))
     module.configure_model()
+    policy = module.policy_handle()
     engine = SGLangEngine(dtype="auto")
-    engine.generate(module, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)
+    engine.generate(policy, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)
     sgl = standin.instances[0]
     assert sgl.calls[0].kwargs["dtype"] == "auto" and sgl.dtype == torch.float16
     assert {t.dtype for t in sgl.loaded.values()} == {torch.float16}
@@ -339,12 +363,13 @@ def test_sampling_is_reproducible_with_the_same_seed_and_top_k_zero_is_accepted(
     sglang_standin.install(monkeypatch, release)
     module = SPPOModule(str(toy_model_dir))
     module.configure_model()
+    policy = module.policy_handle()
     prompts = [module.tokenizer.encode(f"{a}+{a}=") for a in range(10, 18)]
     params = SamplingParams(n=4, temperature=1.0, top_k=0, max_new_tokens=8)
 
     def rollout(seed):
         engine = SGLangEngine(dtype="float32", seed=3, engine_kwargs={"enable_deterministic_inference": True})
-        return engine.generate(module, prompts, params, seed=seed), engine
+        return engine.generate(policy, prompts, params, seed=seed).response_ids, engine
 
     first, engine = rollout(5)
     assert engine.engine.calls[0].kwargs["random_seed"] == 3  # seed 3 + rank 0
@@ -353,33 +378,49 @@ def test_sampling_is_reproducible_with_the_same_seed_and_top_k_zero_is_accepted(
     assert len({tuple(r) for group in first for r in group}) > len(prompts)  # the K samples of a prompt differ
 
 
-CPU_STRATEGY = SimpleNamespace(root_device=torch.device("cpu"))
+def bare_handle(**fields) -> PolicyHandle:
+    """A handle with no policy behind it: enough for what the engine decides before it starts."""
+    return PolicyHandle(None, None, "m", trust_remote_code=False, step=0, device=torch.device("cpu"), **fields)
 
 
-def test_rank_offsets_the_engine_seed(toy_model_dir, monkeypatch):
+def test_rank_offsets_the_engine_seed(monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "11")
-    module = SimpleNamespace(
-        hparams=SimpleNamespace(model_name_or_path="m", trust_remote_code=False),
-        _trainer=SimpleNamespace(global_rank=3, world_size=4, strategy=CPU_STRATEGY),
-    )
-    assert SGLangEngine().engine_args(module)["random_seed"] == 14
-    assert SGLangEngine(seed=0).engine_args(module)["random_seed"] == 3
+    policy = bare_handle(rank=3, world_size=4)
+    assert SGLangEngine().engine_args(policy)["random_seed"] == 14
+    assert SGLangEngine(seed=0).engine_args(policy)["random_seed"] == 3
+    assert SGLangEngine().engine_args(policy)["model_path"] == "m"
 
 
 def test_settings_that_cannot_work_are_refused_naming_the_key():
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    def module(world, strategy=None):
-        return SimpleNamespace(_trainer=SimpleNamespace(world_size=world, strategy=strategy))
-
     with pytest.raises(ConfigError, match=r"data.engine.init_args.tp_size=2 with 4 training processes"):
-        SGLangEngine(tp_size=2).check_placement(module(4))
-    SGLangEngine(tp_size=1).check_placement(module(4))
-    SGLangEngine(tp_size=2).check_placement(module(1))  # one process: the engine may take several GPUs
+        SGLangEngine(tp_size=2).check_placement(bare_handle(world_size=4))
+    SGLangEngine(tp_size=1).check_placement(bare_handle(world_size=4))
+    SGLangEngine(tp_size=2).check_placement(bare_handle())  # one process: the engine may take several GPUs
     with pytest.raises(ConfigError, match=r"trainer.strategy=FSDPStrategy \(FSDP1\) with data.engine=SGLangEngine"):
-        SGLangEngine().check_placement(module(2, FSDPStrategy()))
+        SGLangEngine().check_placement(bare_handle(world_size=2, fsdp1=True))
     with pytest.raises(ConfigError, match="data.engine.init_args.tp_size must be >= 1"):
         SGLangEngine(tp_size=0)
+
+
+def test_the_modules_handle_says_what_the_trainer_runs(toy_model_dir, tmp_path):
+    """What placement and engine arguments are decided from: the trainer's rank, world size, folder and strategy
+    (FSDP1 refused), and one unsharded process in the working folder without a trainer."""
+    from pathlib import Path
+
+    from tests.cpu_fsdp1 import CPUFSDPStrategy
+
+    module = SPPOModule(str(toy_model_dir))
+    alone = module.policy_handle()
+    assert (alone.rank, alone.world_size, alone.fsdp1, alone.output_dir, alone.step) == (0, 1, False, Path("."), 0)
+    assert alone.name_or_path == str(toy_model_dir) and alone.tokenizer is module.tokenizer
+    for strategy, fsdp1 in (("ddp", False), (CPUFSDPStrategy(), True)):
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, default_root_dir=tmp_path, logger=False)
+        module.trainer = trainer
+        policy = module.policy_handle()
+        assert (policy.rank, policy.world_size, policy.fsdp1, policy.output_dir) == (0, 2, fsdp1, tmp_path)
+        assert policy.device == trainer.strategy.root_device
+    with pytest.raises(ConfigError, match=r"trainer.strategy=FSDPStrategy \(FSDP1\)"):
+        SGLangEngine().check_placement(policy)
 
 
 def test_an_sglang_outside_the_checked_range_warns_once_naming_both(monkeypatch, release, toy_model_dir):
@@ -388,11 +429,12 @@ def test_an_sglang_outside_the_checked_range_warns_once_naming_both(monkeypatch,
     sglang_standin.install(monkeypatch, release, version="0.4.6.post1")
     module = SPPOModule(str(toy_model_dir))
     module.configure_model()
+    policy = module.policy_handle()
     with pytest.warns(UserWarning, match=rf"SGLang 0.4.6.post1 is installed.*checked against SGLang {CHECKED[0]} to"):
-        SGLangEngine().generate(module, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)
+        SGLangEngine().generate(policy, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        SGLangEngine().generate(module, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)  # once per process
+        SGLangEngine().generate(policy, [[1, 2]], SamplingParams(max_new_tokens=2), seed=0)  # once per process
 
 
 def test_sglang_missing_names_the_extra(tmp_path):
@@ -489,6 +531,25 @@ def test_server_client_refreshes_weights_and_generates(toy_model_dir, tmp_path, 
     assert isinstance(body["input_ids"][0], list) and len(body["sampling_params"]) == 4
     assert body["sampling_params"][0]["max_new_tokens"] == 8 and body["sampling_params"][0]["top_k"] == -1
     for name, p in module.policy.named_parameters():  # the server now holds the trained policy
+        torch.testing.assert_close(server.engine.params[name], p.detach())
+
+
+def test_a_handle_without_any_lightning_module_is_all_the_server_client_needs(toy_model_dir, tmp_path, release):
+    """Weights written from a bare handle (its own state dict: no FSDP) reach the server, at the handle's step."""
+    server = StandInServer(toy_model_dir, release)
+    policy = bare_policy(toy_model_dir, step=3)
+    with torch.no_grad():
+        for p in policy.policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    try:
+        engine = SGLangServerEngine(url=server.url, weights_dir=str(tmp_path / "w"))
+        prompts = [policy.tokenizer.encode("12+34=")]
+        samples = engine.generate(policy, prompts, SamplingParams(temperature=0.0, max_new_tokens=8), seed=0)
+    finally:
+        server.close()
+    assert [p for p, _ in server.requests] == ["/update_weights_from_disk", "/generate"]
+    assert samples.response_ids == greedy(policy, prompts)
+    for name, p in policy.policy.named_parameters():
         torch.testing.assert_close(server.engine.params[name], p.detach())
 
 

@@ -39,7 +39,7 @@ def recorded_fit(release, toy_model_dir, tmp_path_factory):
         module = SPPOModule(str(toy_model_dir), learning_rate=1e-3)
         client = SGLangServerEngine(url=server.url, weights_dir=str(tmp_path_factory.mktemp("w")), batch_size=4)
         fit(module, client, epochs=1)
-        client.refresh_weights(module)
+        client.refresh_weights(module.policy_handle())
     finally:
         server.close()
     (sgl,) = engine_cls.instances
