@@ -130,7 +130,7 @@ class HFEngine(RolloutEngine):
     """Take log π_t(y|x) from the logits generation computes anyway, instead of a second forward pass over every
     response. It differs from that forward only by float rounding (KV cache, padding side): about 1e-6 in fp32,
     more in bf16. Its logits are kept for a whole ``generate`` call, (steps × batch_size × vocab) floats, so this
-    suits small vocabularies or small batches."""
+    suits small vocabularies or small batches. Validation's calls return them too (unused; same chunk size)."""
 
     def generate(self, policy: PolicyHandle, prompt_ids, params, seed) -> Samples:
         # A private RNG stream per iteration: the samples depend on (seed, iteration) only, so a resumed run
