@@ -20,10 +20,10 @@ def test_unscorable_responses_score_zero_are_counted_and_reported():
     oracle = RuleOracle(moody, max_unscored_share=0.5)
     with pytest.warns(UserWarning, match=r"moody\): 4 of 8 responses could not be scored and score 0 \(first: "
                       r"prompt 0, response 1: raised ValueError: cannot parse\)"):  # fmt: skip
-        oracle.score(rollout)
-    assert rollout.rewards.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
-    assert oracle.unscored == 4
-    assert rollout.win_rates[0].tolist() == [0.75, 0.25, 0.25, 0.75]  # the failures lose like wrong answers
+        scores = oracle.score(rollout)
+    assert scores.rewards.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    assert scores.unscored == 4
+    assert scores.win_rates[0].tolist() == [0.75, 0.25, 0.25, 0.75]  # the failures lose like wrong answers
 
 
 def test_past_the_threshold_the_run_stops_with_one_message():
