@@ -129,3 +129,66 @@ def test_pair_classifier_template_must_name_its_fields(tiny_classifier_dir):
 
     with pytest.raises(ConfigError, match=r"lacks \{second\}"):
         PairClassifierOracle(str(tiny_classifier_dir), template="{prompt} {first}")
+
+
+# ------------------------------------------------------------------------------ an oracle returns, never mutates
+def by_table(text: str, ground_truth: str) -> float:
+    """A rule for the texts a, b, c: a is right, c is wrong, and it cannot score b (it raises)."""
+    return {"a": 1.0, "c": 0.0}[text]
+
+
+def oracle_named(name: str, request):
+    from sppo_lightning.rewards.base import RuleOracle
+    from sppo_lightning.rewards.pairrm import PairRMOracle
+    from sppo_lightning.toy.judge import ClosenessJudge
+
+    if name == "rule":
+        return RuleOracle(by_table, max_unscored_share=0.5)
+    if name == "table":
+        return TableJudge(TABLE)
+    if name == "closeness":
+        return ClosenessJudge()
+    if name == "reward_model":
+        return RewardModelOracle(str(request.getfixturevalue("tiny_classifier_dir")), dtype="float32")
+    if name == "pair_classifier":
+        return PairClassifierOracle(str(request.getfixturevalue("tiny_classifier_dir")), dtype="float32")
+    return PairRMOracle(str(request.getfixturevalue("tiny_pairrm_dir")))
+
+
+@pytest.mark.filterwarnings("ignore:data.oracle.init_args.score_fn")  # the rule's unscorable b is reported
+@pytest.mark.parametrize("name", ["rule", "table", "closeness", "reward_model", "pair_classifier", "pairrm"])
+def test_an_oracle_leaves_the_rollout_as_it_was_and_keeps_nothing_between_rollouts(name, request):
+    import copy
+
+    oracle = oracle_named(name, request)
+    rollout = rollout_of([["a", "b", "c"]])
+    before = copy.deepcopy(rollout)
+    first = oracle.score(rollout)
+    assert rollout == before and rollout.rewards is None and rollout.win_rates is None  # nothing filled in
+    assert first.rewards.shape == first.win_rates.shape == (1, 3)
+    oracle.score(rollout_of([["c", "a", "b"], ["b", "c", "a"]]))  # another rollout in between
+    again = oracle.score(rollout)
+    assert torch.equal(again.rewards, first.rewards) and torch.equal(again.win_rates, first.win_rates)
+    assert again.unscored == first.unscored
+    scored = rollout.with_scores(first)  # the scored record is a new one, carrying exactly what was returned
+    assert scored is not rollout and rollout.rewards is None
+    assert (scored.rewards, scored.win_rates, scored.unscored) == (first.rewards, first.win_rates, first.unscored)
+
+
+def test_the_rule_returns_its_values_and_its_unscored_count():
+    """a = 1, b unscorable (0, a loss), c = 0; with each response against itself (½):
+    P̂(a) = (½ + 1 + 1) / 3 = 5/6, P̂(b) = P̂(c) = (0 + ½ + ½) / 3 = 1/3."""
+    from sppo_lightning.rewards.base import RuleOracle
+
+    with pytest.warns(UserWarning, match=r"by_table\): 1 of 3 responses could not be scored and score 0"):
+        scores = RuleOracle(by_table, max_unscored_share=0.5).score(rollout_of([["a", "b", "c"]]))
+    assert scores.rewards.tolist() == [[1.0, 0.0, 0.0]]
+    torch.testing.assert_close(scores.win_rates, torch.tensor([[5 / 6, 1 / 3, 1 / 3]]))
+    assert scores.unscored == 1
+
+
+def test_a_judge_returns_the_win_rates_by_hand_and_nothing_unscored():
+    scores = TableJudge(TABLE, bias=0.1).score(rollout_of([["a", "b", "c"]]))
+    torch.testing.assert_close(scores.win_rates, torch.tensor([WIN]))
+    torch.testing.assert_close(scores.rewards, torch.tensor([WIN]))  # a pairwise judge's reward is the win-rate
+    assert scores.unscored == 0
