@@ -81,8 +81,7 @@ def group_preference_reward(judge, k: int):
             response_ids=[[[]] * k for _ in groups],
             response_text=[texts[g : g + k] for g in groups],
         )
-        judge.score(rollout)
-        return rollout.win_rates.flatten().tolist()
+        return judge.score(rollout).win_rates.flatten().tolist()
 
     reward.__name__ = "group_preference"
     return reward

@@ -100,8 +100,7 @@ def preference_over_reference(
         response_ids=[[[], []] for _ in pairs],
         response_text=[[responses[p][i], reference[p][i]] for p, i in pairs],
     )
-    oracle.score(rollout, device=device)
-    first = rollout.win_rates[:, 0].double()
+    first = oracle.score(rollout, device=device).win_rates[:, 0].double()
     probs = 2 * first - 0.5 if getattr(oracle, "include_self", True) else first
     return probs.clamp(0, 1).float().view(len(responses), -1)
 

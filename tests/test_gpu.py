@@ -99,11 +99,10 @@ def test_reward_model_oracle_visits_the_gpu_only_while_scoring(tiny_classifier_d
         response_text=[["\\boxed{2}", "\\boxed{3}"]],
     )
     oracle = RewardModelOracle(str(tiny_classifier_dir), dtype="float32")
-    oracle.score(rollout, device=torch.device("cuda"))
-    cpu_scores = rollout.rewards.clone()
+    gpu_scores = oracle.score(rollout, device=torch.device("cuda")).rewards
     assert next(oracle.classifier.model.parameters()).device.type == "cpu"
-    oracle.score(rollout, device=None)  # the same scores on CPU
-    torch.testing.assert_close(rollout.rewards, cpu_scores, atol=1e-4, rtol=1e-4)
+    cpu_scores = oracle.score(rollout, device=None).rewards  # the same scores on CPU
+    torch.testing.assert_close(cpu_scores, gpu_scores, atol=1e-4, rtol=1e-4)
 
 
 def test_demo_with_a_reward_model_oracle_on_gpu(tmp_path, tiny_classifier_dir):

@@ -19,6 +19,7 @@ from sppo_lightning.logprobs import response_token_logps
 from sppo_lightning.loss import sppo_loss
 from sppo_lightning.module import SPPOModule
 from sppo_lightning.preference import win_rates_from_rewards
+from sppo_lightning.records import Scores
 from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rollout.base import Rollout
 from sppo_lightning.toy import MODEL_DIR, AdditionPrompts
@@ -62,8 +63,8 @@ class FixedRewards(Oracle):
         self.by_prompt = {tuple(p): r for p, _, r in groups}
 
     def score(self, rollout, device=None):
-        rollout.rewards = torch.tensor([self.by_prompt[tuple(p)] for p in rollout.prompt_ids])
-        rollout.win_rates = win_rates_from_rewards(rollout.rewards)
+        rewards = torch.tensor([self.by_prompt[tuple(p)] for p in rollout.prompt_ids])
+        return Scores(rewards=rewards, win_rates=win_rates_from_rewards(rewards))
 
 
 class Record(L.Callback):

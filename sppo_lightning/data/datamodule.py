@@ -229,7 +229,7 @@ class RolloutDataModule(L.LightningDataModule):
         with _timed(metrics, "time/scoring"):
             n = rollout.num_prompts * rollout.group_size
             self.progress("scoring", 0, n)
-            self.oracle.score(rollout, device=module.device)
+            rollout = rollout.with_scores(self.oracle.score(rollout, device=module.device))
             self.progress("scoring", n, n)
         # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
@@ -251,8 +251,7 @@ class RolloutDataModule(L.LightningDataModule):
         attach_step_units(batches, window, loss_type in PAIR_LOSSES, self.all_ranks_sum)
 
         metrics.update(rollout_metrics(rollout))
-        if hasattr(self.oracle, "unscored"):  # responses the rule could not score (scored 0)
-            metrics["rollout/unscored"] = float(self.oracle.unscored)
+        metrics["rollout/unscored"] = float(rollout.unscored)  # responses the oracle could not score (scored 0)
         self.rollout_metrics, self.rollout = metrics, rollout
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.

@@ -9,18 +9,23 @@ import torch
 
 from sppo_lightning.errors import DataError
 from sppo_lightning.preference import win_rates_from_rewards
-from sppo_lightning.records import PromptRecord, Rollout
+from sppo_lightning.records import PromptRecord, Rollout, Scores
 from sppo_lightning.rewards.math import compute_score
 
 
 class Oracle(ABC):
-    """Scores a rollout in place: sets ``rollout.rewards`` [P, K] and ``rollout.win_rates`` [P, K]."""
+    """Judges a rollout: reads its prompts and response texts and returns their ``Scores`` ([P, K] rewards and
+    win-rates, and how many responses it could not score).
+
+    An oracle never changes the rollout it is given (``rollout.with_scores(scores)`` makes the scored record) and
+    keeps nothing from one rollout to the next: everything it learned about a rollout is in what it returns.
+    """
 
     min_samples: int = 1
     """Fewest responses per prompt this oracle can judge (a pairwise one needs two)."""
 
     @abstractmethod
-    def score(self, rollout: Rollout, device: torch.device | None = None) -> None:
+    def score(self, rollout: Rollout, device: torch.device | None = None) -> Scores:
         """``device``: where a model-based oracle may run (the policy's device); rule oracles ignore it."""
 
 
@@ -81,15 +86,12 @@ class RuleOracle(Oracle):
         self.score_fn = score_fn
         self.include_self = include_self
         self.max_unscored_share = max_unscored_share
-        self.unscored = 0
-        """Responses of the last rollout that could not be scored."""
 
-    def score(self, rollout: Rollout, device: torch.device | None = None) -> None:
+    def score(self, rollout: Rollout, device: torch.device | None = None) -> Scores:
         problems: list[str] = []
-        rollout.rewards = rule_scores(self.score_fn, rollout.response_text, rollout.prompts, problems)
-        self.unscored = len(problems)
+        rewards = rule_scores(self.score_fn, rollout.response_text, rollout.prompts, problems)
         if problems:
-            total = rollout.rewards.numel()
+            total = rewards.numel()
             name = getattr(self.score_fn, "__qualname__", repr(self.score_fn))
             where = f"data.oracle.init_args.score_fn ({name}): {len(problems)} of {total} responses could not be scored"
             if len(problems) > self.max_unscored_share * total:
@@ -100,4 +102,5 @@ class RuleOracle(Oracle):
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(f"{where} and score 0 (first: {problems[0]})")
-        rollout.win_rates = win_rates_from_rewards(rollout.rewards, include_self=self.include_self)
+        win_rates = win_rates_from_rewards(rewards, include_self=self.include_self)
+        return Scores(rewards=rewards, win_rates=win_rates, unscored=len(problems))

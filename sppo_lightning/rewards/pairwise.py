@@ -18,7 +18,7 @@ from abc import abstractmethod
 import torch
 
 from sppo_lightning.preference import win_rates_from_pairwise
-from sppo_lightning.records import Rollout
+from sppo_lightning.records import Rollout, Scores
 from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rewards.classifier import SequenceClassifier
 
@@ -65,9 +65,9 @@ class PairwiseOracle(Oracle):
                 probs[p, i, j] = value
         return probs
 
-    def score(self, rollout: Rollout, device: torch.device | None = None) -> None:
-        rollout.win_rates = win_rates_from_pairwise(self.preference_matrix(rollout, device), self.include_self)
-        rollout.rewards = rollout.win_rates.clone()
+    def score(self, rollout: Rollout, device: torch.device | None = None) -> Scores:
+        win_rates = win_rates_from_pairwise(self.preference_matrix(rollout, device), self.include_self)
+        return Scores(rewards=win_rates.clone(), win_rates=win_rates)
 
 
 class PairClassifierOracle(PairwiseOracle):

@@ -49,8 +49,7 @@ ETA = 2.0
 def scored(bias=0.0, batch_size=64):
     rollout = rollout_of([["a", "b", "c"]])
     judge = TableJudge(TABLE, bias=bias, batch_size=batch_size)
-    judge.score(rollout)
-    return rollout, judge
+    return rollout.with_scores(judge.score(rollout)), judge
 
 
 def test_win_rates_by_hand_and_position_bias_cancels():
@@ -85,7 +84,7 @@ def test_softmean_targets_by_hand():
 def test_intransitive_cycle_gives_no_preference_signal():
     """a ≻ b ≻ c ≻ a, each with probability 0.9: every response wins as often as it loses."""
     rollout = rollout_of([["a", "b", "c"]])
-    TableJudge({("a", "b"): 0.9, ("b", "c"): 0.9, ("c", "a"): 0.9}).score(rollout)
+    rollout = rollout.with_scores(TableJudge({("a", "b"): 0.9, ("b", "c"): 0.9, ("c", "a"): 0.9}).score(rollout))
     torch.testing.assert_close(rollout.win_rates, torch.full((1, 3), 0.5))
     assert all(e.target == 0.0 for e in build_groups(rollout, "sppo", ETA)[0])
     assert build_groups(rollout, "dpo", ETA) == []  # no winner for DPO
@@ -97,7 +96,7 @@ def test_reward_model_scores_each_conversation_as_alone(tiny_classifier_dir):
 
     rollout = rollout_of([["4", "five", "\\boxed{4}"], ["a much longer response than the others", "x", "y"]])
     oracle = RewardModelOracle(str(tiny_classifier_dir), batch_size=4, dtype="float32")
-    oracle.score(rollout)
+    scores = oracle.score(rollout)
 
     tok = AutoTokenizer.from_pretrained(tiny_classifier_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()
@@ -108,9 +107,9 @@ def test_reward_model_scores_each_conversation_as_alone(tiny_classifier_dir):
             ids = tok(chat, add_special_tokens=False, return_tensors="pt")
             with torch.no_grad():
                 expected.append(model(**ids).logits[0, 0].item())
-    torch.testing.assert_close(rollout.rewards, torch.tensor(expected).view(2, 3), atol=1e-5, rtol=1e-5)
-    s = rollout.rewards
-    torch.testing.assert_close(rollout.win_rates[0, 0], torch.sigmoid(s[0, 0] - s[0]).mean())  # BT, incl. self
+    torch.testing.assert_close(scores.rewards, torch.tensor(expected).view(2, 3), atol=1e-5, rtol=1e-5)
+    s = scores.rewards
+    torch.testing.assert_close(scores.win_rates[0, 0], torch.sigmoid(s[0, 0] - s[0]).mean())  # BT, incl. self
     assert next(oracle.classifier.model.parameters()).device.type == "cpu"  # offloaded after scoring
 
 
@@ -119,10 +118,10 @@ def test_pair_classifier_is_a_pairwise_oracle(tiny_classifier_dir):
     oracle = PairClassifierOracle(str(tiny_classifier_dir), batch_size=5, dtype="float32")
     probs = oracle.preference_matrix(rollout)
     assert probs.shape == (2, 3, 3) and ((probs > 0) & (probs < 1)).all()
-    oracle.score(rollout)
+    scores = oracle.score(rollout)
     sym = (probs + 1 - probs.transpose(1, 2)) / 2
-    torch.testing.assert_close(rollout.win_rates, sym.mean(-1), atol=1e-6, rtol=0)  # diagonal ½ both ways
-    torch.testing.assert_close(rollout.win_rates.sum(-1), torch.full((2,), 1.5))  # win-rates sum to K/2
+    torch.testing.assert_close(scores.win_rates, sym.mean(-1), atol=1e-6, rtol=0)  # diagonal ½ both ways
+    torch.testing.assert_close(scores.win_rates.sum(-1), torch.full((2,), 1.5))  # win-rates sum to K/2
 
 
 def test_pair_classifier_template_must_name_its_fields(tiny_classifier_dir):
@@ -130,3 +129,66 @@ def test_pair_classifier_template_must_name_its_fields(tiny_classifier_dir):
 
     with pytest.raises(ConfigError, match=r"lacks \{second\}"):
         PairClassifierOracle(str(tiny_classifier_dir), template="{prompt} {first}")
+
+
+# ------------------------------------------------------------------------------ an oracle returns, never mutates
+def by_table(text: str, ground_truth: str) -> float:
+    """A rule for the texts a, b, c: a is right, c is wrong, and it cannot score b (it raises)."""
+    return {"a": 1.0, "c": 0.0}[text]
+
+
+def oracle_named(name: str, request):
+    from sppo_lightning.rewards.base import RuleOracle
+    from sppo_lightning.rewards.pairrm import PairRMOracle
+    from sppo_lightning.toy.judge import ClosenessJudge
+
+    if name == "rule":
+        return RuleOracle(by_table, max_unscored_share=0.5)
+    if name == "table":
+        return TableJudge(TABLE)
+    if name == "closeness":
+        return ClosenessJudge()
+    if name == "reward_model":
+        return RewardModelOracle(str(request.getfixturevalue("tiny_classifier_dir")), dtype="float32")
+    if name == "pair_classifier":
+        return PairClassifierOracle(str(request.getfixturevalue("tiny_classifier_dir")), dtype="float32")
+    return PairRMOracle(str(request.getfixturevalue("tiny_pairrm_dir")))
+
+
+@pytest.mark.filterwarnings("ignore:data.oracle.init_args.score_fn")  # the rule's unscorable b is reported
+@pytest.mark.parametrize("name", ["rule", "table", "closeness", "reward_model", "pair_classifier", "pairrm"])
+def test_an_oracle_leaves_the_rollout_as_it_was_and_keeps_nothing_between_rollouts(name, request):
+    import copy
+
+    oracle = oracle_named(name, request)
+    rollout = rollout_of([["a", "b", "c"]])
+    before = copy.deepcopy(rollout)
+    first = oracle.score(rollout)
+    assert rollout == before and rollout.rewards is None and rollout.win_rates is None  # nothing filled in
+    assert first.rewards.shape == first.win_rates.shape == (1, 3)
+    oracle.score(rollout_of([["c", "a", "b"], ["b", "c", "a"]]))  # another rollout in between
+    again = oracle.score(rollout)
+    assert torch.equal(again.rewards, first.rewards) and torch.equal(again.win_rates, first.win_rates)
+    assert again.unscored == first.unscored
+    scored = rollout.with_scores(first)  # the scored record is a new one, carrying exactly what was returned
+    assert scored is not rollout and rollout.rewards is None
+    assert (scored.rewards, scored.win_rates, scored.unscored) == (first.rewards, first.win_rates, first.unscored)
+
+
+def test_the_rule_returns_its_values_and_its_unscored_count():
+    """a = 1, b unscorable (0, a loss), c = 0; with each response against itself (½):
+    P̂(a) = (½ + 1 + 1) / 3 = 5/6, P̂(b) = P̂(c) = (0 + ½ + ½) / 3 = 1/3."""
+    from sppo_lightning.rewards.base import RuleOracle
+
+    with pytest.warns(UserWarning, match=r"by_table\): 1 of 3 responses could not be scored and score 0"):
+        scores = RuleOracle(by_table, max_unscored_share=0.5).score(rollout_of([["a", "b", "c"]]))
+    assert scores.rewards.tolist() == [[1.0, 0.0, 0.0]]
+    torch.testing.assert_close(scores.win_rates, torch.tensor([[5 / 6, 1 / 3, 1 / 3]]))
+    assert scores.unscored == 1
+
+
+def test_a_judge_returns_the_win_rates_by_hand_and_nothing_unscored():
+    scores = TableJudge(TABLE, bias=0.1).score(rollout_of([["a", "b", "c"]]))
+    torch.testing.assert_close(scores.win_rates, torch.tensor([WIN]))
+    torch.testing.assert_close(scores.rewards, torch.tensor([WIN]))  # a pairwise judge's reward is the win-rate
+    assert scores.unscored == 0

@@ -125,8 +125,8 @@ def test_authors_pipeline_win_rates_match_to_1e5(reference, tiny_pairrm_dir):
         s = torch.as_tensor(utils.get_scores_from_cmps(cmp[None].numpy()))[0]
         expected.append(torch.sigmoid(s[:, None] - s[None, :]).mean(dim=1))
     rollout = rollout_of(PROMPTS, GROUPS)
-    PairRMOracle(str(tiny_pairrm_dir), from_scores=True).score(rollout)
-    torch.testing.assert_close(rollout.win_rates, torch.stack(expected), atol=1e-5, rtol=0)
+    scores = PairRMOracle(str(tiny_pairrm_dir), from_scores=True).score(rollout)
+    torch.testing.assert_close(scores.win_rates, torch.stack(expected), atol=1e-5, rtol=0)
 
 
 def test_prefer_is_blender_compare_of_both_orders(reference, tiny_pairrm_dir):
@@ -145,12 +145,12 @@ def test_pairwise_win_rates_by_hand(tiny_pairrm_dir):
     """Default mode: P(i ≻ j) = σ(L(i, j) − L(j, i)) per pair; P̂_i = (½ + Σ_{j≠i} P(i ≻ j)) / K."""
     oracle = PairRMOracle(str(tiny_pairrm_dir))
     rollout = rollout_of(PROMPTS[:1], GROUPS[:1])
-    oracle.score(rollout)
+    scores = oracle.score(rollout)
     group = GROUPS[0]
     L = {(i, j): oracle.logits([PROMPTS[0]], [group[i]], [group[j]])[0] for i in range(3) for j in range(3) if i != j}
     expected = [(0.5 + sum(torch.sigmoid(L[i, j] - L[j, i]) for j in range(3) if j != i)) / 3 for i in range(3)]
-    torch.testing.assert_close(rollout.win_rates[0], torch.stack(expected), atol=1e-6, rtol=0)
-    assert rollout.win_rates.sum().item() == pytest.approx(1.5, abs=1e-5)  # K/2: every pair's ½ + ½ is shared
+    torch.testing.assert_close(scores.win_rates[0], torch.stack(expected), atol=1e-6, rtol=0)
+    assert scores.win_rates.sum().item() == pytest.approx(1.5, abs=1e-5)  # K/2: every pair's ½ + ½ is shared
 
 
 def test_bin_weights_load_as_tensors_only(tmp_path):
@@ -194,7 +194,7 @@ def test_demo_fits_with_the_tiny_pairrm_judge(tmp_path, tiny_pairrm_dir):
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {r["epoch"] for r in rows} == {0, 1}
     rollout = rollout_of([r["prompt"] for r in rows], [[x["text"] for x in r["responses"]] for r in rows])
-    PairRMOracle(str(tiny_pairrm_dir)).score(rollout)
+    scores = PairRMOracle(str(tiny_pairrm_dir)).score(rollout)
     logged = torch.tensor([[x["win_rate"] for x in r["responses"]] for r in rows])
-    torch.testing.assert_close(logged, rollout.win_rates, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logged, scores.win_rates, atol=1e-5, rtol=0)
     assert logged.std() > 0.01  # graded preferences, not ties

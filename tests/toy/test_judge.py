@@ -52,6 +52,6 @@ def test_intransitive_judge_has_a_cycle_around_the_truth():
 def test_judge_as_an_oracle_gives_win_rates_by_hand():
     rollout = rollout_of([["\\boxed{171}", "\\boxed{173}"]])
     rollout.prompts[0].messages[0]["content"] = Q
-    ClosenessJudge(scale=2.0).score(rollout)
+    scores = ClosenessJudge(scale=2.0).score(rollout)
     win = sigmoid(1.0)  # distance 0 against 2
-    torch.testing.assert_close(rollout.win_rates, torch.tensor([[(0.5 + win) / 2, (0.5 + 1 - win) / 2]]))
+    torch.testing.assert_close(scores.win_rates, torch.tensor([[(0.5 + win) / 2, (0.5 + 1 - win) / 2]]))
