@@ -277,3 +277,22 @@ def test_a_forced_win_rate_without_an_oracle_is_refused():
 
     with pytest.raises(ConfigError, match="model.val_win_rate needs the datamodule's oracle"):
         win_rate_enabled(True, None)
+
+
+@pytest.mark.slow
+def test_the_reference_merges_every_ranks_share_under_fsdp(tmp_path):
+    """On 2 processes each rank generates the reference for its half of the 41 validation prompts (21 + 20, one
+    padding row): the file holds every prompt once, and the first win rate is still exactly ½."""
+    from sppo_lightning.toy import AdditionPrompts
+    from tests.test_cli import DEMO, REPO, read_metrics, run
+
+    run(
+        "fit", "--config", DEMO, "--config", str(REPO / "configs" / "fsdp_cpu.yaml"), "--trainer.max_epochs=1",
+        "--data.prompts_per_epoch=16", "--data.val.init_args.num_prompts=41", "--data.val_batch_size=41",
+        "--data.oracle=tests.test_evaluation.LongerIsBetter", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    )  # fmt: skip
+    reference = ReferenceResponses.load(tmp_path / "reference_responses.jsonl").entries
+    assert sorted(reference) == sorted({reference_key(r) for r in AdditionPrompts("val", num_prompts=41, seed=1).load()})
+    win = [float(r["val/win_rate"]) for r in read_metrics(tmp_path) if r.get("val/win_rate")]
+    assert len(win) == 2 and win[0] == 0.5
