@@ -18,7 +18,7 @@ import torch
 from torchmetrics import Metric
 
 from sppo_lightning.errors import ConfigError
-from sppo_lightning.records import PromptRecord
+from sppo_lightning.records import PromptRecord, SamplingParams
 from sppo_lightning.rewards.base import RuleOracle, rule_scores
 
 
@@ -225,7 +225,7 @@ class ValidationSource(Protocol):
     def val_dataloader(self) -> Iterable[dict]: ...
 
 
-Generate = Callable[[list[list[int]], Any, int], list[list[list[int]]]]
+Generate = Callable[[list[list[int]], SamplingParams, int], list[list[list[int]]]]
 """``generate(prompt_ids, params, seed) -> [P][K]`` response ids of the policy being validated."""
 
 

@@ -293,6 +293,7 @@ def test_the_reference_merges_every_ranks_share_under_fsdp(tmp_path):
         f"--trainer.default_root_dir={tmp_path}",
     )  # fmt: skip
     reference = ReferenceResponses.load(tmp_path / "reference_responses.jsonl").entries
-    assert sorted(reference) == sorted({reference_key(r) for r in AdditionPrompts("val", num_prompts=41, seed=1).load()})
+    val = AdditionPrompts("val", num_prompts=41, seed=1).load()  # the demo's validation prompts, 41 of them
+    assert sorted(reference) == sorted({reference_key(r) for r in val}) and len(reference) == 41
     win = [float(r["val/win_rate"]) for r in read_metrics(tmp_path) if r.get("val/win_rate")]
     assert len(win) == 2 and win[0] == 0.5
