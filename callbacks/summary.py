@@ -15,9 +15,10 @@ PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "ti
 class FitSummary(L.Callback):
     """Collects ``val/accuracy`` and the per-phase times each epoch and prints them when fit ends."""
 
-    # Callback hooks run before the module's (which logs the epoch's times in on_train_epoch_end and the accuracy
-    # in on_validation_epoch_end), so values are read one hook later: accuracy in on_validation_end, an epoch's
-    # times at the start of the next epoch and, for the last one, at the end of fit.
+    # A config's callbacks run before the module's hooks (which log the accuracy in on_validation_epoch_end) and
+    # before phases.IterationRecord (the module's own callback, which logs the epoch's times in on_train_epoch_end),
+    # so values are read one hook later: accuracy in on_validation_end, an epoch's times at the start of the next
+    # epoch and, for the last one, at the end of fit.
 
     def __init__(self) -> None:
         self.accuracy: list[float] = []

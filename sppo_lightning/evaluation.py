@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torchmetrics import Metric
 
-from sppo_lightning.records import PromptRecord
+from sppo_lightning.errors import ConfigError
+from sppo_lightning.records import PromptRecord, SamplingParams
+from sppo_lightning.rewards.base import RuleOracle, rule_scores
 
 
 def group_keys(record: PromptRecord) -> list[str]:
@@ -198,3 +201,115 @@ def update_win_rate(
     preference = preference_over_reference(oracle, records, [g[:n] for g in texts], ref_texts, device)
     lengths = torch.tensor([[len(r) for r in group[:n]] for group in responses], dtype=torch.float64)
     metric.update(preference.to(metric.device), lengths.to(metric.device), ref_lengths.to(metric.device))
+
+
+# ------------------------------------------------------------------------------------------------- validation
+class ValidationSource(Protocol):
+    """What validation reads from the data side (``RolloutDataModule``, ``trainer.datamodule``), and nothing else.
+
+    Validation samples through the rollout's engine (SGLang on GPU) and judges the win rate with the rollout's
+    oracle, so both are the datamodule's; the accuracy's groups are those of its whole validation set, the same on
+    every rank; and the first evaluation, before Lightning's loop ever runs, reads the standard ``val_dataloader()``.
+    A val batch is ``{"prompt_ids": [P'] ids, "records": [P <= P'] PromptRecord, "params": SamplingParams}`` (rows
+    of ``prompt_ids`` past ``records`` keep ranks in step and are not scored).
+    """
+
+    engine: Any
+    """Generates the responses (``RolloutEngine``); None: HF generate."""
+    oracle: Any
+    """Judges the win rate (``Oracle``); None: no win rate."""
+    val_prompts: list[PromptRecord]
+    """The whole validation set, identical on every rank."""
+
+    def val_dataloader(self) -> Iterable[dict]: ...
+
+
+Generate = Callable[[list[list[int]], SamplingParams, int], list[list[list[int]]]]
+"""``generate(prompt_ids, params, seed) -> [P][K]`` response ids of the policy being validated."""
+
+
+def win_rate_enabled(setting: bool | None, oracle) -> bool:
+    """Whether ``val/win_rate`` is measured: ``model.val_win_rate``, or when None, whenever the oracle is a preference
+    oracle (pairwise judge or reward model); the rule oracle's verdict is already ``val/accuracy``."""
+    if setting is None:
+        return oracle is not None and not isinstance(oracle, RuleOracle)
+    if setting and oracle is None:
+        raise ConfigError("model.val_win_rate needs the datamodule's oracle (data.oracle) to judge responses")
+    return setting
+
+
+class Validation:
+    """A run's validation scoring: accuracy (``GroupedAccuracy``), the win rate (``WinRate``) and the reference
+    responses it is measured against.
+
+    One pass is ``start`` → ``score`` for each val batch → ``finish``, whether Lightning's validation loop drives it
+    or the evaluation before the first update does. The pass that is given ``reference=path`` (the first, on a
+    fresh run) keeps its responses as the reference and writes them (rank 0) when it finishes; a resumed run reads
+    them back (``load_reference``). Metrics are synchronised across ranks by ``finish``; nothing here is a
+    submodule, so nothing enters the state dict or the FSDP wrapping.
+    """
+
+    def __init__(self, accuracy_fn: Callable[[str, str], float], tokenizer):
+        self.accuracy_fn, self.tokenizer = accuracy_fn, tokenizer
+        self.reference: ReferenceResponses | None = None
+        """The starting policy's responses; None: no win rate."""
+        self._accuracy: GroupedAccuracy | None = None
+        self._win_rate: WinRate | None = None
+        self._collecting = False
+        self._oracle, self._device, self._seed = None, None, 0
+
+    def load_reference(self, path: Path) -> None:
+        """Resume the win rate against the reference of the run's start; without the file, no win rate (warned)."""
+        if not Path(path).exists():
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"no {path} to resume the win rate against: val/win_rate is not logged in this run")
+            self.reference = None
+            return
+        self.reference = ReferenceResponses.load(path)
+
+    def start(self, prompts: Sequence[PromptRecord], oracle, device, seed: int, reference: Path | None = None) -> None:
+        """A new pass over the validation set ``prompts`` (all of it, every rank: the accuracy's groups), sampling
+        with ``seed``; the win rate is judged by ``oracle`` when there is a reference, or ``reference`` is given:
+        then this pass's responses are the reference (written there by ``finish``)."""
+        if reference is not None:
+            self.reference, self._collecting = ReferenceResponses(reference), True
+        self._accuracy = GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(device)
+        self._win_rate = WinRate().to(device) if self.reference is not None else None
+        self._oracle, self._device, self._seed = oracle, device, seed
+
+    def score(self, batch: dict, generate: Generate) -> None:
+        """Generate for a val batch and add its scored rows to the metrics (the win rate's first pass: ½ each)."""
+        records, params = batch["records"], batch["params"]
+        responses = generate(batch["prompt_ids"], params, self._seed)  # [P'][n] ids
+        texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
+        responses, texts = responses[: len(records)], texts[: len(records)]  # past the records: padding, not scored
+        if self._win_rate is not None:
+            if self._collecting:
+                self.reference.add(records, responses, texts)
+            update_win_rate(self._win_rate, self._oracle, self.reference, records, responses, texts, self._device)
+        scores = rule_scores(self.accuracy_fn, texts, records).reshape(len(records), params.n)  # [P, n] in [0, 1]
+        self._accuracy.update(scores, records)
+
+    def finish(self) -> dict[str, float]:
+        """The pass's results, the same on every rank (``accuracy``, ``accuracy/<group>``, ``pass@k``; ``win_rate``,
+        ``response_length``, ``reference_length``), empty without a scored prompt; the reference written if this
+        pass collected it."""
+        results = self._accuracy.compute()
+        if self._win_rate is not None:
+            results.update(self._win_rate.compute())
+        self._accuracy = self._win_rate = None
+        if self._collecting:
+            self._collecting = False
+            self._save_reference()
+        return results
+
+    def _save_reference(self) -> None:
+        """Merge every rank's share of the reference and write it (rank 0)."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            shares = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shares, self.reference.entries)
+            self.reference.entries = {k: v for share in shares for k, v in share.items()}
+        if not distributed or torch.distributed.get_rank() == 0:
+            self.reference.save()

@@ -1,7 +1,15 @@
-"""SPPOModule: the policy, the SPPO objective and greedy-accuracy validation.
+"""SPPOModule: the policy, the step and the optimizer.
 
 The module owns everything that has gradients. π_t is not a second model: its log-probs are computed by this
 policy, under ``no_grad``, at the start of each iteration (``token_logps``) and arrive in the batch.
+
+Elsewhere: validation scoring (accuracy, win rate, the reference responses) is ``evaluation.Validation``'s, the
+module only generates for it; the per-iteration record (rollout metrics, ``time/train``, ``time/validation``) is
+``phases.IterationRecord``'s, a callback the module installs itself (``configure_callbacks``).
+
+What the module reads from the datamodule is ``evaluation.ValidationSource`` and nothing else: the engine that
+generates validation responses, the oracle that judges the win rate, the validation prompts (the accuracy's groups)
+and ``val_dataloader()`` (for the evaluation before the first update, which Lightning's loop does not run).
 """
 
 from __future__ import annotations
@@ -16,11 +24,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 
-from sppo_lightning import optim, sharding
+from sppo_lightning import optim, phases, sharding
 from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer, refusing_remote_code
-from sppo_lightning.evaluation import GroupedAccuracy, ReferenceResponses, WinRate, group_keys, update_win_rate
+from sppo_lightning.evaluation import Validation, ValidationSource, win_rate_enabled
 from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import (
     LOSS_TYPES,
@@ -33,7 +40,7 @@ from sppo_lightning.loss import (
     sppo_target_loss,
     trust_region_logps,
 )
-from sppo_lightning.rewards.base import RuleOracle, rule_scores
+from sppo_lightning.records import SamplingParams
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
@@ -153,22 +160,18 @@ class SPPOModule(L.LightningModule):
                 f"model.clip_ratio applies to the SPPO regressions, not to loss_type {loss_type}: set it to null"
             )
         self.save_hyperparameters(ignore=["accuracy_fn"])
-        self.accuracy_fn = accuracy_fn
         self.policy = None
         self.tokenizer = self._load_tokenizer()
-        # The validation metric lives in a plain dict, not as a submodule: it is rebuilt each validation (its groups
-        # come from the data) and must not enter the state dict or the FSDP wrapping.
-        self._val: dict[str, GroupedAccuracy] = {}
-        self.initial_val_accuracy: float | None = None
+        self.validation = Validation(accuracy_fn, self.tokenizer)  # accuracy, win rate, reference (evaluation.py)
+        self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
-        self._reference: ReferenceResponses | None = None  # the starting policy's validation responses
-        self._collecting_reference = False
         self.skipped_steps = 0
         self._nonfinite_in_a_row = 0
-        # time/train runs from the epoch's start to its last step's end, less any validation in between
-        self._train_start = self._train_end = self._val_start = 0.0
-        self._val_seconds: float | None = None  # validation time within the current training epoch
-        self._val_seconds_in_train = 0.0  # the part of it that ran before the last step
+
+    @property
+    def accuracy_fn(self) -> Callable[[str, str], float]:
+        """``f(response_text, ground_truth) -> float`` behind ``val/accuracy`` (``model.accuracy_fn``)."""
+        return self.validation.accuracy_fn
 
     # ----------------------------------------------------------------------------------------------- model
     def _load_tokenizer(self):
@@ -361,127 +364,70 @@ class SPPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("sppo_skipped_steps", 0)
 
-    def on_train_start(self) -> None:
-        # The first point of the learning curve: accuracy of the policy before any update.
-        self._reference = None
-        if self.global_step > 0:  # resumed: the reference of the run's start, if it had one
-            self._load_reference()
-        if self.global_step == 0 and self.trainer.datamodule is not None and self.trainer.limit_val_batches != 0:
-            start = time.perf_counter()
-            self._collecting_reference = self._win_rate_enabled()  # this first pass generates the reference
-            results = self.evaluate(self.trainer.datamodule.val_dataloader())
-            self._save_reference()
-            if results:
-                self.initial_val_accuracy = results["accuracy"]
-                self.initial_val_seconds = time.perf_counter() - start
-                row = {**{f"val/{k}": v for k, v in results.items()}, "time/validation": self.initial_val_seconds}
-                for logger in self.loggers:
-                    logger.log_metrics({**row, "epoch": -1}, step=0)
-
-    def on_train_epoch_start(self) -> None:
-        self._train_start = self._train_end = time.perf_counter()
-        self._val_seconds, self._val_seconds_in_train = None, 0.0
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self._train_end = time.perf_counter()
-        self._val_seconds_in_train = self._val_seconds or 0.0
-
-    def on_train_epoch_end(self) -> None:
-        # Lightning runs the epoch's validation, then the callbacks' epoch-end work, inside the training epoch, before
-        # this hook: validation is a phase of its own, and time/train is the training loop only.
-        metrics = dict(getattr(self.trainer.datamodule, "rollout_metrics", {}) or {})
-        metrics["time/train"] = self._train_end - self._train_start - self._val_seconds_in_train
-        if self._val_seconds is not None:
-            metrics["time/validation"] = self._val_seconds
-        self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=True)  # each rank's rollout: their mean
-
     # ------------------------------------------------------------------------------------------ validation
-    def rollout_engine(self) -> RolloutEngine:
-        """Validation samples through the same engine as the rollout (SGLang on GPU), HF generate otherwise."""
-        engine = getattr(self.trainer.datamodule, "engine", None) if self._trainer is not None else None
-        return engine if engine is not None else HFEngine()
-
-    def _score_batch(self, batch, win_rate: WinRate | None = None) -> torch.Tensor:
-        """Generate for a batch of validation prompts and score each response: ``[P, n]`` values in [0, 1], one row per
-        record (rows of ``prompt_ids`` past the records are padding that keeps ranks in step, not scored)."""
-        engine, policy = self.rollout_engine(), self.policy_handle()
-        responses = engine.generate(policy, batch["prompt_ids"], batch["params"], seed=self.current_epoch).response_ids
-        records = batch["records"]
-        texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
-        if win_rate is not None:
-            self._update_win_rate(win_rate, records, responses[: len(records)], texts[: len(records)])
-        return rule_scores(self.accuracy_fn, texts[: len(records)], records).reshape(len(records), batch["params"].n)
-
-    def _new_accuracy(self) -> GroupedAccuracy:
-        # The groups of the whole validation set, identical on every rank, so the metric's states line up.
-        prompts = getattr(self.trainer.datamodule, "val_prompts", None) or []
-        return GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(self.device)
+    # Scoring is evaluation.Validation's, for Lightning's loop and the evaluation before the first update alike; the
+    # module generates (``_generate``, its one call of the engine) and says when a pass starts and ends.
+    def on_train_start(self) -> None:
+        """The first point of the learning curve: the policy before any update. With the win rate on, its responses
+        are the reference every later validation is judged against (written once; a resumed run reads it back)."""
+        data, path = self._validation_source(), Path(self.trainer.default_root_dir) / REFERENCE_FILE
+        self.validation.reference = None
+        if self.global_step > 0:  # resumed: the reference of the run's start, if it had one
+            if win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None)):
+                self.validation.load_reference(path)
+            return
+        if data is None or self.trainer.limit_val_batches == 0:
+            return
+        start = time.perf_counter()
+        collect = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None))
+        self._start_validation(reference=path if collect else None)
+        with torch.no_grad():
+            for batch in data.val_dataloader():
+                self.validation.score(batch, self._generate)
+        results = self._finish_validation()
+        if results:
+            self.initial_val_accuracy = results["accuracy"]
+            self.initial_val_seconds = time.perf_counter() - start
+            phases.log_before_training(self.trainer, results, self.initial_val_seconds)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_start = time.perf_counter()
-        self._val["accuracy"] = self._new_accuracy()
-        if self._reference is not None:
-            self._val["win_rate"] = WinRate().to(self.device)
+        self._start_validation()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._val["accuracy"].update(self._score_batch(batch, self._val.get("win_rate")), batch["records"])
+        self.validation.score(batch, self._generate)
 
     def on_validation_epoch_end(self) -> None:
-        self.rollout_engine().after_rollout(self.policy_handle())
-        results = self._val.pop("accuracy").compute()  # synchronised across ranks: the same on every rank
+        results = self._finish_validation()  # synchronised across ranks: the same on every rank
         if "accuracy" in results:
             self.log("val/accuracy", results.pop("accuracy"), prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in results.items()}, sync_dist=True)  # equal on all ranks already
-        if "win_rate" in self._val:
-            self.log_dict({f"val/{k}": v for k, v in self._val.pop("win_rate").compute().items()}, sync_dist=True)
-        self._val_seconds = (self._val_seconds or 0.0) + time.perf_counter() - self._val_start  # logged with time/train
 
-    @torch.no_grad()
-    def evaluate(self, dataloader) -> dict[str, float]:
-        """The validation metrics over a whole dataloader, outside Lightning's loop (synchronised across ranks)."""
-        metric = self._new_accuracy()
-        win_rate = WinRate().to(self.device) if self._reference is not None or self._collecting_reference else None
-        if self._collecting_reference:
-            self._reference = ReferenceResponses(Path(self.trainer.default_root_dir) / REFERENCE_FILE)
-        for batch in dataloader:
-            metric.update(self._score_batch(batch, win_rate), batch["records"])
-        self.rollout_engine().after_rollout(self.policy_handle())
-        return {**metric.compute(), **(win_rate.compute() if win_rate is not None else {})}
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The per-iteration record (rollout metrics, ``time/train``, ``time/validation``), whatever the config."""
+        return [phases.IterationRecord()]
 
-    # -------------------------------------------------------------------------------------- win rate (val)
-    def _win_rate_enabled(self) -> bool:
-        oracle = getattr(self.trainer.datamodule, "oracle", None)
-        if self.hparams.val_win_rate is None:
-            return oracle is not None and not isinstance(oracle, RuleOracle)
-        if self.hparams.val_win_rate and oracle is None:
-            raise ConfigError("model.val_win_rate needs the datamodule's oracle (data.oracle) to judge responses")
-        return self.hparams.val_win_rate
+    def _validation_source(self) -> ValidationSource | None:
+        """The datamodule, read only as ``evaluation.ValidationSource`` (its engine, oracle, validation prompts and
+        ``val_dataloader()``); None without one."""
+        return self.trainer.datamodule if self._trainer is not None else None
 
-    def _update_win_rate(self, metric: WinRate, records, responses: list[list[list[int]]], texts) -> None:
-        if self._collecting_reference:  # the first validation's responses are the reference: the first value is ½
-            self._reference.add(records, responses, texts)
-        update_win_rate(metric, self.trainer.datamodule.oracle, self._reference, records, responses, texts, self.device)
+    def _engine(self) -> RolloutEngine:
+        """Validation samples through the same engine as the rollout (SGLang on GPU), HF generate otherwise."""
+        engine = getattr(self._validation_source(), "engine", None)
+        return engine if engine is not None else HFEngine()
 
-    def _save_reference(self) -> None:
-        """Merge every rank's share of the reference and write it (rank 0), once, at the start of fit."""
-        if not self._collecting_reference:
-            return
-        self._collecting_reference = False
-        if self.trainer.world_size > 1:
-            shares = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(shares, self._reference.entries)
-            self._reference.entries = {k: v for share in shares for k, v in share.items()}
-        if self.trainer.is_global_zero:
-            self._reference.save()
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> list[list[list[int]]]:
+        """``[P][K]`` response ids of the policy for a validation batch."""
+        return self._engine().generate(self.policy_handle(), prompt_ids, params, seed=seed).response_ids
 
-    def _load_reference(self) -> None:
-        path = Path(self.trainer.default_root_dir) / REFERENCE_FILE
-        if not self._win_rate_enabled():
-            return
-        if not path.exists():
-            rank_zero_warn(f"no {path} to resume the win rate against: val/win_rate is not logged in this run")
-            return
-        self._reference = ReferenceResponses.load(path)
+    def _start_validation(self, reference: Path | None = None) -> None:
+        data = self._validation_source()
+        prompts, oracle = getattr(data, "val_prompts", None) or [], getattr(data, "oracle", None)
+        self.validation.start(prompts, oracle, self.device, seed=self.current_epoch, reference=reference)
+
+    def _finish_validation(self) -> dict[str, float]:
+        self._engine().after_rollout(self.policy_handle())
+        return self.validation.finish()
 
     # ----------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

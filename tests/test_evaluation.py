@@ -191,3 +191,109 @@ def test_fit_logs_win_rate_against_the_starting_policy(tmp_path):
     run("fit", *small, "--trainer.max_epochs=4", "--ckpt_path=last")
     assert path.read_bytes() == before  # the starting policy's responses, not the resumed policy's
     assert len([r for r in read_metrics(tmp_path) if r.get("val/win_rate")]) == 5
+
+
+# ------------------------------------------------------------------------------------------------ Validation
+class SpacedDigits:
+    """A tokenizer stand-in: ids are digits, decoded with spaces ([1, 1, 1] -> "1 1 1")."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
+def test_validation_scores_batches_and_judges_against_the_reference_of_its_first_pass(tmp_path):
+    """Two passes over one batch of 2 prompts (plus a padding row), 2 samples each, by hand: the first collects the
+    reference (win rate exactly ½) and writes it; the second is judged against it by a judge preferring longer texts,
+    σ((len(a) − len(b)) / 4) symmetrised; the padding row is generated but never scored."""
+    from sppo_lightning.evaluation import Validation
+    from sppo_lightning.records import SamplingParams
+
+    records = [
+        PromptRecord([{"role": "user", "content": "a"}], "1", extra_info={"level": 1}),
+        PromptRecord([{"role": "user", "content": "b"}], "1", extra_info={"level": 2}),
+    ]
+    batch = {"prompt_ids": [[10], [20], [10]], "records": records, "params": SamplingParams(n=2, temperature=0)}
+    passes = [
+        {10: [[1], [2]], 20: [[1], [1]]},  # the starting policy: texts "1", "2" and "1", "1"
+        {10: [[1, 1, 1], [2]], 20: [[1], [1]]},  # later: "1 1 1" beats the reference "1"; the rest repeat it
+    ]
+    seeds, policy = [], {}
+
+    def generate(prompt_ids, params, seed):
+        seeds.append(seed)
+        return [policy[ids[0]] for ids in prompt_ids]
+
+    validation = Validation(lambda text, truth: float(text == truth), SpacedDigits())
+    results = []
+    for i, responses in enumerate(passes):
+        policy.update(responses)
+        collect = tmp_path / "ref.jsonl" if i == 0 else None
+        validation.start(records, LongerIsBetter(), "cpu", seed=7 + i, reference=collect)
+        validation.score(batch, generate)
+        results.append(validation.finish())
+    assert seeds == [7, 8]
+    first, second = results
+    assert first == {
+        "accuracy": 0.75, "pass@2": 1.0, "accuracy/level_1": 0.5, "accuracy/level_2": 1.0,  # (1 + 0)/2 and (1 + 1)/2
+        "win_rate": 0.5, "response_length": 1.0, "reference_length": 1.0,
+    }  # fmt: skip
+    saved = ReferenceResponses.load(tmp_path / "ref.jsonl").entries
+    assert saved == {
+        reference_key(records[0]): {"responses": ["1", "2"], "lengths": [1, 1]},
+        reference_key(records[1]): {"responses": ["1", "1"], "lengths": [1, 1]},
+    }
+    assert second["accuracy"] == 0.5 and second["accuracy/level_1"] == 0.0  # "1 1 1" and "2" are wrong
+    assert second["win_rate"] == pytest.approx((sigmoid(4 / 4) + 3 * 0.5) / 4)  # "1 1 1" has 5 characters, "1" 1
+    assert second["response_length"] == 1.5 and second["reference_length"] == 1.0  # (3 + 1 + 1 + 1) / 4 tokens
+
+
+def test_validation_resumes_against_the_saved_reference_or_goes_without(tmp_path):
+    from sppo_lightning.evaluation import Validation
+
+    validation = Validation(lambda text, truth: 1.0, SpacedDigits())
+    with pytest.warns(UserWarning, match="no .*missing.jsonl to resume the win rate against"):
+        validation.load_reference(tmp_path / "missing.jsonl")
+    assert validation.reference is None
+    saved = ReferenceResponses(tmp_path / "ref.jsonl", {reference_key(rec()): {"responses": ["2"], "lengths": [1]}})
+    saved.save()
+    validation.load_reference(tmp_path / "ref.jsonl")
+    assert validation.reference.entries == saved.entries
+
+
+@pytest.mark.parametrize(
+    ("setting", "oracle", "enabled"),
+    [(None, RuleOracle(), False), (None, LongerIsBetter(), True), (None, None, False), (False, LongerIsBetter(), False),
+     (True, RuleOracle(), True)],
+)  # fmt: skip
+def test_win_rate_is_on_for_preference_oracles_unless_set(setting, oracle, enabled):
+    from sppo_lightning.evaluation import win_rate_enabled
+
+    assert win_rate_enabled(setting, oracle) is enabled
+
+
+def test_a_forced_win_rate_without_an_oracle_is_refused():
+    from sppo_lightning.errors import ConfigError
+    from sppo_lightning.evaluation import win_rate_enabled
+
+    with pytest.raises(ConfigError, match="model.val_win_rate needs the datamodule's oracle"):
+        win_rate_enabled(True, None)
+
+
+@pytest.mark.slow
+def test_the_reference_merges_every_ranks_share_under_fsdp(tmp_path):
+    """On 2 processes each rank generates the reference for its half of the 41 validation prompts (21 + 20, one
+    padding row): the file holds every prompt once, and the first win rate is still exactly ½."""
+    from sppo_lightning.toy import AdditionPrompts
+    from tests.test_cli import DEMO, REPO, read_metrics, run
+
+    run(
+        "fit", "--config", DEMO, "--config", str(REPO / "configs" / "fsdp_cpu.yaml"), "--trainer.max_epochs=1",
+        "--data.prompts_per_epoch=16", "--data.val.init_args.num_prompts=41", "--data.val_batch_size=41",
+        "--data.oracle=tests.test_evaluation.LongerIsBetter", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    )  # fmt: skip
+    reference = ReferenceResponses.load(tmp_path / "reference_responses.jsonl").entries
+    val = AdditionPrompts("val", num_prompts=41, seed=1).load()  # the demo's validation prompts, 41 of them
+    assert sorted(reference) == sorted({reference_key(r) for r in val}) and len(reference) == 41
+    win = [float(r["val/win_rate"]) for r in read_metrics(tmp_path) if r.get("val/win_rate")]
+    assert len(win) == 2 and win[0] == 0.5
