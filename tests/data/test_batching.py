@@ -145,3 +145,18 @@ def test_step_units_count_the_rows_of_each_window_and_skip_empty_and_filler_rows
     # two ranks: every micro-batch gets the window's total over both
     attach_step_units(batches, window=3, all_ranks_sum=lambda t: t * 2)
     assert float(batches[0].step_units) == 10.0
+
+
+def test_a_paired_batch_hands_out_each_groups_winner_and_loser_and_refuses_another_layout():
+    import pytest
+
+    rollout = make_rollout([[0, 1, 0], [1, 0, 1]])
+    groups = build_groups(rollout, "sppo_pair", eta=1.0)
+    [batch] = micro_batches(groups, micro_batch_size=4, pad_id=0, seed=3, paired=True)
+    assert batch.pairs(batch.group).tolist() in ([[0, 0], [1, 1]], [[1, 1], [0, 0]])
+    for (win, lose), g in zip(batch.pairs(batch.win_rates).tolist(), batch.pairs(batch.group)[:, 0], strict=True):
+        assert (win, lose) == (max(rollout.win_rates[g].tolist()), min(rollout.win_rates[g].tolist()))
+    with pytest.raises(ValueError, match="pairs of one group"):
+        collate([groups[0][0], groups[1][0]], pad_id=0, paired=True)  # two winners of different prompts
+    with pytest.raises(ValueError, match="not laid out"):
+        collate(groups[0], pad_id=0).pairs(torch.zeros(2))
