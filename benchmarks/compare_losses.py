@@ -1,4 +1,4 @@
-"""Every loss_type on the demo, same seed and budget: accuracy before -> after and wall time.
+"""Every loss type (each ``loss.LOSSES`` entry) on the demo, same seed and budget: accuracy before -> after, time.
 
     python benchmarks/compare_losses.py [--epochs 20] [--out runs/compare_losses] [-- extra CLI overrides]
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from sppo_lightning.loss import LOSS_TYPES
+from sppo_lightning.loss import LOSSES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare_losses")
-    parser.add_argument("--loss-types", nargs="+", default=list(LOSS_TYPES))
+    parser.add_argument("--loss-types", nargs="+", default=list(LOSSES), help="default: every LOSSES entry")
     parser.add_argument("extra", nargs="*", help="more CLI overrides, after --")
     args = parser.parse_args()
 

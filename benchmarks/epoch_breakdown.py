@@ -49,8 +49,9 @@ class Recorder(L.Callback):
         self._val_seconds += time.perf_counter() - self._val_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._train_tokens += int(batch["attention_mask"].sum())
-        self.batches.append({"epoch": trainer.current_epoch, **{k: v.detach().cpu().clone() for k, v in batch.items()}})
+        self._train_tokens += int(batch.attention_mask.sum())
+        tensors = {k: v.detach().cpu().clone() for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+        self.batches.append({"epoch": trainer.current_epoch, **tensors})
 
     def on_train_epoch_end(self, trainer, pl_module):
         dm = trainer.datamodule

@@ -62,7 +62,7 @@ def demo_groups(prompts: int, vocab: int, seed: int = 0) -> list:
     return groups
 
 
-def run_setup(module, batches: list[dict]) -> dict:
+def run_setup(module, batches: list) -> dict:
     """CPU seconds (and wall seconds) of the π_t pass and of the training pass over ``batches``."""
     from sppo_lightning.loss import sppo_target_loss
 
@@ -73,32 +73,32 @@ def run_setup(module, batches: list[dict]) -> dict:
         refs = [module.token_logps(b) for b in batches]
     ref_s, ref_wall = time.process_time() - start, time.perf_counter() - wall
     policy.train()
-    rows = sum(len(b["input_ids"]) for b in batches)
+    rows = sum(len(b) for b in batches)
     start, wall = time.process_time(), time.perf_counter()
     for b, ref in zip(batches, refs, strict=True):
         logps = module.token_logps(b).sum(-1)
-        (sppo_target_loss(logps, ref.sum(-1), b["targets"]).sum() / rows).backward()
+        (sppo_target_loss(logps, ref.sum(-1), b.targets).sum() / rows).backward()
     train_s, train_wall = time.process_time() - start, time.perf_counter() - wall
     policy.zero_grad(set_to_none=True)
     return {"ref_s": ref_s, "train_s": train_s, "wall_s": ref_wall + train_wall}
 
 
-def sent_tokens(batches: list[dict], packed: bool, share: bool) -> int:
+def sent_tokens(batches: list, packed: bool, share: bool) -> int:
     """Tokens that go through the model: B x T padded, the real ones packed, each prompt once when shared."""
     total = 0
     for b in batches:
         if not packed and not share:
-            total += b["input_ids"].numel()
+            total += b.input_ids.numel()
         elif not share:
-            total += int(b["attention_mask"].sum())
+            total += int(b.attention_mask.sum())
         else:
-            prompts = {tuple(r[:p].tolist()) for r, p in zip(b["input_ids"], b["prompt_lengths"], strict=True)}
-            responses = int(b["response_mask"].sum())
+            prompts = {tuple(r[:p].tolist()) for r, p in zip(b.input_ids, b.prompt_lengths, strict=True)}
+            responses = int(b.response_mask.sum())
             if packed:
                 total += sum(map(len, prompts)) + responses
             else:  # prompts left-padded to the longest, responses right-padded to the longest
-                width = int(b["response_mask"].sum(1).max())
-                total += len(prompts) * int(b["prompt_lengths"].max()) + len(b["input_ids"]) * width
+                width = int(b.response_mask.sum(1).max())
+                total += len(prompts) * int(b.prompt_lengths.max()) + len(b.input_ids) * width
     return total
 
 

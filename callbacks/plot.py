@@ -41,7 +41,7 @@ class LearningCurves(L.Callback):
         # the logged micro-batch mean, as metrics.csv holds it for the iterations before a resume: what training_step
         # returns is scaled for the step's gradient (by the accumulation and the step's row count), not a loss value
         loss = trainer.callback_metrics.get("train/loss")
-        if outputs is not None and loss is not None and batch.get("filler") is None:
+        if outputs is not None and loss is not None and not batch.filler:
             self._losses.append(float(loss))
 
     def _close_epoch(self, trainer) -> None:

@@ -133,7 +133,14 @@ def _interpolation_error(e: Exception) -> ConfigError:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 class SPPOCLI(LightningCLI):
-    """LightningCLI that checks a resume before it starts and turns a refused checkpoint into one message."""
+    """LightningCLI that links the settings both halves need (``model.loss_type``, ``model.eta``) into the datamodule,
+    checks a resume before it starts and turns a refused checkpoint into one message."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Settings both halves need, declared once: the user writes model.loss_type / model.eta, the datamodule gets
+        # the same values (and --print_config shows them once, under model)
+        parser.link_arguments("model.loss_type", "data.loss_type", apply_on="parse")
+        parser.link_arguments("model.eta", "data.eta", apply_on="parse")
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

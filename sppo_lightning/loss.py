@@ -1,4 +1,5 @@
-"""SPPO objectives and the iterative DPO and IPO baselines: pure tensor functions, no state, torch only.
+"""SPPO objectives and the iterative DPO and IPO baselines: pure tensor functions, no state, torch only; and the loss
+types, one entry each (``LOSSES``).
 
 Notation: for a prompt x and a response y, ``logps`` are sequence log-probabilities log π(y|x) summed over the
 response tokens; ``ref`` is π_t, the policy at the start of the iteration; P̂(y ≻ π_t | x) is the estimated
@@ -8,14 +9,11 @@ win-rate of y against π_t; η is the step size of the multiplicative-weights up
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-LOSS_TYPES = ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo")
-"""Every ``model.loss_type``."""
-PAIR_LOSSES = ("sppo_pair", "dpo", "ipo")
-"""The loss types that train on a winner and a loser per prompt (rows alternate winner, loser)."""
 
 
 def sppo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, win_rates: torch.Tensor, eta: float) -> torch.Tensor:
@@ -132,7 +130,110 @@ def ipo_loss(
 
 
 def loss_weights(row_weight: torch.Tensor, paired: bool) -> torch.Tensor:
-    """Which loss terms count in a step's mean, ``[B] -> [B]`` or ``[B/2]`` for the pair losses (rows alternate
-    winner, loser): a row's term when its ``row_weight`` is 1 (0 for an empty response, as verl masks them, and
-    for filler rows), a pair's when both of its rows count."""
-    return row_weight[0::2] * row_weight[1::2] if paired else row_weight
+    """Which loss terms count in a step's mean, ``[B] -> [B]``, or ``[B/2]`` for a paired batch (rows in (winner,
+    loser) pairs): a row's term when its ``row_weight`` is 1 (0 for an empty response, as verl masks them, and for
+    filler rows), a pair's when both of its rows count."""
+    return row_weight.reshape(-1, 2).prod(-1) if paired else row_weight  # (B/2, 2) -> (B/2,)
+
+
+# ------------------------------------------------------------------------------------------------ loss types
+@dataclass(frozen=True)
+class LossTerms:
+    """What a loss type is computed from: one value per row, ``[B]``, or for a paired loss one per row of each
+    (winner, loser) pair, ``[G, 2]``, winner first (``TrainBatch.pairs``)."""
+
+    logps: torch.Tensor
+    """log π_θ(y|x), summed over the response tokens."""
+    ref_logps: torch.Tensor
+    """log π_t(y|x)."""
+    targets: torch.Tensor
+    """The batch's targets (what the entry's ``target`` computed in the pipeline; 0 without one)."""
+    n_tokens: torch.Tensor
+    """Response tokens of each row (at least 1)."""
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The loss types' own settings (``model.dpo_beta``, ``model.ipo_tau``); η is in the targets already."""
+
+    dpo_beta: float = 0.1
+    ipo_tau: float = 0.1
+
+
+Target = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None], torch.Tensor]
+"""``(rewards [P, K], win_rates [P, K], eta, pool) -> targets [P, K]``; ``pool`` is every rank's rewards."""
+
+
+def win_rate_targets(rewards: torch.Tensor, win_rates: torch.Tensor, eta: float, pool=None) -> torch.Tensor:
+    """η(P̂ − ½), eq. 3.6's target."""
+    return eta * (win_rates - 0.5)
+
+
+def reward_softmean_targets(rewards: torch.Tensor, win_rates: torch.Tensor, eta: float, pool=None) -> torch.Tensor:
+    """η(r − SoftMean_η(r)) over the whole rollout batch (``softmean_targets``), the seed recipe's."""
+    return softmean_targets(rewards, eta, pool=pool)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything about one loss type: what it needs from the rollout, how its batch is laid out, how it is computed.
+    The data side (``data/examples.py``, the datamodule's checks) and the module read the same entry."""
+
+    compute: Callable[[LossTerms, LossParams], torch.Tensor]
+    """Per-term losses, no reduction: ``[B]``, or ``[G]`` for a paired loss (its terms arrive as ``[G, 2]``)."""
+    paired: bool
+    """Rows are each prompt's winner and loser (in that order), rather than all K responses."""
+    target: Target | None
+    """What the pipeline puts in the batch's ``targets``; None: the loss has no target (0 in the batch)."""
+    min_samples: int = 1
+    """The fewest samples per prompt (``data.samples_per_prompt``) it needs ..."""
+    min_samples_why: str = ""
+    """... and why."""
+    skips_ties: bool = False
+    """Prompts whose K responses all tie are left out (no preference to learn from)."""
+    clip: bool = False
+    """``model.clip_ratio`` (the per-token trust region on a regression onto the targets) applies."""
+
+
+def _sppo(x: LossTerms, p: LossParams) -> torch.Tensor:
+    return sppo_target_loss(x.logps, x.ref_logps, x.targets)  # (B,)
+
+
+def _sppo_pair(x: LossTerms, p: LossParams) -> torch.Tensor:
+    squared = sppo_target_loss(x.logps, x.ref_logps, x.targets)  # (G, 2)
+    return (squared[:, 0] + squared[:, 1]) / 2  # as sppo_pair_loss: the mean of the winner's and the loser's
+
+
+def _dpo(x: LossTerms, p: LossParams) -> torch.Tensor:
+    return dpo_loss(x.logps[:, 0], x.logps[:, 1], x.ref_logps[:, 0], x.ref_logps[:, 1], p.dpo_beta)
+
+
+def _ipo(x: LossTerms, p: LossParams) -> torch.Tensor:
+    avg, avg_ref = x.logps / x.n_tokens, x.ref_logps / x.n_tokens  # per-token averages, as TRL's IPO (ipo_loss)
+    return ipo_loss(avg[:, 0], avg[:, 1], avg_ref[:, 0], avg_ref[:, 1], p.ipo_tau)
+
+
+_WIN_RATES_WITHIN = "it estimates win-rates within a prompt's samples; use sppo_softmean for 1"
+_WINNER_AND_LOSER = "a winner and a loser"
+
+LOSSES: dict[str, LossSpec] = {
+    # the paper: all K samples, eq. 3.6
+    "sppo": LossSpec(
+        _sppo, paired=False, target=win_rate_targets, min_samples=2, min_samples_why=_WIN_RATES_WITHIN, clip=True
+    ),
+    # the authors' code: the winner and the loser, each regressed onto its own η(P̂ − ½); an all-tie prompt stays
+    "sppo_pair": LossSpec(
+        _sppo_pair, paired=True, target=win_rate_targets, min_samples=2, min_samples_why=_WINNER_AND_LOSER, clip=True
+    ),
+    # the verl seed recipe: η(r − SoftMean_η(r)), works with one sample per prompt
+    "sppo_softmean": LossSpec(_sppo, paired=False, target=reward_softmean_targets, clip=True),
+    # iterative DPO and IPO with π_t as reference: the SPPO paper's baselines
+    "dpo": LossSpec(_dpo, paired=True, target=None, min_samples=2, min_samples_why=_WINNER_AND_LOSER, skips_ties=True),
+    "ipo": LossSpec(_ipo, paired=True, target=None, min_samples=2, min_samples_why=_WINNER_AND_LOSER, skips_ties=True),
+}
+"""Every ``model.loss_type``: adding a loss type is adding an entry here."""
+
+LOSS_TYPES = tuple(LOSSES)
+"""Every ``model.loss_type`` (the names of ``LOSSES``)."""
+PAIR_LOSSES = tuple(name for name, spec in LOSSES.items() if spec.paired)
+"""The loss types that train on a winner and a loser per prompt."""

@@ -26,21 +26,12 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from sppo_lightning import optim, phases, sharding
-from sppo_lightning.errors import ConfigError, DivergenceError, check_tokenizer, refusing_remote_code
+from sppo_lightning.errors import ConfigError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import Validation, ValidationSource, win_rate_enabled
+from sppo_lightning.guard import NonFiniteGuard
 from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
-from sppo_lightning.loss import (
-    LOSS_TYPES,
-    PAIR_LOSSES,
-    dpo_loss,
-    ipo_loss,
-    loss_weights,
-    sppo_loss,
-    sppo_pair_loss,
-    sppo_target_loss,
-    trust_region_logps,
-)
-from sppo_lightning.records import SamplingParams
+from sppo_lightning.loss import LOSS_TYPES, LOSSES, LossParams, LossTerms, loss_weights, trust_region_logps
+from sppo_lightning.records import SamplingParams, TrainBatch
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
@@ -101,8 +92,10 @@ class SPPOModule(L.LightningModule):
             model_name_or_path: A hub id or a local folder, loaded with ``from_pretrained``.
             loss_type: ``sppo`` (all K samples, the paper), ``sppo_pair`` (winner and loser, the authors' code),
                 ``sppo_softmean`` (η(r − SoftMean_η(r)), the verl recipe), ``dpo`` or ``ipo`` (iterative DPO / IPO
-                baselines, on the winner and the loser).
-            eta: η, the step size of the multiplicative-weights update; SPPO targets are η(P̂ − ½).
+                baselines, on the winner and the loser); each is one entry of ``loss.LOSSES``. Linked into
+                ``data.loss_type`` by the CLI: the datamodule lays the rows out for it.
+            eta: η, the step size of the multiplicative-weights update; SPPO targets are η(P̂ − ½). Linked into
+                ``data.eta``: the pipeline computes the targets, which every SPPO variant trains on.
             clip_ratio: ε of a per-token trust region on the SPPO regressions (not in the paper): a token whose
                 ratio π_θ/π_t has left [1 − ε, 1 + ε] in the direction its row is pushed stops receiving gradient,
                 as in PPO. None = the paper's loss. It lets a large η and several passes over a rollout
@@ -155,7 +148,9 @@ class SPPOModule(L.LightningModule):
             raise ConfigError(f"model.clip_ratio must be in (0, 1) or null, got {clip_ratio}")
         if ipo_tau <= 0:
             raise ConfigError(f"model.ipo_tau must be > 0, got {ipo_tau}")
-        if clip_ratio is not None and loss_type in ("dpo", "ipo"):
+        if loss_type not in LOSSES:
+            raise ConfigError(f"model.loss_type must be one of {', '.join(LOSSES)}, got {loss_type!r}")
+        if clip_ratio is not None and not LOSSES[loss_type].clip:
             raise ConfigError(
                 f"model.clip_ratio applies to the SPPO regressions, not to loss_type {loss_type}: set it to null"
             )
@@ -165,8 +160,7 @@ class SPPOModule(L.LightningModule):
         self.validation = Validation(accuracy_fn, self.tokenizer)  # accuracy, win rate, reference (evaluation.py)
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
-        self.skipped_steps = 0
-        self._nonfinite_in_a_row = 0
+        self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
 
     @property
     def accuracy_fn(self) -> Callable[[str, str], float]:
@@ -254,55 +248,66 @@ class SPPOModule(L.LightningModule):
             barrier=trainer.strategy.barrier,
         )
 
-    def token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def token_logps(self, batch: TrainBatch) -> torch.Tensor:
         """log π_θ(y_t | x, y_<t) of every response token of a micro-batch, ``[B, R]`` (see ``logprobs``).
 
         The path follows from the settings only, never from the data: under FSDP every rank must run the same
         forwards, or the collectives stop matching.
         """
         h = self.hparams
-        rows = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        rows = (batch.input_ids, batch.attention_mask, batch.response_mask)
         if h.packed:  # the prompt shared inside the packed sequence, except under flash_attention_2 (see logprobs)
-            return packed_token_logps(self.policy, *rows, batch["prompt_lengths"], share_prompt=h.share_prompt)
+            return packed_token_logps(self.policy, *rows, batch.prompt_lengths, share_prompt=h.share_prompt)
         if h.share_prompt and not h.gradient_checkpointing:
-            return shared_prompt_token_logps(self.policy, *rows, batch["prompt_lengths"])
+            return shared_prompt_token_logps(self.policy, *rows, batch.prompt_lengths)
         return response_token_logps(self.policy, *rows)
 
     # -------------------------------------------------------------------------------------------- training
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        token_logps, ref_tokens = self.token_logps(batch), batch["ref_logps"]  # (B, R) each
-        loss_type, eta, clip = self.hparams.loss_type, self.hparams.eta, self.hparams.clip_ratio
-        ref = ref_tokens.sum(-1)
+    def setup(self, stage: str) -> None:
+        # The datamodule lays the rows out for a loss type and computes their targets with η: the CLI links both from
+        # model.*; halves built by hand in Python must agree too. Read from the datamodule's own public settings.
+        data = self.trainer.datamodule if self._trainer is not None else None
+        mismatched = [
+            f"model.{key}={mine!r} but data.{key}={getattr(data, key)!r}"
+            for key, mine in (("loss_type", self.hparams.loss_type), ("eta", self.hparams.eta))
+            if hasattr(data, key) and getattr(data, key) != mine
+        ]
+        if mismatched:
+            raise ConfigError(
+                f"the module and the datamodule disagree: {'; '.join(mismatched)} (the CLI links them; "
+                "in Python pass the same values to both)"
+            )
+
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
+        spec = LOSSES[self.hparams.loss_type]  # what the loss type is and how its batch is laid out
+        if batch.paired != spec.paired:
+            raise ValueError(f"model.loss_type={self.hparams.loss_type} got a batch with paired={batch.paired}")
+        token_logps, ref_tokens = self.token_logps(batch), batch.ref_logps  # (B, R) each
+        clip = self.hparams.clip_ratio
         if clip is None:
             logps = token_logps.sum(-1)
         else:
-            logps, held = trust_region_logps(token_logps, ref_tokens, batch["targets"], clip)
-            share = held.sum() / batch["response_mask"].sum()  # of the response tokens
+            logps, held = trust_region_logps(token_logps, ref_tokens, batch.targets, clip)
+            share = held.sum() / batch.response_mask.sum()  # of the response tokens
             self.log("train/clipped_tokens", share, batch_size=len(logps), sync_dist=True)
-        if loss_type == "sppo":
-            losses = sppo_loss(logps, ref, batch["win_rates"], eta)
-        elif loss_type == "sppo_softmean":
-            losses = sppo_target_loss(logps, ref, batch["targets"])
-        elif loss_type == "sppo_pair":  # rows alternate winner, loser
-            wr = batch["win_rates"]
-            losses = sppo_pair_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], wr[0::2], wr[1::2], eta)
-        elif loss_type == "ipo":  # per-token averages, as TRL's IPO (see ipo_loss)
-            n_tokens = batch["response_mask"].sum(-1).clamp(min=1)
-            avg, avg_ref = logps / n_tokens, ref / n_tokens
-            losses = ipo_loss(avg[0::2], avg[1::2], avg_ref[0::2], avg_ref[1::2], self.hparams.ipo_tau)
-        else:
-            losses = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], self.hparams.dpo_beta)
+        ref = ref_tokens.sum(-1)
+        terms = (logps, ref, batch.targets, batch.response_mask.sum(-1).clamp(min=1))  # (B,) each
+        if spec.paired:
+            terms = tuple(batch.pairs(v) for v in terms)  # (B/2, 2) each: every prompt's (winner, loser)
+        params = LossParams(dpo_beta=self.hparams.dpo_beta, ipo_tau=self.hparams.ipo_tau)
+        losses = spec.compute(LossTerms(*terms), params)  # (B,), or (B/2,) for pairs
         loss, mean, n = self._step_share(losses, batch)
-        if not self._all_ranks_finite(loss):
-            self._count_nonfinite("loss")
+        if not self.guard.all_finite(loss):
+            self._skip("loss")
             return None  # Lightning skips this micro-batch: no backward, no optimizer step
         # sync_dist: under FSDP/DDP each rank trains on its own rows; the logged value is their mean.
         self.log("train/loss", mean, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/log_ratio", (logps - ref).mean().detach(), batch_size=n, sync_dist=True)
-        self.log("train/target", batch["targets"].mean(), batch_size=n, sync_dist=True)
+        if spec.target is not None:  # a loss without a target (DPO, IPO) has 0s there
+            self.log("train/target", batch.targets.mean(), batch_size=n, sync_dist=True)
         return loss
 
-    def _step_share(self, losses: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _step_share(self, losses: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This micro-batch's part of its optimizer step's loss, such that the step's gradient is the mean over every
         loss term of the step on every rank, whatever the split (``batching.attach_step_units``). Also the
         micro-batch's own mean and term count, for the log (0 for a filler, which then weighs nothing in the
@@ -311,15 +316,13 @@ class SPPOModule(L.LightningModule):
         Lightning divides what ``training_step`` returns by ``accumulate_grad_batches`` and the gradient reduction
         averages over ranks: both are multiplied back. A batch without ``step_units`` is its own mean, as before.
         """
-        paired = self.hparams.loss_type in PAIR_LOSSES
-        row_weight = batch.get("row_weight", torch.ones(len(batch["input_ids"]), device=losses.device))
-        weights = loss_weights(row_weight.to(losses.dtype), paired)
+        weights = loss_weights(batch.row_weight.to(losses.dtype), batch.paired)  # (B,) or (B/2,) for pairs
         total, n = (losses * weights).sum(), weights.sum()
         mean = total / n.clamp(min=1)
-        if "step_units" not in batch:
+        if batch.step_units is None:
             return mean, mean.detach(), int(n)
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        return total * scale / batch["step_units"].clamp(min=1), mean.detach(), int(n)
+        return total * scale / batch.step_units.clamp(min=1), mean.detach(), int(n)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]
@@ -327,42 +330,36 @@ class SPPOModule(L.LightningModule):
             return
         # before clipping: the norm it really had
         norm = sharding.global_grad_norm([p.grad for p in params], self._trainer, self.device)
-        if not torch.isfinite(norm):
+        if not torch.isfinite(norm):  # the norm is over every rank's gradient: the same verdict on all of them
             for p in params:  # AdamW leaves parameters without a gradient untouched: the step is skipped
                 p.grad = None
-            self._count_nonfinite("gradient")
+            self._skip("gradient")
             return
-        self._nonfinite_in_a_row = 0
+        self.guard.passed()
         self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not sharding.clip_fsdp1_grad_norm(self._trainer, gradient_clip_val, gradient_clip_algorithm):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
-        """Every rank must skip together, or the others would wait in the gradient reduction forever."""
-        bad = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return bool(bad == 0)
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """The guard's reduction: every rank must skip together, or the others would wait in the gradient reduction
+        forever."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
 
-    def _count_nonfinite(self, what: str) -> None:
-        self.skipped_steps += 1
-        self._nonfinite_in_a_row += 1
-        self.log("train/skipped_steps", float(self.skipped_steps), reduce_fx="max")
-        limit = self.hparams.max_nonfinite_steps
-        if limit and self._nonfinite_in_a_row >= limit:
-            raise DivergenceError(
-                f"training stopped: {self._nonfinite_in_a_row} steps in a row had a non-finite {what} (last at "
-                f"global step {self.global_step}). Lower model.learning_rate or model.eta, or raise "
-                "model.max_nonfinite_steps"
-            )
+    def _skip(self, what: str) -> None:
+        try:
+            self.guard.skip(what, self.global_step)  # raises DivergenceError past model.max_nonfinite_steps in a row
+        finally:
+            self.log("train/skipped_steps", float(self.guard.skipped_steps), reduce_fx="max")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["sppo_skipped_steps"] = self.skipped_steps
+        self.guard.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_steps = checkpoint.get("sppo_skipped_steps", 0)
+        self.guard.load(checkpoint)
 
     # ------------------------------------------------------------------------------------------ validation
     # Scoring is evaluation.Validation's, for Lightning's loop and the evaluation before the first update alike; the

@@ -57,7 +57,7 @@ class FixedBatch(L.LightningDataModule):
         def all_ranks_sum(t):
             return strategy.all_gather(t.to(strategy.root_device)).sum(0).cpu() if world > 1 else t
 
-        attach_step_units([batch], 1, paired=False, all_ranks_sum=all_ranks_sum)
+        attach_step_units([batch], 1, all_ranks_sum=all_ranks_sum)
         return torch.utils.data.DataLoader([batch], batch_size=None)
 
 

@@ -254,3 +254,24 @@ def test_sigterm_mid_run_leaves_a_last_ckpt_that_resumes_exactly(tmp_path):
     run("fit", *small, f"--trainer.default_root_dir={part}", "--ckpt_path=last")
 
     assert val_accuracies(part) == val_accuracies(tmp_path / "full")
+
+
+def test_loss_type_and_eta_are_written_once_under_model_and_reach_the_datamodule(tmp_path):
+    """model.loss_type and model.eta are linked into the datamodule: one key each for the user, the same values in
+    both halves, and the datamodule's copy cannot be set on its own."""
+    from sppo_lightning.cli import make_cli
+
+    args = [
+        "--config",
+        DEMO,
+        "--model.loss_type=sppo_pair",
+        "--model.eta=0.5",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    cli = make_cli(args, run=False)
+    assert (cli.model.hparams.loss_type, cli.model.hparams.eta) == ("sppo_pair", 0.5)
+    assert (cli.datamodule.loss_type, cli.datamodule.eta) == ("sppo_pair", 0.5)
+    printed = run("fit", *args, "--print_config").stdout
+    assert printed.count("loss_type: sppo_pair") == 1 and len(re.findall(r"^\s+eta: 0.5$", printed, re.M)) == 1
+    proc = run("fit", "--config", DEMO, "--data.loss_type=dpo", f"--trainer.default_root_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and 'Linked "data.loss_type" must be given via "model.loss_type"' in proc.stderr

@@ -103,7 +103,8 @@ def test_paper_estimator_config_layers_on_the_seed_recipe(tmp_path, tiny_model_d
     m, d = cli.model.hparams, cli.datamodule.hparams
     assert (m.loss_type, d.samples_per_prompt, d.prompts_per_epoch % 4) == ("sppo", 5, 0)
     assert m.learning_rate == 1e-6 and isinstance(cli.datamodule.engine, SGLangEngine)  # the rest is inherited
-    cli.datamodule._check_settings(m.loss_type)  # a possible combination
+    assert cli.datamodule.loss_type == m.loss_type  # linked from model.loss_type
+    cli.datamodule._check_settings()  # a possible combination
     assert d.micro_batch_size % d.samples_per_prompt == 0
 
 
@@ -171,7 +172,8 @@ def test_pairrm_configs_are_the_authors_run(tmp_path, tiny_model_dir, tiny_pairr
     assert isinstance(t.strategy, ModelParallelStrategy) and isinstance(cli.datamodule.engine, SGLangEngine)
     oracle = cli.datamodule.oracle
     assert isinstance(oracle, PairRMOracle) and oracle.from_scores and oracle.include_self
-    cli.datamodule._check_settings(m.loss_type)  # a possible combination
+    assert cli.datamodule.loss_type == m.loss_type  # linked from model.loss_type
+    cli.datamodule._check_settings()  # a possible combination
     assert [r.messages[0]["content"] for r in cli.datamodule.train_source.load()][:1] == [
         "Write a haiku about autumn leaves."
     ]

@@ -34,10 +34,10 @@ def test_packed_rows_give_the_padded_values_and_gradients(tiny_model_dir, attn, 
     whole, or each prompt once with its responses) equals the right-padded one, values and gradients."""
     model = policy(tiny_model_dir, attn)
     b = collate(ROWS, pad_id=0)
-    rows = (b["input_ids"], b["attention_mask"], b["response_mask"])
+    rows = (b.input_ids, b.attention_mask, b.response_mask)
     padded, padded_grads = logps_and_grads(model, lambda: response_token_logps(model, *rows))
     packed, packed_grads = logps_and_grads(
-        model, lambda: packed_token_logps(model, *rows, b["prompt_lengths"], share_prompt=share_prompt)
+        model, lambda: packed_token_logps(model, *rows, b.prompt_lengths, share_prompt=share_prompt)
     )
     assert packed.shape == padded.shape == (7, 4)
     assert padded[5].abs().sum() == 0  # the empty response has nothing, in both
@@ -55,11 +55,11 @@ def test_packing_sends_no_padding_and_each_shared_prompt_once(tiny_model_dir):
     seen = []
     model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
     b = collate(ROWS, pad_id=0)
-    rows = (b["input_ids"], b["attention_mask"], b["response_mask"])
+    rows = (b.input_ids, b.attention_mask, b.response_mask)
     with torch.no_grad():
         response_token_logps(model, *rows)
-        packed_token_logps(model, *rows, b["prompt_lengths"])
-        packed_token_logps(model, *rows, b["prompt_lengths"], share_prompt=True)
+        packed_token_logps(model, *rows, b.prompt_lengths)
+        packed_token_logps(model, *rows, b.prompt_lengths, share_prompt=True)
     assert seen == [56, 39, 22]
 
 
@@ -78,10 +78,8 @@ def test_the_shared_prompt_path_runs_the_same_forwards_whatever_the_data(tiny_mo
     for name, b in batches.items():
         calls.clear()
         with torch.no_grad():
-            out = shared_prompt_token_logps(
-                model, b["input_ids"], b["attention_mask"], b["response_mask"], b["prompt_lengths"]
-            )
+            out = shared_prompt_token_logps(model, b.input_ids, b.attention_mask, b.response_mask, b.prompt_lengths)
         counts[name] = len(calls)
-        expected = response_token_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"]).detach()
+        expected = response_token_logps(model, b.input_ids, b.attention_mask, b.response_mask).detach()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert counts == {"repeating": 2, "distinct": 2, "no response": 2}

@@ -144,3 +144,78 @@ def test_gradient_pushes_winners_up_and_losers_down():
     policy = torch.zeros(2, requires_grad=True)
     sppo_loss(policy, torch.zeros(2), torch.tensor([0.9, 0.1]), eta=1.0).sum().backward()
     assert policy.grad[0] < 0 < policy.grad[1]  # gradient descent raises the winner's log-prob
+
+
+# ------------------------------------------------------------------------------------ the loss types' entries
+def terms(logps, ref, targets=(0.0, 0.0), n_tokens=(1.0, 1.0), paired=False):
+    from sppo_lightning.loss import LossTerms
+
+    values = [torch.as_tensor(v) for v in (logps, ref, targets, n_tokens)]
+    return LossTerms(*(v.reshape(-1, 2) if paired else v for v in values))
+
+
+def test_every_loss_type_has_an_entry_and_the_lists_are_read_off_it():
+    from sppo_lightning.loss import LOSS_TYPES, LOSSES, PAIR_LOSSES
+
+    assert LOSS_TYPES == ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo") == tuple(LOSSES)
+    assert PAIR_LOSSES == ("sppo_pair", "dpo", "ipo")
+    assert {n: s.min_samples for n, s in LOSSES.items()} == {
+        "sppo": 2, "sppo_pair": 2, "sppo_softmean": 1, "dpo": 2, "ipo": 2
+    }  # fmt: skip
+    assert [n for n, s in LOSSES.items() if s.skips_ties] == ["dpo", "ipo"]
+    assert [n for n, s in LOSSES.items() if s.clip] == ["sppo", "sppo_pair", "sppo_softmean"]
+    assert [n for n, s in LOSSES.items() if s.target is None] == ["dpo", "ipo"]
+
+
+def test_targets_of_the_entries_by_hand():
+    from sppo_lightning.loss import LOSSES
+
+    rewards, win = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.75, 0.25]])
+    for name in ("sppo", "sppo_pair"):  # η(P̂ − ½), η = 2: 2 * 0.25, 2 * -0.25
+        assert LOSSES[name].target(rewards, win, 2.0, None).tolist() == [[0.5, -0.5]]
+    # η(r − SoftMean_η(r)) over the pool (0, 0, 2, 2) at η = 1: SoftMean = log((2 + 2e²) / 4)
+    baseline = math.log((2 + 2 * math.exp(2.0)) / 4)
+    got = LOSSES["sppo_softmean"].target(rewards, win, 1.0, torch.tensor([0.0, 0.0, 2.0, 2.0]))
+    torch.testing.assert_close(got, torch.tensor([[1 - baseline, -baseline]]))
+
+
+def test_sppo_entries_by_hand():
+    from sppo_lightning.loss import LOSSES, LossParams
+
+    # log-ratios 0.5 and -1; targets 1 and -0.5: (0.5 - 1)² = 0.25, (-1 + 0.5)² = 0.25
+    x = terms([-1.0, -3.0], [-1.5, -2.0], [1.0, -0.5])
+    for name in ("sppo", "sppo_softmean"):
+        torch.testing.assert_close(LOSSES[name].compute(x, LossParams()), torch.tensor([0.25, 0.25]))
+    # sppo_pair: one pair (winner -1 vs π_t -2: log-ratio 1, target 0.3; loser: -1, target -0.2)
+    x = terms([-1.0, -3.0], [-2.0, -2.0], [0.3, -0.2], paired=True)
+    expected = ((1.0 - 0.3) ** 2 + (-1.0 + 0.2) ** 2) / 2
+    torch.testing.assert_close(LOSSES["sppo_pair"].compute(x, LossParams()), torch.tensor([expected]))
+
+
+def test_dpo_and_ipo_entries_by_hand():
+    from sppo_lightning.loss import LOSSES, LossParams
+
+    # margin (-1 - -2) - (-3 - -2) = 2: DPO at β = 0.5 is log(1 + e^{-1}) = −log σ(1)
+    x = terms([-1.0, -3.0], [-2.0, -2.0], paired=True)
+    got = LOSSES["dpo"].compute(x, LossParams(dpo_beta=0.5))
+    torch.testing.assert_close(got, torch.tensor([math.log1p(math.exp(-1.0))]))
+    # IPO on per-token averages: winner 4 tokens at log-ratio 0.3 each, loser 2 at -0.1: h = 0.3 + 0.1 = 0.4,
+    # (0.4 - 1/(2 * 0.25))² = (0.4 - 2)² = 2.56 (summed log-ratios would give h = 1.4)
+    x = terms([-2.8, -2.2], [-4.0, -2.0], n_tokens=[4.0, 2.0], paired=True)
+    torch.testing.assert_close(LOSSES["ipo"].compute(x, LossParams(ipo_tau=0.25)), torch.tensor([2.56]))
+
+
+def test_sppo_entries_train_on_the_targets_to_the_last_bit_of_the_contract_functions():
+    """The step now regresses onto the batch's targets η(P̂ − ½) (computed once, in the pipeline); the values are
+    the contract functions' exactly, not approximately."""
+    from sppo_lightning.loss import LOSSES, LossParams, win_rate_targets
+
+    g = torch.Generator().manual_seed(0)
+    logps, ref = -10 * torch.rand(64, generator=g), -10 * torch.rand(64, generator=g)
+    win, eta = torch.rand(64, generator=g), 3.7
+    targets = win_rate_targets(None, win, eta)
+    got = LOSSES["sppo"].compute(terms(logps, ref, targets, torch.ones(64)), LossParams())
+    assert torch.equal(got, sppo_loss(logps, ref, win, eta))
+    pair = LOSSES["sppo_pair"].compute(terms(logps, ref, targets, torch.ones(64), paired=True), LossParams())
+    expected = sppo_pair_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], win[0::2], win[1::2], eta)
+    assert torch.equal(pair, expected)

@@ -16,7 +16,7 @@ def test_token_logps_are_the_response_tokens_only_from_column_0(tiny_model_dir):
     module.configure_model()
     rows = [Example([1, 20, 21], [30, 31, 2], 1.0, 0.75, 0.0, 0), Example([1, 22], [33, 2], 0.0, 0.25, 0.0, 0)]
     b = collate(rows, pad_id=0)
-    got = response_token_logps(module.policy, b["input_ids"], b["attention_mask"], b["response_mask"])
+    got = response_token_logps(module.policy, b.input_ids, b.attention_mask, b.response_mask)
     assert got.shape == (2, 3)
     with torch.no_grad():
         for i, row in enumerate(rows):  # by hand, one unpadded row at a time
@@ -40,6 +40,8 @@ def fit_one_iteration(module, callback, prompts_per_epoch=16, max_response_lengt
         samples_per_prompt=4,
         max_response_length=max_response_length,
         micro_batch_size=16,
+        loss_type=module.hparams.loss_type,
+        eta=module.hparams.eta,
         **data_kw,
     )
     trainer = L.Trainer(
@@ -72,11 +74,11 @@ def test_shared_prompt_forward_gives_the_plain_forwards_values_and_gradients(tin
         return logps.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
     plain, plain_grads = logps_and_grads(
-        lambda: response_token_logps(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        lambda: response_token_logps(policy, batch.input_ids, batch.attention_mask, batch.response_mask)
     )
     shared, shared_grads = logps_and_grads(
         lambda: shared_prompt_token_logps(
-            policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"], batch["prompt_lengths"]
+            policy, batch.input_ids, batch.attention_mask, batch.response_mask, batch.prompt_lengths
         )
     )
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
@@ -97,8 +99,8 @@ def watch_one_iteration(toy_model_dir, eta=1.0, clip_ratio=None, **data_kw):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             with torch.no_grad():
                 logps = pl_module.token_logps(batch)
-            seen.append({"ids": batch["input_ids"].clone(), "ref": batch["ref_logps"].clone(),
-                         "targets": batch["targets"].clone(), "logps": logps})  # fmt: skip
+            seen.append({"ids": batch.input_ids.clone(), "ref": batch.ref_logps.clone(),
+                         "targets": batch.targets.clone(), "logps": logps})  # fmt: skip
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen[-1]["clipped"] = trainer.callback_metrics.get("train/clipped_tokens")
@@ -144,7 +146,7 @@ class Poison(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen = batch_idx
         if batch_idx in self.nan_loss_at:
-            batch["win_rates"][0] = float("nan")
+            batch.targets[0] = float("nan")  # what every SPPO variant regresses onto
 
     def on_after_backward(self, trainer, pl_module):
         if self.seen in self.nan_grad_at:
@@ -157,7 +159,7 @@ def test_nan_loss_and_nan_gradient_steps_are_skipped_and_counted(toy_model_dir):
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     trainer = fit_one_iteration(module, Poison(nan_loss_at={0}, nan_grad_at={2}))
-    assert module.skipped_steps == 2  # of 4 micro-batches: one without backward, one whose update was dropped
+    assert module.guard.skipped_steps == 2  # of 4 micro-batches: one without backward, one whose update was dropped
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
     optimizer = trainer.optimizers[0]
@@ -207,13 +209,12 @@ def test_ipo_step_regresses_the_token_averaged_margin(toy_model_dir):
     module = SPPOModule(str(toy_model_dir), loss_type="ipo", ipo_tau=0.25)
     module.configure_model()
     module.log = lambda *args, **kwargs: None  # no trainer here
-    module._all_ranks_finite = lambda loss: True
     rows = [Example([1, 2, 3], [4, 5, 6, 7], 1.0, 0.75, 0.0, 0), Example([1, 2, 3], [8, 9], 0.0, 0.25, 0.0, 0)]
-    batch = collate(rows, pad_id=0)
+    batch = collate(rows, pad_id=0, paired=True)  # (winner, loser)
     with torch.no_grad():
         logps = module.token_logps(batch)  # (2, 4): the loser's last two columns are padding (0)
     valid = torch.tensor([[1.0] * 4, [1.0, 1.0, 0.0, 0.0]])
-    batch["ref_logps"] = (logps - torch.tensor([[0.3], [-0.1]])) * valid
+    batch.ref_logps = (logps - torch.tensor([[0.3], [-0.1]])) * valid
     loss = module.training_step(batch, 0)
     # h = 0.3 - (-0.1) = 0.4 whatever the lengths (summed, it would be 4 * 0.3 + 2 * 0.1 = 1.4); 1/(2τ) = 2
     assert loss.item() == pytest.approx((0.4 - 2.0) ** 2, rel=1e-4)

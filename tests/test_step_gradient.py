@@ -74,8 +74,8 @@ class Record(L.Callback):
         self.grads, self.steps, self._current = [], [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        groups = tuple(sorted(set(batch["group"].tolist())))
-        self._current.append(("filler" if "filler" in batch else "rows", groups))
+        groups = tuple(sorted(set(batch.group.tolist())))
+        self._current.append(("filler" if batch.filler else "rows", groups))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.grads.append({n: p.grad.clone() for n, p in pl_module.policy.named_parameters()})
@@ -93,7 +93,7 @@ def fit(groups, accumulate: int, max_steps: int = 1, max_epochs: int | None = No
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         reload_dataloaders_every_n_epochs=1, callbacks=[record],
     )  # fmt: skip
-    trainer.fit(module, datamodule=FixedRollout(groups, **data_kw))
+    trainer.fit(module, datamodule=FixedRollout(groups, eta=ETA, **data_kw))
     return record
 
 
@@ -107,8 +107,8 @@ def mean_gradient(groups) -> dict[str, torch.Tensor]:
         rows += [Example(prompt, r, 0.0, float(w), 0.0, g) for r, w in zip(responses, win, strict=True) if r]
     b = collate(rows, pad_id=0)
     module.policy.eval()  # as the π_t pass: the toy model has no dropout, so train mode gives the same numbers
-    logps = response_token_logps(module.policy, b["input_ids"], b["attention_mask"], b["response_mask"]).sum(-1)
-    sppo_loss(logps, logps.detach(), b["win_rates"], ETA).mean().backward()
+    logps = response_token_logps(module.policy, b.input_ids, b.attention_mask, b.response_mask).sum(-1)
+    sppo_loss(logps, logps.detach(), b.win_rates, ETA).mean().backward()
     return {n: p.grad.clone() for n, p in module.policy.named_parameters()}
 
 

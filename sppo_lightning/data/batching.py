@@ -1,5 +1,5 @@
-"""Micro-batches of whole groups, collated into the tensors the module trains on, and the share each micro-batch
-has in its optimizer step.
+"""Micro-batches of whole groups, collated into the ``TrainBatch``es the module trains on, and the share each
+micro-batch has in its optimizer step.
 
 A step's gradient is the mean over every loss term of that step on every rank, whatever the split into
 micro-batches (by rows or by a token budget), accumulation windows (a short last one included) and ranks (which
@@ -11,17 +11,26 @@ step (``filler``).
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from sppo_lightning.data.examples import Example
 from sppo_lightning.loss import loss_weights
+from sppo_lightning.records import TrainBatch
 
 
-def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Prompt + response ids right-padded to one width; ``response_mask`` marks the response tokens."""
+def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatch:
+    """Prompt + response ids right-padded to one width; ``response_mask`` marks the response tokens.
+
+    ``paired``: the rows are (winner, loser) pairs, each pair one group, winner first (``build_groups``' layout for a
+    paired loss type); the batch then hands them out as ``[B/2, 2]`` (``TrainBatch.pairs``).
+    """
+    if paired and (len(rows) % 2 or any(rows[i].group != rows[i + 1].group for i in range(0, len(rows), 2))):
+        raise ValueError("a paired batch needs its rows in (winner, loser) pairs of one group each")
     seqs = [r.prompt_ids + r.response_ids for r in rows]
     width = max(map(len, seqs))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -31,25 +40,26 @@ def collate(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(seq)] = torch.tensor(seq)
         attention_mask[i, : len(seq)] = 1
         response_mask[i, len(row.prompt_ids) : len(seq)] = 1.0
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
-        "win_rates": torch.tensor([r.win_rate for r in rows]),
-        "targets": torch.tensor([r.target for r in rows]),
-        "rewards": torch.tensor([r.reward for r in rows]),
-        "group": torch.tensor([r.group for r in rows]),  # rows of a group share their prompt
-        "prompt_lengths": torch.tensor([len(r.prompt_ids) for r in rows]),
-        # 1 = the row's loss term counts in its step's mean; an empty response has no token to learn from
-        "row_weight": torch.tensor([float(len(r.response_ids) > 0) for r in rows]),
-    }
+    ref = None
     if all(r.ref_logps is not None for r in rows):  # π_t log-probs from the rollout: no forward pass needed
         # response-aligned and zero-padded, as the module's own ``token_logps``
         ref = torch.zeros((len(rows), max(len(r.response_ids) for r in rows)), dtype=torch.float32)
         for i, row in enumerate(rows):
             ref[i, : len(row.ref_logps)] = torch.tensor(row.ref_logps)
-        batch["ref_logps"] = ref
-    return batch
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        prompt_lengths=torch.tensor([len(r.prompt_ids) for r in rows]),
+        group=torch.tensor([r.group for r in rows]),  # rows of a group share their prompt
+        targets=torch.tensor([r.target for r in rows]),
+        win_rates=torch.tensor([r.win_rate for r in rows]),
+        rewards=torch.tensor([r.reward for r in rows]),
+        # 1 = the row's loss term counts in its step's mean; an empty response has no token to learn from
+        row_weight=torch.tensor([float(len(r.response_ids) > 0) for r in rows]),
+        paired=paired,
+        ref_logps=ref,
+    )
 
 
 def group_tokens(group: list[Example]) -> int:
@@ -64,7 +74,8 @@ def micro_batches(
     seed: int,
     balance_tokens: bool = False,
     max_tokens: int | None = None,
-) -> list[dict]:
+    paired: bool = False,
+) -> list[TrainBatch]:
     """Pack whole groups (never splitting one) into micro-batches of ``micro_batch_size`` rows, or, with
     ``max_tokens``, of at most that many tokens (verl's ``use_dynamic_bsz``; a group longer than the budget goes
     alone).
@@ -73,6 +84,7 @@ def micro_batches(
     micro-batch holds its i-th longest groups and ranks that step together carry similar token counts (less waiting
     in the gradient reduction, less padding); the micro-batches are then shuffled with ``seed``, the same order on
     every rank. A token budget always fills first-fit by decreasing length (fewest micro-batches), then shuffles.
+    ``paired``: the groups are (winner, loser) pairs (see ``collate``).
     """
     rng = random.Random(seed)
     order = list(range(len(groups)))
@@ -92,30 +104,30 @@ def micro_batches(
                 fit = len(bins) - 1
             bins[fit].append(g)
             room[fit] -= need
-        batches = [collate([r for g in sorted(b) for r in groups[g]], pad_id) for b in bins]
+        batches = [collate([r for g in sorted(b) for r in groups[g]], pad_id, paired) for b in bins]
         rng.shuffle(batches)
         return batches
     batches, current = [], []
     for g in order:
         current.extend(groups[g])
         if len(current) >= micro_batch_size:
-            batches.append(collate(current, pad_id))
+            batches.append(collate(current, pad_id, paired))
             current = []
     if current:
-        batches.append(collate(current, pad_id))
+        batches.append(collate(current, pad_id, paired))
     if balance_tokens:
         rng.shuffle(batches)
     return batches
 
 
-def filler(batches: list[dict]) -> dict:
+def filler(batches: list[TrainBatch]) -> TrainBatch:
     """The smallest of ``batches`` with every row weighing 0: a micro-batch that runs the same forward and backward
     as the others (so ranks and collectives stay in step) and adds nothing to the gradient."""
-    smallest = min(batches, key=lambda b: int(b["attention_mask"].sum()))
-    return {**smallest, "row_weight": torch.zeros_like(smallest["row_weight"]), "filler": torch.tensor(True)}
+    smallest = min(batches, key=lambda b: int(b.attention_mask.sum()))
+    return replace(smallest, row_weight=torch.zeros_like(smallest.row_weight), filler=True)
 
 
-def repeat_passes(batches: list[dict], passes: int, seed: int, window: int = 1) -> list[dict]:
+def repeat_passes(batches: list[TrainBatch], passes: int, seed: int, window: int = 1) -> list[TrainBatch]:
     """The micro-batches ``passes`` times, the first pass in packing order and each later one reshuffled (the same
     order on every rank, which step together).
 
@@ -128,20 +140,20 @@ def repeat_passes(batches: list[dict], passes: int, seed: int, window: int = 1) 
     for p in range(passes):
         order = batches if p == 0 else rng.sample(batches, len(batches))
         # copies: a micro-batch's step share (``attach_step_units``) is per occurrence
-        out += [dict(b) for b in order] + [filler(batches) for _ in range(top_up)]
+        out += [copy.copy(b) for b in order] + [filler(batches) for _ in range(top_up)]
     return out
 
 
 def attach_step_units(
-    batches: list[dict], window: int, paired: bool, all_ranks_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    batches: list[TrainBatch], window: int, all_ranks_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> None:
-    """Give every micro-batch ``step_units``: the loss terms (rows, or pairs when ``paired``) that count in its
+    """Give every micro-batch ``step_units``: the loss terms (rows, or pairs in a paired batch) that count in its
     optimizer step, summed over all ranks. Steps are Lightning's accumulation windows of ``window`` micro-batches,
     the last one possibly short; ``all_ranks_sum`` sums a tensor over ranks (None: a single process)."""
     steps = [batches[i : i + window] for i in range(0, len(batches), window)]
-    units = torch.tensor([sum(float(loss_weights(b["row_weight"], paired).sum()) for b in step) for step in steps])
+    units = torch.tensor([sum(float(loss_weights(b.row_weight, b.paired).sum()) for b in step) for step in steps])
     if all_ranks_sum is not None:
         units = all_ranks_sum(units)
     for step, n in zip(steps, units.tolist(), strict=True):
         for b in step:
-            b["step_units"] = torch.tensor(n)
+            b.step_units = torch.tensor(n)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -24,7 +25,8 @@ from sppo_lightning.data.draw import draw_indices, shard
 from sppo_lightning.data.examples import build_groups
 from sppo_lightning.data.prompts import PromptRecord, PromptSource
 from sppo_lightning.errors import ConfigError, DataError
-from sppo_lightning.loss import PAIR_LOSSES
+from sppo_lightning.loss import LOSSES
+from sppo_lightning.records import TrainBatch
 from sppo_lightning.rewards.base import Oracle, RuleOracle
 from sppo_lightning.rollout.base import Rollout, RolloutEngine, SamplingParams
 from sppo_lightning.rollout.hf import HFEngine
@@ -44,7 +46,7 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 class _MicroBatches(torch.utils.data.IterableDataset):
     """Batches made ahead, already this rank's share: training's micro-batches, validation's prompt batches."""
 
-    def __init__(self, batches: list[dict]):
+    def __init__(self, batches: list):
         self.batches = batches
 
     def __iter__(self):
@@ -77,6 +79,8 @@ class RolloutDataModule(L.LightningDataModule):
         val_samples_per_prompt: int = 1,
         val_temperature: float = 0.0,
         seed: int = 0,
+        loss_type: str = "sppo",
+        eta: float = 1.0,
     ):
         """
         Args:
@@ -107,9 +111,15 @@ class RolloutDataModule(L.LightningDataModule):
             val_samples_per_prompt: Responses per validation prompt; accuracy is their mean (mean@k).
             val_temperature: 0 = greedy validation.
             seed: Seeds the prompt draw, the rollout sampling and the shuffling, per iteration.
+            loss_type: The loss type the rows are laid out for (``loss.LOSSES``): linked from ``model.loss_type`` by
+                the CLI, so a config sets it once, there. Built in Python: the module's value.
+            eta: η of the targets η(P̂ − ½) or η(r − SoftMean_η(r)): linked from ``model.eta``, as ``loss_type``.
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["train", "val", "engine", "oracle"])
+        # loss_type and eta are the module's settings (model.*), linked here: kept out of data's hparams so that a
+        # changed value is reported once, under model, and checkpoints' data settings stay as they were
+        self.save_hyperparameters(ignore=["train", "val", "engine", "oracle", "loss_type", "eta"])
+        self.loss_type, self.eta = loss_type, eta
         self.train_source, self.val_source = train, val
         self.engine = engine if engine is not None else HFEngine()
         self.oracle = oracle if oracle is not None else RuleOracle()
@@ -122,8 +132,9 @@ class RolloutDataModule(L.LightningDataModule):
         """The last iteration's scored rollout (for callbacks: sample tables, progress)."""
         self._check_settings()
 
-    def _check_settings(self, loss_type: str | None = None) -> None:
-        """Raise one ConfigError listing every impossible setting (with the loss type once the module is known)."""
+    def _check_settings(self) -> None:
+        """Raise one ConfigError listing every impossible setting, the loss type's needs (its ``LOSSES`` entry)
+        included."""
         h = self.hparams
         problems = []
         if h.samples_per_prompt < 1:
@@ -147,22 +158,23 @@ class RolloutDataModule(L.LightningDataModule):
                 f"data.oracle {type(self.oracle).__name__} compares responses with each other: "
                 f"data.samples_per_prompt must be >= {self.oracle.min_samples}"
             )
-        if loss_type is not None:
-            rows = 2 if loss_type in PAIR_LOSSES else h.samples_per_prompt
-            if loss_type in PAIR_LOSSES and h.samples_per_prompt < 2:
+        spec = LOSSES.get(self.loss_type)
+        if spec is None:
+            problems.append(f"model.loss_type must be one of {', '.join(LOSSES)}, got {self.loss_type!r}")
+        else:
+            if h.samples_per_prompt < spec.min_samples:
                 problems.append(
-                    f"model.loss_type={loss_type} needs data.samples_per_prompt >= 2 (a winner and a loser)"
+                    f"model.loss_type={self.loss_type} needs data.samples_per_prompt >= {spec.min_samples} "
+                    f"({spec.min_samples_why})"
                 )
-            if loss_type == "sppo" and h.samples_per_prompt < 2:
-                problems.append(
-                    "model.loss_type=sppo estimates win-rates within a prompt's samples: "
-                    "data.samples_per_prompt must be >= 2 (use sppo_softmean for 1)"
-                )
+            rows = 2 if spec.paired else h.samples_per_prompt
             if h.micro_batch_size % rows:
                 problems.append(
                     f"data.micro_batch_size={h.micro_batch_size} must be a multiple of the {rows} rows "
-                    f"each prompt contributes under model.loss_type={loss_type}"
+                    f"each prompt contributes under model.loss_type={self.loss_type}"
                 )
+        if self.eta <= 0:
+            problems.append(f"model.eta must be > 0, got {self.eta}")
         if problems:
             raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
@@ -198,8 +210,6 @@ class RolloutDataModule(L.LightningDataModule):
         return kept, ids
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":  # the loss type is known now: refuse impossible combinations before any work
-            self._check_settings(self.trainer.lightning_module.hparams.loss_type)
         if stage == "fit" and not self.train_prompts:
             self.train_prompts, self.train_prompt_ids = self._tokenize(self.train_source.load(), "train")
         if self.val_source is not None and not self.val_prompts:
@@ -215,7 +225,7 @@ class RolloutDataModule(L.LightningDataModule):
                 f"{trainer.reload_dataloaders_every_n_epochs})"
             )
         module = trainer.lightning_module
-        loss_type, eta = module.hparams.loss_type, module.hparams.eta
+        spec = LOSSES[self.loss_type]
         epoch, seed = trainer.current_epoch, self.hparams.seed
         metrics: dict[str, float] = {}
 
@@ -233,22 +243,24 @@ class RolloutDataModule(L.LightningDataModule):
             self.progress("scoring", n, n)
         # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
-        groups = build_groups(rollout, loss_type, eta, rewards_all=rewards_all)
+        groups = build_groups(rollout, self.loss_type, self.eta, rewards_all=rewards_all)
         h = self.hparams
         pad_id, max_tokens = module.tokenizer.pad_token_id, h.max_tokens_per_micro_batch
-        batches = micro_batches(groups, h.micro_batch_size, pad_id, seed + epoch, h.balance_tokens, max_tokens)
+        batches = micro_batches(
+            groups, h.micro_batch_size, pad_id, seed + epoch, h.balance_tokens, max_tokens, paired=spec.paired
+        )
         # Every rank must run the same number of micro-batches (sharded and DDP training block in the collectives),
         # but DPO drops all-tie groups and token budgets give uneven counts: the ranks with fewer are topped up with
         # fillers, which weigh nothing (step_units below keeps the step a mean over real rows). A rank with none
         # has nothing to copy a filler from: then no rank trains on this rollout.
         most, fewest = self.most_and_fewest_on_any_rank(len(batches))
         batches = [*batches, *(filler(batches) for _ in range(most - len(batches)))] if fewest else []
-        metrics["rollout/filler_micro_batches"] = float(sum("filler" in b for b in batches))
+        metrics["rollout/filler_micro_batches"] = float(sum(b.filler for b in batches))
         with _timed(metrics, "time/ref_logprobs"):
             self.attach_ref_logps(module, batches)
         window = trainer.accumulate_grad_batches
         batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch, window)
-        attach_step_units(batches, window, loss_type in PAIR_LOSSES, self.all_ranks_sum)
+        attach_step_units(batches, window, self.all_ranks_sum)
 
         metrics.update(rollout_metrics(rollout))
         metrics["rollout/unscored"] = float(rollout.unscored)  # responses the oracle could not score (scored 0)
@@ -310,16 +322,15 @@ class RolloutDataModule(L.LightningDataModule):
         )
 
     @staticmethod
-    def attach_ref_logps(module, batches: list[dict]) -> None:
+    def attach_ref_logps(module, batches: list[TrainBatch]) -> None:
         """Stage: log π_t(y_t | x, y_<t) for every response token, computed once by the policy before any update of
         this iteration, on exactly the micro-batches training will see (so the first step's log-ratio is exactly 0)."""
 
         def attach() -> None:
             for batch in batches:
-                if "ref_logps" in batch:  # supplied by the engine with the rollout
+                if batch.ref_logps is not None:  # supplied by the engine with the rollout
                     continue
-                on_device = {k: v.to(module.device) for k, v in batch.items()}
-                batch["ref_logps"] = module.token_logps(on_device).float().cpu()
+                batch.ref_logps = module.token_logps(move_data_to_device(batch, module.device)).float().cpu()
 
         was_training = module.policy.training
         module.policy.eval()

@@ -1,8 +1,9 @@
 """From a scored rollout to training micro-batches: which responses train, with which targets.
 
-A *group* is the set of rows that come from one prompt and must land in the same micro-batch: all K responses
-for ``sppo`` and ``sppo_softmean``, the winner and the loser for ``sppo_pair``, ``dpo`` and ``ipo``. Micro-batches are
-made of whole groups, shuffled as groups, so group membership survives shuffling.
+A *group* is the set of rows that come from one prompt and must land in the same micro-batch: all K responses, or
+for a paired loss type (``LOSSES[name].paired``: ``sppo_pair``, ``dpo``, ``ipo``) the winner then the loser.
+Micro-batches are made of whole groups, shuffled as groups, so group membership survives shuffling. Which rows, which
+targets and which prompts are skipped is read off the loss type's entry in ``loss.LOSSES``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sppo_lightning.loss import LOSS_TYPES, PAIR_LOSSES, softmean_targets
+from sppo_lightning.loss import LOSSES
 from sppo_lightning.records import Rollout
 
 
@@ -24,7 +25,8 @@ class Example:
     reward: float
     win_rate: float
     target: float
-    """The log-ratio the SPPO losses regress onto: η(P̂ − ½), or η(r − SoftMean_η(r)) for ``sppo_softmean``."""
+    """The log-ratio the SPPO losses regress onto: η(P̂ − ½), or η(r − SoftMean_η(r)) for ``sppo_softmean``; 0 for a
+    loss type without a target (``dpo``, ``ipo``)."""
     group: int
     ref_logps: list[float] | None = None
     """log π_t(y_t | x, y_<t) of each response token when the rollout supplied them."""
@@ -33,26 +35,27 @@ class Example:
 def build_groups(
     rollout: Rollout, loss_type: str, eta: float, rewards_all: torch.Tensor | None = None
 ) -> list[list[Example]]:
-    """Select the rows each loss trains on and attach their targets.
+    """Select the rows ``loss_type`` trains on (all K, or winner then loser) and attach its targets.
 
     ``rewards_all`` is every rank's rewards for the batch-wide softmean baseline (defaults to this rollout's).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in LOSSES:
+        raise ValueError(f"loss_type must be one of {tuple(LOSSES)}, got {loss_type!r}")
+    spec = LOSSES[loss_type]
     rewards, win_rates = rollout.rewards, rollout.win_rates
-    if loss_type == "sppo_softmean":
-        targets = softmean_targets(rewards, eta, pool=rewards_all)
+    if spec.target is None:
+        targets = torch.zeros_like(win_rates)
     else:
-        targets = eta * (win_rates - 0.5)
+        targets = spec.target(rewards, win_rates, eta, rewards_all)
     groups = []
     for p in range(rollout.num_prompts):
-        if loss_type in PAIR_LOSSES:
+        if spec.paired:
             # Winner: the first of the best; loser: the last of the worst, so that they are two different
             # responses even when all K tie (sppo_pair then regresses both onto 0, DPO skips the group).
             k = rollout.group_size
             win, lose = int(win_rates[p].argmax()), k - 1 - int(win_rates[p].flip(0).argmin())
-            if loss_type in ("dpo", "ipo") and win_rates[p, win] == win_rates[p, lose]:
-                continue  # all K tie: DPO and IPO have no preference to learn from
+            if spec.skips_ties and win_rates[p, win] == win_rates[p, lose]:
+                continue  # all K tie: no preference to learn from
             keep = [win, lose]
         else:
             keep = range(rollout.group_size)

@@ -71,7 +71,9 @@ def test_pair_estimators_take_a_as_winner_and_b_as_loser(loss_type):
     [group] = build_groups(rollout, loss_type, ETA)
     assert [e.response_ids for e in group] == [[10], [11]]  # a, b
     assert [e.win_rate for e in group] == pytest.approx([WIN[0], WIN[1]])  # the soft win-rates, not 1 / 0
-    assert [e.target for e in group] == pytest.approx([ETA * (WIN[0] - 0.5), ETA * (WIN[1] - 0.5)])
+    # sppo_pair regresses onto η(P̂ − ½); DPO has no target (LOSSES["dpo"].target is None): 0s in the batch
+    expected = [ETA * (WIN[0] - 0.5), ETA * (WIN[1] - 0.5)] if loss_type == "sppo_pair" else [0.0, 0.0]
+    assert [e.target for e in group] == pytest.approx(expected)
 
 
 def test_softmean_targets_by_hand():

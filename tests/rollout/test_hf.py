@@ -125,8 +125,8 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p, ref_logps=logps[p][k]) for p in range(3) for k in range(3)]
     b = collate(rows, tok.pad_token_id)  # the rollout's values, response-aligned as training reads them
     with torch.no_grad():
-        expected = response_token_logps(m.policy.eval(), b["input_ids"], b["attention_mask"], b["response_mask"])
-    torch.testing.assert_close(b["ref_logps"], expected, atol=1e-4, rtol=1e-5)
+        expected = response_token_logps(m.policy.eval(), b.input_ids, b.attention_mask, b.response_mask)
+    torch.testing.assert_close(b.ref_logps, expected, atol=1e-4, rtol=1e-5)
     # the same samples as without log-probs: the option changes nothing else
     assert HFEngine(batch_size=4).generate(m.policy_handle(), prompts, params, 0).response_ids == ids
 
@@ -187,5 +187,5 @@ def test_generation_uses_only_the_configured_settings_not_the_folders(toy_model_
     rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p, ref_logps=logps[p][k]) for p in range(3) for k in range(4)]
     b = collate(rows, tok.pad_token_id)
     with torch.no_grad():
-        expected = response_token_logps(m.policy.eval(), b["input_ids"], b["attention_mask"], b["response_mask"])
-    torch.testing.assert_close(b["ref_logps"], expected, atol=1e-4, rtol=1e-5)
+        expected = response_token_logps(m.policy.eval(), b.input_ids, b.attention_mask, b.response_mask)
+    torch.testing.assert_close(b.ref_logps, expected, atol=1e-4, rtol=1e-5)

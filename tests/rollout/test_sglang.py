@@ -191,7 +191,7 @@ def test_colocated_engine_call_order_around_training(standin, toy_model_dir):
     L.seed_everything(0)
     module = SPPOModule(str(toy_model_dir), learning_rate=1e-3, loss_type="sppo_softmean")
     engine = SGLangEngine(bucket_mb=1, mem_fraction_static=0.4, engine_kwargs={"log_level": "error"})
-    fit(module, engine)
+    fit(module, engine, loss_type="sppo_softmean")
     sgl = standin.instances[0]
     calls = names(sgl)
 
