@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader
 from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, repeat_passes
 from sppo_lightning.data.draw import draw_indices, shard
 from sppo_lightning.data.examples import build_groups
-from sppo_lightning.data.prompts import PromptRecord, PromptSource
+from sppo_lightning.data.prompts import PromptSource
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.loss import LOSSES
-from sppo_lightning.records import TrainBatch
+from sppo_lightning.records import PromptRecord, Rollout, SamplingParams, Scores, TrainBatch
 from sppo_lightning.rewards.base import Oracle, RuleOracle
-from sppo_lightning.rollout.base import Rollout, RolloutEngine, SamplingParams
+from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
 
 
@@ -239,7 +239,7 @@ class RolloutDataModule(L.LightningDataModule):
         with _timed(metrics, "time/scoring"):
             n = rollout.num_prompts * rollout.group_size
             self.progress("scoring", 0, n)
-            rollout = rollout.with_scores(self.oracle.score(rollout, device=module.device))
+            rollout = rollout.with_scores(self.judge(rollout, module.device))
             self.progress("scoring", n, n)
         # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
@@ -268,6 +268,16 @@ class RolloutDataModule(L.LightningDataModule):
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
         return DataLoader(_MicroBatches(batches), batch_size=None)
+
+    def judge(self, rollout: Rollout, device: torch.device) -> Scores:
+        """Stage: the oracle's rewards and win-rates for the rollout (an oracle returns them, it changes nothing)."""
+        scores = self.oracle.score(rollout, device=device)
+        if not isinstance(scores, Scores):  # an oracle written for the old API filled in the rollout instead
+            raise ConfigError(
+                f"data.oracle {type(self.oracle).__qualname__}.score returned {type(scores).__name__}: an oracle "
+                "returns sppo_lightning.records.Scores (rewards and win-rates, [prompts, samples] each)"
+            )
+        return scores
 
     def most_and_fewest_on_any_rank(self, count: int) -> tuple[int, int]:
         if self.trainer.world_size > 1:

@@ -194,3 +194,21 @@ def test_a_judge_returns_the_win_rates_by_hand_and_nothing_unscored():
     torch.testing.assert_close(scores.win_rates, torch.tensor([WIN]))
     torch.testing.assert_close(scores.rewards, torch.tensor([WIN]))  # a pairwise judge's reward is the win-rate
     assert scores.unscored == 0
+
+
+def test_an_oracle_written_for_the_old_api_gets_one_message_naming_it(tmp_path):
+    """An oracle that fills in the rollout and returns nothing (the API before Scores) stops the run at its first
+    rollout with one ConfigError naming the class, instead of an AttributeError deep in the pipeline."""
+    from sppo_lightning.data.datamodule import RolloutDataModule
+    from sppo_lightning.errors import ConfigError
+    from sppo_lightning.rewards.base import Oracle
+    from sppo_lightning.toy.task import AdditionPrompts
+
+    class Mutating(Oracle):
+        def score(self, rollout, device=None):
+            rollout.rewards = rollout.win_rates = torch.zeros(rollout.num_prompts, rollout.group_size)
+
+    dm = RolloutDataModule(train=AdditionPrompts(num_prompts=4), oracle=Mutating())
+    rollout = Rollout([PromptRecord([{"role": "user", "content": "1+1"}], "2")], [[1]], [[[2], [3]]], [["2", "3"]])
+    with pytest.raises(ConfigError, match=r"data.oracle .*Mutating.score returned NoneType: .*Scores"):
+        dm.judge(rollout, torch.device("cpu"))
