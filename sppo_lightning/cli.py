@@ -139,6 +139,7 @@ class SPPOCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         place_outputs(trainer)
         checkpoints.use_atomic_saves(trainer)
+        trainer.callbacks.insert(0, checkpoints.RunRecord())  # what a resume checks, and the optimizer's settings
         return trainer
 
     def validate(self, **kwargs) -> None:
@@ -164,7 +165,7 @@ class SPPOCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)
         if config["ckpt_path"] is not None:
-            checkpoints.check_resume(config["ckpt_path"], self.model, self.datamodule)
+            checkpoints.check_resume(config["ckpt_path"], self.model, self.datamodule, self.trainer)
 
 
 def quiet() -> None:
