@@ -89,8 +89,11 @@ def resolve_resume(ckpt_path: str | None, trainer) -> str | None:
                 found.setdefault(path.resolve(), path.resolve().stat().st_mtime)
     where = ", ".join(str(d) for d in dirs)
     if not found:
+        partial = [p.name for d in dirs if d.is_dir() for p in sorted(d.glob(f".*{PARTIAL}"))]
+        left = f" (only {', '.join(partial)}, left by an interrupted save: no iteration is complete)" if partial else ""
         raise ConfigError(
-            f"--ckpt_path=last: no checkpoint in {where}, nothing to resume; leave out --ckpt_path to start a new run"
+            f"--ckpt_path=last: no checkpoint in {where}{left}, nothing to resume; leave out --ckpt_path to start a "
+            "new run"
         )
     newest_first = sorted(found, key=found.get, reverse=True)
     broken = []
