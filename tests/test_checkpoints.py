@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sppo_lightning.checkpoints import AtomicCheckpointIO, is_complete
-from tests.test_cli import DEMO, run, val_accuracies
+from tests.test_cli import DEMO, REPO, run, val_accuracies
 
 TINY = [
     "--config", DEMO, "--data.prompts_per_epoch=16", "--data.val.init_args.num_prompts=50", "--data.val_batch_size=50",
@@ -76,9 +76,9 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, toy_m
     run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1")
     proc = run(
         "fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--ckpt_path=last",
-        "--model.eta=0.5", "--data.seed=3",
+        "--model.eta=0.5", "--data.temperature=0.9",
     )  # fmt: skip
-    assert "model.eta 2.0 -> 0.5" in proc.stderr and "data.seed 0 -> 3" in proc.stderr
+    assert "model.eta 2.0 -> 0.5" in proc.stderr and "data.temperature 1.0 -> 0.9" in proc.stderr
     assert "learning_rate" not in proc.stderr  # only what changed
 
     other = tmp_path / "wider"
@@ -136,3 +136,122 @@ def test_runs_in_one_folder_keep_their_own_outputs_and_a_resume_reports_the_whol
     last_acc = val_accuracies(root / "logs" / "version_2")[-1]
     assert "SPPO: 2 iterations (resumed)" in out
     assert f"{first:.1%} -> {last_acc:.1%}" in out  # from the second run's start, not the first run's, nor iteration 1
+
+
+@pytest.fixture(scope="module")
+def one_iteration(tmp_path_factory):
+    """A run stopped after its first iteration (16 prompts drawn of the toy pool, one optimizer step)."""
+    root = tmp_path_factory.mktemp("one_iteration")
+    run("fit", *TINY, f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1")
+    return root
+
+
+def _resume(saved, tmp_path, *changes, env=None):
+    shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
+    return run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", "--ckpt_path=last",
+               *changes, check=False, env=env)  # fmt: skip
+
+
+REFUSED = {  # what changes, the message naming it saved -> now, whether SPPO_RESUME_CHANGED=1 may go on anyway
+    # the optimizer's parameter groups: torch refused the saved state with a traceback
+    "groups": (["--model.weight_decay_on=all"], "model.weight_decay_on 'matrices' -> 'all' (other optimizer "
+               "parameter groups", False),
+    # one process -> FSDP2 on two: torch's resharding died with a traceback
+    "layout": (["--config", str(REPO / "configs" / "fsdp_cpu.yaml")], "trainer.strategy 'SingleDeviceStrategy' -> "
+               "'ModelParallelStrategy'; trainer.world_size 1 -> 2", False),
+    # the scheduler's count of steps read as a count of rollouts: it resumed silently with another learning rate
+    "warmup unit": (["--model.warmup_unit=rollout", "--model.warmup_steps=4"], "model.warmup_unit 'step' -> "
+                    "'rollout'", True),
+    # the draw's position (iterations x prompts) jumps: it resumed silently, skipping prompts
+    "prompts per iteration": (["--data.prompts_per_epoch=32"], "data.prompts_per_epoch 16 -> 32", True),
+    # another order of the same pass: it resumed silently, repeating prompts already drawn
+    "draw seed": (["--data.seed=3"], "data.seed 0 -> 3", True),
+    # another pool: it resumed silently in the middle of the new pool's first pass
+    "prompt pool": (["--data.train.init_args.num_prompts=500"], "data.train.init_args.num_prompts None -> 500", True),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_resume_refuses_a_change_that_breaks_it(one_iteration, tmp_path, case):
+    changes, named, may_go_on = REFUSED[case]
+    proc = _resume(one_iteration, tmp_path, *changes)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "cannot be resumed with these changed settings: " + named in line
+    assert "resume with the saved values, or start a new run from its weights (python -m sppo_lightning.export" in line
+    assert ("set SPPO_RESUME_CHANGED=1 to go on" in line) == may_go_on
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0 and len(val_accuracies(tmp_path)) == 2  # nothing trained
+
+
+@pytest.mark.slow
+def test_a_resume_goes_on_anyway_when_asked_and_takes_a_changed_learning_rate(one_iteration, tmp_path):
+    """SPPO_RESUME_CHANGED=1 turns a redrawing change into a warning; a changed learning rate, weight decay or betas
+    is used from the resumed iteration on (Lightning restored the checkpoint's into the optimizer and kept them)."""
+    import os
+
+    env = {**os.environ, "SPPO_RESUME_CHANGED": "1"}
+    proc = _resume(one_iteration, tmp_path, "--data.seed=3", "--model.learning_rate=3e-4", "--model.weight_decay=0.1",
+                   "--model.adam_betas=[0.8,0.9]", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    named = "model.adam_betas [0.9, 0.999] -> [0.8, 0.9]; model.learning_rate 0.0001 -> 0.0003; model.weight_decay"
+    assert f"with changed settings: {named} 0.0 -> 0.1; data.seed 0 -> 3" in proc.stderr
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1
+    decayed, spared = last["optimizer_states"][0]["param_groups"]
+    assert decayed["lr"] == spared["lr"] == 3e-4 and last["lr_schedulers"][0]["base_lrs"] == [3e-4, 3e-4]
+    assert (decayed["weight_decay"], spared["weight_decay"]) == (0.1, 0.0)
+    assert decayed["betas"] == spared["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at_epoch", [1, 0])
+def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_iteration(tmp_path, at_epoch):
+    """``train.py`` SIGKILLed half-way through writing iteration ``at_epoch``'s checkpoint: last.ckpt still points at
+    the one before (or there is none, and a resume says so); the resumed run ends where an uninterrupted one does,
+    with the same weights and accuracies."""
+    import subprocess
+    import sys
+    import time
+
+    killed = tmp_path / "killed"
+    stall = ["--trainer.callbacks+=tests.fixtures.interrupting.StallingSave",
+             f"--trainer.callbacks.init_args.at_epoch={at_epoch}"]  # fmt: skip
+    args = [sys.executable, str(REPO / "train.py"), "fit", *TINY, f"--trainer.default_root_dir={killed}"]
+    proc = subprocess.Popen([*args, "--trainer.max_epochs=3", *stall], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    flag, deadline = killed / "save-stalled", time.monotonic() + 540
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL, as the OOM killer or a scheduler's hard stop: no handler runs
+    stderr = proc.communicate()[1]
+    assert flag.exists(), stderr[-2000:]
+    ckpts = killed / "checkpoints"
+    [partial] = ckpts.glob(".*.partial")
+    assert partial.name == f".epoch={at_epoch}-step={at_epoch + 1}.ckpt.partial"
+    assert partial.stat().st_size == int(flag.read_text()) and not is_complete(partial)  # caught half-way
+    last = ckpts / "last.ckpt"
+    if at_epoch == 0:
+        assert not last.exists()
+    else:  # the link still points at the previous iteration's whole file
+        assert last.resolve().name == "epoch=0-step=1.ckpt" and is_complete(last.resolve())
+
+    resume = run("fit", *TINY, f"--trainer.default_root_dir={killed}", "--trainer.max_epochs=3", "--ckpt_path=last",
+                 check=False)  # fmt: skip
+    if at_epoch == 0:
+        assert resume.returncode == 2 and "Traceback" not in resume.stderr
+        assert f"no checkpoint in {ckpts} (only {partial.name}, left by an interrupted save: no iteration is " in (
+            resume.stderr
+        )
+        return
+    assert resume.returncode == 0, resume.stderr[-2000:]
+    assert f"Restoring states from the checkpoint path at {ckpts / 'epoch=0-step=1.ckpt'}" in resume.stdout + (
+        resume.stderr
+    )
+    whole = tmp_path / "whole"
+    run("fit", *TINY, f"--trainer.default_root_dir={whole}", "--trainer.max_epochs=3")
+    assert val_accuracies(killed / "logs" / "version_1") == val_accuracies(whole)[2:]  # iterations 1 and 2
+    mine, theirs = (torch.load(p / "checkpoints" / "last.ckpt", weights_only=False) for p in (killed, whole))
+    assert mine["epoch"] == theirs["epoch"] == 2
+    assert all(torch.equal(mine["state_dict"][k], v) for k, v in theirs["state_dict"].items())
