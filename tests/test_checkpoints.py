@@ -255,3 +255,55 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_i
     mine, theirs = (torch.load(p / "checkpoints" / "last.ckpt", weights_only=False) for p in (killed, whole))
     assert mine["epoch"] == theirs["epoch"] == 2
     assert all(torch.equal(mine["state_dict"][k], v) for k, v in theirs["state_dict"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_training_stops_with_the_resume_hint_and_keeps_the_last_iteration(tmp_path, name, code):
+    signal_in_training = [
+        "--trainer.callbacks+=tests.fixtures.interrupting.SignalInTraining",
+        f"--trainer.callbacks.init_args.signal_name={name}",
+        "--trainer.callbacks.init_args.at_epoch=1",
+    ]
+    proc = run("fit", *TINY, *signal_in_training, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
+               check=False)  # fmt: skip
+    assert proc.returncode == code == 128 + getattr(signal, name), proc.stderr[-2000:]
+    assert "resume with --ckpt_path=last" in proc.stderr and "Traceback" not in proc.stderr
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    # Ctrl-C stops in the step: iteration 0 is the last finished one. SIGTERM lets the step (the iteration's only
+    # one) finish and stops at its boundary, the end of iteration 1, saved first.
+    assert last == {"SIGINT": 0, "SIGTERM": 1}[name]
+    assert not (tmp_path / "hf_model").exists()
+    run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--trainer.max_epochs={last + 2}", "--ckpt_path=last")
+    assert len(val_accuracies(tmp_path)) == last + 3  # before any update, then once per iteration, none twice
+
+
+def test_a_given_checkpoint_that_is_missing_or_truncated_is_refused(tmp_path):
+    missing = tmp_path / "checkpoints" / "epoch=3-step=4.ckpt"
+    proc = run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={missing}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: --ckpt_path={missing}: no such file or folder" in proc.stderr.splitlines()
+
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(b"PK\x03\x04 the first bytes of a checkpoint")  # a save cut short by an older version
+    proc = run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={cut}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: --ckpt_path={cut}: the checkpoint is incomplete (its save was interrupted)" in (
+        proc.stderr.splitlines()
+    )
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained from scratch
+
+
+@pytest.mark.slow
+def test_a_resume_from_a_named_file_runs_the_given_config_like_last(one_iteration, tmp_path):
+    """Lightning put a named checkpoint's saved model settings over the command line: --model.eta=0.5 was dropped
+    without a word (with --ckpt_path=last it was kept), and a refused change went through."""
+    shutil.copytree(one_iteration, tmp_path, dirs_exist_ok=True)
+    named = str((tmp_path / "checkpoints" / "last.ckpt").resolve())
+    args = ["fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", f"--ckpt_path={named}"]
+    proc = run(*args, "--model.weight_decay_on=all", check=False)
+    assert proc.returncode == 2 and "model.weight_decay_on 'matrices' -> 'all'" in proc.stderr
+    proc = run(*args, "--model.eta=0.5")
+    assert "with changed settings: model.eta 2.0 -> 0.5" in proc.stderr
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1 and last["hyper_parameters"]["eta"] == 0.5
