@@ -4,7 +4,10 @@
   kill during a save leaves the previous checkpoint (and ``last.ckpt``, a link to it) intact.
 - ``--ckpt_path=last`` resumes from the newest *complete* checkpoint of the run's checkpoint folder; none at all, or
   none complete, is one message and exit 2 rather than a silent new run or a ``PytorchStreamReader`` traceback.
-- A resume with changed settings names each changed key; a checkpoint of another model is refused.
+- A resume with changed settings names each changed key, and the new values apply (the optimizer's too); a checkpoint
+  of another model is refused, and so are changes the checkpoint cannot be loaded with or that would make its saved
+  position mean something else (``check_resume``). Each checkpoint records what that needs and the hyper-parameters
+  do not hold: the strategy, the number of processes, gradient accumulation, the prompt source (``RunRecord``).
 """
 
 from __future__ import annotations
