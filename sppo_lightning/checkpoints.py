@@ -123,6 +123,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 def changed_settings(saved: dict, current: dict, prefix: str) -> list[str]:
     """``prefix.key saved -> current`` for every setting that differs (LightningCLI's ``_`` entries left out)."""
     out = []
@@ -167,7 +175,8 @@ def run_record(trainer, datamodule) -> dict[str, Any]:
     }
     source = getattr(datamodule, "train_source", None)
     if source is not None:
-        args = {k: _plain(v) for k, v in vars(source).items() if not k.startswith("_")}
+        # its plain arguments (paths, split, limit, seed...): an object held by a custom source has no stable value
+        args = {k: _plain(v) for k, v in vars(source).items() if not k.startswith("_") and _is_plain(v)}
         record["data.train"] = {"class_path": f"{type(source).__module__}.{type(source).__qualname__}", **args}
     return record
 
