@@ -307,3 +307,39 @@ def test_a_resume_from_a_named_file_runs_the_given_config_like_last(one_iteratio
     assert "with changed settings: model.eta 2.0 -> 0.5" in proc.stderr
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 1 and last["hyper_parameters"]["eta"] == 0.5
+
+
+def test_a_resumed_optimizer_takes_the_configured_settings_at_the_schedules_position():
+    """Saved: lr 1e-4, no decay, 4-step warm-up, 2 steps taken. Configured now: lr 3e-4, decay 0.1. After the restore
+    the moments and the position are the checkpoint's, the settings the config's: lr = 3e-4 x 3/4 at step index 2."""
+    from types import SimpleNamespace
+
+    from sppo_lightning.checkpoints import RunRecord
+    from sppo_lightning.optim import warmup_factor
+
+    def build(lr, decay):
+        w = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([{"params": [w], "weight_decay": decay}], lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: warmup_factor(k, 4, "step"))
+        return w, optimizer, scheduler
+
+    w, optimizer, scheduler = build(1e-4, 0.0)
+    for _ in range(2):
+        w.grad = torch.ones(3)
+        optimizer.step()
+        scheduler.step()
+    saved = optimizer.state_dict(), scheduler.state_dict()
+
+    _, optimizer, scheduler = build(3e-4, 0.1)
+    trainer = SimpleNamespace(optimizers=[optimizer], lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
+                              ckpt_path="last.ckpt")  # fmt: skip
+    record = RunRecord()
+    record.on_fit_start(trainer, None)
+    optimizer.load_state_dict(saved[0])  # what Lightning's restore does
+    scheduler.load_state_dict(saved[1])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 3 / 4)  # the checkpoint's settings won
+    record.on_train_start(trainer, None)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(3e-4 * 3 / 4) and group["weight_decay"] == 0.1
+    assert scheduler.base_lrs == [3e-4] and scheduler.last_epoch == 2 and scheduler.get_last_lr() == [group["lr"]]
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved[0]["state"][0]["exp_avg"])
