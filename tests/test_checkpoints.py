@@ -343,3 +343,18 @@ def test_a_resumed_optimizer_takes_the_configured_settings_at_the_schedules_posi
     assert group["lr"] == pytest.approx(3e-4 * 3 / 4) and group["weight_decay"] == 0.1
     assert scheduler.base_lrs == [3e-4] and scheduler.last_epoch == 2 and scheduler.get_last_lr() == [group["lr"]]
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved[0]["state"][0]["exp_avg"])
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_are_refused_by_one_process(tmp_path):
+    """FSDP2's shards (a folder) resumed by a single process: refused naming the layout, where Lightning raised
+    IsADirectoryError; the folder's meta.pt holds the record the check reads."""
+    run("fit", *TINY, "--config", str(REPO / "configs" / "fsdp_cpu.yaml"), f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=1")  # fmt: skip
+    assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+    proc = run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", "--ckpt_path=last",
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "trainer.strategy 'ModelParallelStrategy' -> 'SingleDeviceStrategy'; trainer.world_size 2 -> 1" in (
+        proc.stderr
+    )
