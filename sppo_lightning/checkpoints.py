@@ -4,7 +4,10 @@
   kill during a save leaves the previous checkpoint (and ``last.ckpt``, a link to it) intact.
 - ``--ckpt_path=last`` resumes from the newest *complete* checkpoint of the run's checkpoint folder; none at all, or
   none complete, is one message and exit 2 rather than a silent new run or a ``PytorchStreamReader`` traceback.
-- A resume with changed settings names each changed key; a checkpoint of another model is refused.
+- A resume with changed settings names each changed key, and the new values apply (the optimizer's too); a checkpoint
+  of another model is refused, and so are changes the checkpoint cannot be loaded with or that would make its saved
+  position mean something else (``check_resume``). Each checkpoint records what that needs and the hyper-parameters
+  do not hold: the strategy, the number of processes, gradient accumulation, the prompt source (``RunRecord``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from sppo_lightning.errors import ConfigError, DataError
@@ -89,8 +92,11 @@ def resolve_resume(ckpt_path: str | None, trainer) -> str | None:
                 found.setdefault(path.resolve(), path.resolve().stat().st_mtime)
     where = ", ".join(str(d) for d in dirs)
     if not found:
+        partial = [p.name for d in dirs if d.is_dir() for p in sorted(d.glob(f".*{PARTIAL}"))]
+        left = f" (only {', '.join(partial)}, left by an interrupted save: no iteration is complete)" if partial else ""
         raise ConfigError(
-            f"--ckpt_path=last: no checkpoint in {where}, nothing to resume; leave out --ckpt_path to start a new run"
+            f"--ckpt_path=last: no checkpoint in {where}{left}, nothing to resume; leave out --ckpt_path to start a "
+            "new run"
         )
     newest_first = sorted(found, key=found.get, reverse=True)
     broken = []
@@ -115,6 +121,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def changed_settings(saved: dict, current: dict, prefix: str) -> list[str]:
@@ -144,12 +158,147 @@ def _expected_shapes(hparams) -> dict[str, torch.Size] | None:
     return {f"policy.{k}": v.shape for k, v in model.state_dict().items()}
 
 
-def check_resume(ckpt_path: str, model, datamodule) -> None:
-    """Refuse a checkpoint of another model; name every setting that differs from the checkpoint's."""
+OVERRIDE = "SPPO_RESUME_CHANGED"
+"""Set to 1 to resume despite a change that makes the run draw or schedule from a position that means something else
+(see ``check_resume``)."""
+
+RECORD = "sppo_run"
+"""The checkpoint's entry for what a resume must find unchanged and the hyper-parameters do not hold."""
+
+
+def run_record(trainer, datamodule) -> dict[str, Any]:
+    """The trainer's layout and the prompt source, as a checkpoint stores them (``RunRecord``)."""
+    record: dict[str, Any] = {
+        "trainer.strategy": type(trainer.strategy).__name__,
+        "trainer.world_size": trainer.world_size,
+        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+    }
+    source = getattr(datamodule, "train_source", None)
+    if source is not None:
+        # its plain arguments (paths, split, limit, seed...): an object held by a custom source has no stable value
+        args = {k: _plain(v) for k, v in vars(source).items() if not k.startswith("_") and _is_plain(v)}
+        record["data.train"] = {"class_path": f"{type(source).__module__}.{type(source).__qualname__}", **args}
+    return record
+
+
+class RunRecord(Callback):
+    """Writes ``run_record`` into every checkpoint, and on a resume lets the optimizer follow the config.
+
+    Lightning restores the optimizer's parameter groups from the checkpoint, settings included: a resume with
+    another ``model.learning_rate``, ``weight_decay`` or ``adam_betas`` would silently keep the saved ones. The
+    values ``configure_optimizers`` set are put back after the restore (the moments and the schedule's position are
+    kept), and the learning rate is recomputed at the schedule's position.
+    """
+
+    def __init__(self):
+        self._configured: list[list[dict]] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[RECORD] = run_record(trainer, trainer.datamodule)
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # optimizers configured, the checkpoint not yet restored
+        self._configured = [
+            [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in trainer.optimizers
+        ]
+
+    def on_train_start(self, trainer, pl_module) -> None:  # restored
+        if trainer.ckpt_path is None:
+            return
+        scheduled = {id(c.scheduler.optimizer): c.scheduler for c in trainer.lr_scheduler_configs}
+        for optimizer, configured in zip(trainer.optimizers, self._configured, strict=True):
+            scheduler = scheduled.get(id(optimizer))
+            for group, settings in zip(optimizer.param_groups, configured, strict=True):
+                for key, value in settings.items():
+                    if key != "lr" or scheduler is None:
+                        group[key] = value
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            base = [g["initial_lr"] for g in optimizer.param_groups] if scheduler is not None else None
+            if base is not None and base != scheduler.base_lrs and lambdas is not None:  # LambdaLR: lr = base * f(k)
+                scheduler.base_lrs = base
+                for group, lr, factor in zip(optimizer.param_groups, base, lambdas, strict=True):
+                    group["lr"] = lr * factor(scheduler.last_epoch)
+                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _source_changes(saved: dict, now: dict) -> list[str]:
+    """``data.train.init_args.key saved -> now`` for each changed argument of the same prompt source class."""
+    if saved.get("class_path") != now.get("class_path"):
+        return [f"data.train {saved.get('class_path')} -> {now.get('class_path')}"]
+    keys = sorted(set(saved) | set(now), key=str)
+    return [f"data.train.init_args.{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _refused(saved_model: dict, model, saved_data: dict, data: dict, saved_run: dict, run: dict):
+    """``(impossible, redrawn)``: the changes a resume cannot load, and those that change what the run draws or
+    schedules from here on (the saved position no longer means what it meant), each as ``key saved -> now (why)``."""
+    impossible, redrawn = [], []
+
+    def change(key: str, before, after) -> str:
+        return f"{key} {_plain(before)!r} -> {_plain(after)!r}"
+
+    h = dict(model.hparams)
+    if "weight_decay_on" in saved_model and saved_model["weight_decay_on"] != h["weight_decay_on"]:
+        impossible.append(
+            change("model.weight_decay_on", saved_model["weight_decay_on"], h["weight_decay_on"])
+            + " (other optimizer parameter groups: the saved optimizer state does not fit them)"
+        )
+    layout = [change(k, saved_run[k], run[k]) for k in ("trainer.strategy", "trainer.world_size") if k in saved_run
+              and k in run and saved_run[k] != run[k]]  # fmt: skip
+    if layout:
+        impossible.append(
+            "; ".join(layout) + " (the checkpoint's weights and optimizer state are laid out for the processes and "
+            "strategy that wrote them)"
+        )
+    if (
+        "warmup_unit" in saved_model
+        and saved_model["warmup_unit"] != h["warmup_unit"]
+        and max(saved_model.get("warmup_steps", 0), h["warmup_steps"]) > 0
+    ):
+        redrawn.append(
+            change("model.warmup_unit", saved_model["warmup_unit"], h["warmup_unit"])
+            + " (the saved schedule counted the other unit: the warm-up would read its count as this one)"
+        )
+    per_epoch = data.get("prompts_per_epoch")
+    if "prompts_per_epoch" in saved_data and saved_data["prompts_per_epoch"] != per_epoch:
+        redrawn.append(
+            change("data.prompts_per_epoch", saved_data["prompts_per_epoch"], per_epoch)
+            + " (the prompt draw's position is iterations x prompts per iteration: it would jump, skipping or "
+            "repeating prompts of the current pass)"
+        )
+    if per_epoch is not None and "seed" in saved_data and saved_data["seed"] != data.get("seed"):
+        redrawn.append(
+            change("data.seed", saved_data["seed"], data.get("seed"))
+            + " (the seed orders each pass over the prompts: the rest of this pass would repeat prompts already "
+            "drawn and skip others)"
+        )
+    if per_epoch is not None and saved_run.get("data.train", run.get("data.train")) != run.get("data.train"):
+        redrawn.append(
+            "; ".join(_source_changes(saved_run["data.train"], run["data.train"]))
+            + " (another prompt pool: the draw would start in the middle of its first pass)"
+        )
+    return impossible, redrawn
+
+
+def load_settings(path: Path) -> dict:
+    """A checkpoint's entries other than the weights and optimizer state (a sharded folder keeps them in meta.pt)."""
+    if path.is_dir():
+        meta = path / "meta.pt"
+        return torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def check_resume(ckpt_path: str, model, datamodule, trainer=None) -> None:
+    """Refuse a checkpoint of another model, or changed settings that break the resume; name every other change.
+
+    Refused (``ConfigError``): changes the checkpoint cannot be loaded with (the optimizer's parameter groups, the
+    strategy or the number of processes), and changes that make the resumed run draw prompts or schedule the
+    learning rate from a position that no longer means what it meant (``prompts_per_epoch``, the draw's seed or the
+    prompt pool when iterations draw a share of it, the warm-up's unit); ``SPPO_RESUME_CHANGED=1`` lets the latter
+    go on anyway. Every other change (``max_epochs``, ``learning_rate``, η, logging, ...) is a warning and takes
+    effect from the resumed iteration on.
+    """
     path = Path(ckpt_path)
-    if path.is_dir():  # a sharded checkpoint: its settings are not stored with it
-        return
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = load_settings(path)
     saved_model = checkpoint.get("hyper_parameters") or {}
     expected = _expected_shapes(model.hparams)
     state = checkpoint.get("state_dict") or {}
@@ -163,9 +312,34 @@ def check_resume(ckpt_path: str, model, datamodule) -> None:
                 f"{model.hparams.model_name_or_path} (e.g. {example}; it was trained from "
                 f"{saved_model.get('model_name_or_path')!r}): resume with that model's config"
             )
+    saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+    data = dict(datamodule.hparams) if datamodule is not None else {}
+    saved_run = checkpoint.get(RECORD) or {}
+    run = run_record(trainer, datamodule) if trainer is not None else {}
+    impossible, redrawn = _refused(saved_model, model, saved_data if data else {}, data, saved_run, run)
+    if os.environ.get(OVERRIDE) == "1":
+        redrawn = []  # named by the warning below like any other change
+    if impossible or redrawn:
+        export = f"python -m sppo_lightning.export {ckpt_path} DIR"
+        remedy = (
+            f"resume with the saved values, or start a new run from its weights ({export}, then "
+            "--model.model_name_or_path=DIR without --ckpt_path)"
+        )
+        if redrawn and not impossible:
+            remedy += f", or set {OVERRIDE}=1 to go on with the new values anyway"
+        raise ConfigError(
+            f"--ckpt_path={ckpt_path} cannot be resumed with these changed settings: {'; '.join(impossible + redrawn)}."
+            f" To go on: {remedy}"
+        )
     changes = changed_settings(saved_model, dict(model.hparams), "model")
-    if datamodule is not None and "datamodule_hyper_parameters" in checkpoint:
-        changes += changed_settings(checkpoint["datamodule_hyper_parameters"], dict(datamodule.hparams), "data")
+    if data and saved_data:
+        changes += changed_settings(saved_data, data, "data")
+    for key in sorted(run):
+        if key in saved_run and saved_run[key] != run[key]:
+            if key == "data.train":
+                changes += _source_changes(saved_run[key], run[key])
+            else:
+                changes.append(f"{key} {saved_run[key]!r} -> {run[key]!r}")
     if changes and rank_zero_only.rank == 0:
         print(
             f"warning: resuming {ckpt_path} with changed settings: {'; '.join(changes)}. The run goes on with the new "

@@ -146,6 +146,7 @@ class SPPOCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         place_outputs(trainer)
         checkpoints.use_atomic_saves(trainer)
+        trainer.callbacks.insert(0, checkpoints.RunRecord())  # what a resume checks, and the optimizer's settings
         return trainer
 
     def validate(self, **kwargs) -> None:
@@ -163,6 +164,12 @@ class SPPOCLI(LightningCLI):
                 table.add_row(name, f"{value:.1%}")
             Console().print(table)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's would load a ``--ckpt_path`` file while parsing and put its saved ``model`` settings over the
+        config and the command line: a resume from a named file silently dropped ``--model.eta=0.5`` (while one from
+        ``last`` kept it), and a truncated file died in ``torch.load``. Here the config is what runs, for ``last`` and
+        a named file alike; ``before_fit`` checks the checkpoint against it (``checkpoints.check_resume``)."""
+
     def before_validate(self) -> None:
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)
@@ -171,7 +178,7 @@ class SPPOCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = checkpoints.resolve_resume(config.get("ckpt_path"), self.trainer)
         if config["ckpt_path"] is not None:
-            checkpoints.check_resume(config["ckpt_path"], self.model, self.datamodule)
+            checkpoints.check_resume(config["ckpt_path"], self.model, self.datamodule, self.trainer)
 
 
 def quiet() -> None:

@@ -197,3 +197,18 @@ def test_prepare_math_from_the_hub_without_datasets_or_network_says_use_source(t
     assert "--source path/to/MATH" in line
     if problem == "no datasets package":
         assert 'pip install "sppo-lightning[datasets]"' in line
+
+
+def test_a_hub_dataset_that_cannot_be_fetched_is_one_line(tmp_path):
+    """A prompt source named like a hub dataset (org/name), with the hub out of reach: one line naming it."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = run(
+        "fit", "--config", DEMO, f"--model.model_name_or_path={TOY}", "--data.train=sppo_lightning.data.PromptFiles",
+        "--data.train.init_args.paths=someorg/no-such-prompts", f"--trainer.default_root_dir={tmp_path}",
+        cwd=tmp_path, check=False, env=env,
+    )  # fmt: skip
+    assert one_line_error(proc).startswith(
+        "error: someorg/no-such-prompts: not a file here, and the hub did not give it ("
+    ), proc.stderr[-2000:]

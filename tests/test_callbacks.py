@@ -1,6 +1,7 @@
 """The rollout progress bar: driven by the pipeline's stages, inside Lightning's rich display, closed after each."""
 
 import lightning as L
+import pytest
 
 from callbacks.progress import RolloutProgress
 from sppo_lightning.module import SPPOModule
@@ -60,3 +61,30 @@ def test_a_resume_reads_the_earlier_parts_of_its_own_run_only(tmp_path):
     assert values(rows, "val/accuracy") == [(-1, 0.3), (0, 0.4), (1, 0.5), (2, 0.6)]
     assert len(values(rows, "time/train")) == 3
     assert earlier_rows(SimpleNamespace(ckpt_path=None, loggers=[logger], current_epoch=3)) == []
+
+
+@pytest.mark.slow
+def test_wandb_gets_the_curves_image_once_per_iteration(tmp_path):
+    """3 iterations, 3 `curves` images in wandb's offline record: one per validation, none more at the end of fit
+    (which redraws the last one into curves.png)."""
+    import os
+    import time
+
+    import yaml
+
+    from tests.test_cli import DEMO, REPO, SHORT, run
+    from tests.wandb_record import history_keys, records
+
+    overlay = yaml.safe_load((REPO / "configs" / "wandb.yaml").read_text())
+    overlay["trainer"]["logger"][1]["init_args"]["offline"] = True
+    (tmp_path / "wandb_offline.yaml").write_text(yaml.safe_dump(overlay))
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    run("fit", "--config", DEMO, "--config", str(tmp_path / "wandb_offline.yaml"), *SHORT, "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", env=env)  # fmt: skip
+    [record] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 60  # wandb's service may still be writing the record when fit returns
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(record)) and time.monotonic() < deadline:
+        time.sleep(1)
+    rows = history_keys(record)
+    assert sum("val/accuracy" in row for row in rows) == 3 + 1  # the record is whole: before any update, then 3
+    assert sum("curves" in row for row in rows) == 3
