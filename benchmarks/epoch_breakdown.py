@@ -96,7 +96,7 @@ def raw_run(cli, recorder: Recorder, warmup: int) -> dict:
     module, dm = cli.model, cli.datamodule
     h, tok = dm.hparams, module.tokenizer
     device = cli.trainer.strategy.root_device  # the module itself is back on CPU after fit
-    model = AutoModelForCausalLM.from_pretrained(module.hparams.model_name_or_path, dtype=module.policy.dtype)
+    model = AutoModelForCausalLM.from_pretrained(module.policy_handle().name_or_path, dtype=module.policy.dtype)
     model.to(device)
     n_prompts = h.prompts_per_epoch or len(dm.train_prompts)
     prompts = dm.train_prompt_ids[:n_prompts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -257,6 +258,10 @@ class Validation:
         self._win_rate: WinRate | None = None
         self._collecting = False
         self._oracle, self._device, self._seed = None, None, 0
+        self._started = 0.0
+        self.seconds = 0.0
+        """How long the last pass took, ``start`` to ``finish`` (generation, scoring, the engine's release): the
+        iteration's ``time/validation``. Work other callbacks do when a validation ends is not validation."""
 
     def load_reference(self, path: Path) -> None:
         """Resume the win rate against the reference of the run's start; without the file, no win rate (warned)."""
@@ -277,6 +282,7 @@ class Validation:
         self._accuracy = GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(device)
         self._win_rate = WinRate().to(device) if self.reference is not None else None
         self._oracle, self._device, self._seed = oracle, device, seed
+        self._started = time.perf_counter()
 
     def score(self, batch: dict, generate: Generate) -> None:
         """Generate for a val batch and add its scored rows to the metrics (the win rate's first pass: ½ each)."""
@@ -302,6 +308,7 @@ class Validation:
         if self._collecting:
             self._collecting = False
             self._save_reference()
+        self.seconds = time.perf_counter() - self._started
         return results
 
     def _save_reference(self) -> None:

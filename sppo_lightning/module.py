@@ -14,7 +14,6 @@ and ``val_dataloader()`` (for the evaluation before the first update, which Ligh
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -375,7 +374,6 @@ class SPPOModule(L.LightningModule):
             return
         if data is None or self.trainer.limit_val_batches == 0:
             return
-        start = time.perf_counter()
         collect = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None))
         self._start_validation(reference=path if collect else None)
         with torch.no_grad():
@@ -384,7 +382,7 @@ class SPPOModule(L.LightningModule):
         results = self._finish_validation()
         if results:
             self.initial_val_accuracy = results["accuracy"]
-            self.initial_val_seconds = time.perf_counter() - start
+            self.initial_val_seconds = self.validation.seconds
             phases.log_before_training(self.trainer, results, self.initial_val_seconds)
 
     def on_validation_epoch_start(self) -> None:

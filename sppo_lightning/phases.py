@@ -7,9 +7,10 @@ callbacks, and a config's own ``IterationRecord`` is replaced by the module's, n
 
 ``time/train`` is the training loop only: from the epoch's start to its last step's end, less any validation Lightning
 ran in between (``val_check_interval`` < 1). Validation is a phase of its own: Lightning runs the epoch-end validation
-inside the training epoch, after its last step; ``time/validation`` is that loop from start to end (its callbacks'
-validation-end work included), summed over the epoch's validations. The evaluation before the first update is not
-Lightning's loop: ``log_before_training`` writes its row.
+inside the training epoch, after its last step; ``time/validation`` is the module's validation passes
+(``Validation.seconds``: generation, scoring, the engine's release), summed over the epoch's validations. The other
+callbacks' work at a validation's end (drawing curves, say) is in no phase. The evaluation before the first update
+is not Lightning's loop: ``log_before_training`` writes its row.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class IterationRecord(L.Callback):
     """Logs each iteration's rollout metrics, ``time/train`` and ``time/validation`` (means over ranks)."""
 
     def __init__(self) -> None:
-        self._epoch_start = self._last_step_end = self._validation_start = 0.0
+        self._epoch_start = self._last_step_end = 0.0
         self._validation: float | None = None  # seconds of validation in this epoch so far; None: none ran
         self._validation_before_last_step = 0.0  # the part of it that ran before the last step ended
 
@@ -35,12 +36,9 @@ class IterationRecord(L.Callback):
         self._last_step_end = time.perf_counter()
         self._validation_before_last_step = self._validation or 0.0
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._validation_start = time.perf_counter()
-
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:  # the sanity check runs before the first epoch: no iteration's time
-            self._validation = (self._validation or 0.0) + time.perf_counter() - self._validation_start
+            self._validation = (self._validation or 0.0) + pl_module.validation.seconds
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Runs after the epoch's validation (Lightning runs it inside the training epoch, before this hook).

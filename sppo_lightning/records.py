@@ -39,6 +39,9 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     """Generation stops after any of these (the tokenizer's EOS is always one)."""
+    logprobs: bool = False
+    """Ask for each response token's log π_t as well (``Samples.logprobs``), which an engine gives when it has them
+    cheaply: the rollout asks, validation does not."""
 
     @property
     def greedy(self) -> bool:

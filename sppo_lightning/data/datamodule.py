@@ -301,6 +301,7 @@ class RolloutDataModule(L.LightningDataModule):
             top_p=h.top_p,
             top_k=h.top_k,
             max_new_tokens=h.max_response_length,
+            logprobs=True,  # π_t's log-probs come with the samples when the engine has them (else a forward pass)
         )
 
     def progress(self, stage: str, done: int, total: int, tokens: int = 0) -> None:

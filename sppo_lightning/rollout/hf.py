@@ -130,7 +130,8 @@ class HFEngine(RolloutEngine):
     """Take log π_t(y|x) from the logits generation computes anyway, instead of a second forward pass over every
     response. It differs from that forward only by float rounding (KV cache, padding side): about 1e-6 in fp32,
     more in bf16. Its logits are kept for a whole ``generate`` call, (steps × batch_size × vocab) floats, so this
-    suits small vocabularies or small batches. Validation's calls return them too (unused; same chunk size)."""
+    suits small vocabularies or small batches. Only calls that ask (``SamplingParams.logprobs``: the rollout's) get
+    them."""
 
     def generate(self, policy: PolicyHandle, prompt_ids, params, seed) -> Samples:
         # A private RNG stream per iteration: the samples depend on (seed, iteration) only, so a resumed run
@@ -139,6 +140,7 @@ class HFEngine(RolloutEngine):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             tok = policy.tokenizer
+            with_logprobs = self.logprobs_from_rollout and params.logprobs
             out = policy.run(
                 lambda: hf_generate(
                     policy.policy,
@@ -147,8 +149,8 @@ class HFEngine(RolloutEngine):
                     tok.pad_token_id,
                     tok.eos_token_id,
                     self.batch_size,
-                    self.logprobs_from_rollout,
+                    with_logprobs,
                     on_chunk=self.on_progress,
                 )
             )
-        return Samples(*out) if self.logprobs_from_rollout else Samples(out)
+        return Samples(*out) if with_logprobs else Samples(out)

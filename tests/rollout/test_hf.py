@@ -78,7 +78,7 @@ def test_a_handle_without_any_lightning_module_is_all_an_engine_needs(toy_model_
     tok = AutoTokenizer.from_pretrained(toy_model_dir)
     bare = PolicyHandle(policy, tok, str(toy_model_dir), trust_remote_code=False, step=0, device=torch.device("cpu"))
     prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?"))
-    params = SamplingParams(n=3, max_new_tokens=12)
+    params = SamplingParams(n=3, max_new_tokens=12, logprobs=True)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
     engine = HFEngine(batch_size=6, logprobs_from_rollout=True)
     got, got_greedy = engine.generate(bare, prompts, params, seed=4), engine.generate(bare, prompts, greedy, seed=0)
@@ -87,6 +87,7 @@ def test_a_handle_without_any_lightning_module_is_all_an_engine_needs(toy_model_
     assert got_greedy == engine.generate(via_module, prompts, greedy, seed=0)
     assert [len(g) for g in got.response_ids] == [3, 3]
     assert [[len(x) for x in g] for g in got.logprobs] == [[len(r) for r in g] for g in got.response_ids]
+    assert got_greedy.logprobs is None  # not asked for (validation's calls): no logits kept
     answers = [tok.decode(g[0], skip_special_tokens=True) for g in got_greedy.response_ids]
     assert answers[1] == "\\boxed{77}"  # the toy policy answering (it gets 33+44 right, 3+4 wrong: 75)
 
@@ -119,7 +120,7 @@ def test_logprobs_from_the_rollout_equal_a_forward_pass(toy_model_dir):
     m = module_for(toy_model_dir)
     tok = m.tokenizer
     prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?", "What is 1+99?"))
-    params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12)
+    params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12, logprobs=True)
     samples = HFEngine(batch_size=4, logprobs_from_rollout=True).generate(m.policy_handle(), prompts, params, 0)
     ids, logps = samples.response_ids, samples.logprobs
     rows = [Example(prompts[p], ids[p][k], 0.0, 0.5, 0.0, p, ref_logps=logps[p][k]) for p in range(3) for k in range(3)]
@@ -172,7 +173,7 @@ def test_generation_uses_only_the_configured_settings_not_the_folders(toy_model_
         m = module_for(path)
         tok = m.tokenizer
         prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?", "What is 11+19?"))
-        sample = SamplingParams(n=4, max_new_tokens=12)
+        sample = SamplingParams(n=4, max_new_tokens=12, logprobs=True)
         samples = HFEngine(batch_size=8, logprobs_from_rollout=True).generate(m.policy_handle(), prompts, sample, 0)
         ids, logps = samples.response_ids, samples.logprobs
         greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
