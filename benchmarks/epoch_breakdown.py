@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -50,8 +51,7 @@ class Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._train_tokens += int(batch.attention_mask.sum())
-        tensors = {k: v.detach().cpu().clone() for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
-        self.batches.append({"epoch": trainer.current_epoch, **tensors})
+        self.batches.append((trainer.current_epoch, move_data_to_device(batch, "cpu")))
 
     def on_train_epoch_end(self, trainer, pl_module):
         dm = trainer.datamodule
@@ -123,14 +123,14 @@ def raw_run(cli, recorder: Recorder, warmup: int) -> dict:
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    batches = [b for b in recorder.batches if b["epoch"] >= warmup]
+    batches = [b for epoch, b in recorder.batches if epoch >= warmup]
     for i, batch in enumerate([batches[0], *batches]):
         if i == 1:
             start = time.perf_counter()
-        input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        input_ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
         logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
         logp = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
-        loss = ((logp * batch["response_mask"][:, 1:].to(device)).sum(-1) ** 2).mean()
+        loss = ((logp * batch.response_mask[:, 1:].to(device)).sum(-1) ** 2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from vs_trl import LR, MICRO, NEW_TOKENS, PROMPTS, K, greedy_texts, mean_and_se, run_ours, run_trl  # noqa: E402
 
-OURS = ("sppo", "sppo_pair", "dpo", "ipo")
+OURS = ("sppo", "sppo_pair", "dpo", "ipo")  # the paper's loss and its baselines (LOSSES holds every loss type)
 TRL = ("trl_online_dpo", "trl_grpo")
 SETTINGS = {"graded": 0.0, "intransitive": 1.0}  # the judge's cycle weight
 SCALE = 2.0
@@ -215,7 +215,10 @@ def main() -> None:
 
 def label(method: str, eta: float) -> str:
     """A method's name in the table: the SPPO losses with a non-default η carry it (DPO and IPO have none)."""
-    return f"{method} (η = {eta:g})" if method in ("sppo", "sppo_pair") and eta != 2.0 else method
+    from sppo_lightning.loss import LOSSES
+
+    has_eta = method in LOSSES and LOSSES[method].target is not None  # η lives in the targets
+    return f"{method} (η = {eta:g})" if has_eta and eta != 2.0 else method
 
 
 def save(args, seeds: range, start: dict, results: dict) -> None:

@@ -163,7 +163,9 @@ OVERRIDE = "SPPO_RESUME_CHANGED"
 (see ``check_resume``)."""
 
 RECORD = "sppo_run"
-"""The checkpoint's entry for what a resume must find unchanged and the hyper-parameters do not hold."""
+"""The checkpoint's entry for what the hyper-parameters do not hold and a resume compares: the strategy and the number
+of processes (refused if changed), the prompt source (refused if changed where iterations draw a share of it), the
+gradient accumulation (warned)."""
 
 
 def run_record(trainer, datamodule) -> dict[str, Any]:
@@ -287,7 +289,7 @@ def load_settings(path: Path) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
-def check_resume(ckpt_path: str, model, datamodule, trainer=None) -> None:
+def check_resume(ckpt_path: str, model, datamodule, trainer) -> None:
     """Refuse a checkpoint of another model, or changed settings that break the resume; name every other change.
 
     Refused (``ConfigError``): changes the checkpoint cannot be loaded with (the optimizer's parameter groups, the
@@ -315,7 +317,7 @@ def check_resume(ckpt_path: str, model, datamodule, trainer=None) -> None:
     saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
     data = dict(datamodule.hparams) if datamodule is not None else {}
     saved_run = checkpoint.get(RECORD) or {}
-    run = run_record(trainer, datamodule) if trainer is not None else {}
+    run = run_record(trainer, datamodule)
     impossible, redrawn = _refused(saved_model, model, saved_data if data else {}, data, saved_run, run)
     if os.environ.get(OVERRIDE) == "1":
         redrawn = []  # named by the warning below like any other change

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import torch
 from torchmetrics import Metric
 
-from sppo_lightning.errors import ConfigError
-from sppo_lightning.records import PromptRecord, SamplingParams
+from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.records import PromptRecord, Rollout, SamplingParams, ValBatch
 from sppo_lightning.rewards.base import RuleOracle, rule_scores
 
 
@@ -93,7 +93,6 @@ def preference_over_reference(
     a rule 1, ½ or 0. The probability is read back from the group's win-rates, P̂ = (½ + p) / 2 when the oracle
     counts each response against itself (``include_self``), P̂ = p otherwise.
     """
-    from sppo_lightning.records import Rollout
 
     pairs = [(p, i) for p, group in enumerate(responses) for i in range(len(group))]
     if not pairs:
@@ -158,7 +157,6 @@ class ReferenceResponses:
 
     def lookup(self, records: Sequence[PromptRecord], n: int) -> tuple[list[list[str]], torch.Tensor]:
         """The first ``n`` reference responses of each prompt and their lengths ``[P, n]``."""
-        from sppo_lightning.errors import DataError
 
         refs = []
         for rec in records:
@@ -211,8 +209,8 @@ class ValidationSource(Protocol):
     Validation samples through the rollout's engine (SGLang on GPU) and judges the win rate with the rollout's
     oracle, so both are the datamodule's; the accuracy's groups are those of its whole validation set, the same on
     every rank; and the first evaluation, before Lightning's loop ever runs, reads the standard ``val_dataloader()``.
-    A val batch is ``{"prompt_ids": [P'] ids, "records": [P <= P'] PromptRecord, "params": SamplingParams}`` (rows
-    of ``prompt_ids`` past ``records`` keep ranks in step and are not scored).
+    A val batch is a ``records.ValBatch`` (rows of ``prompt_ids`` past ``records`` keep ranks in step and are not
+    scored).
     """
 
     engine: Any
@@ -284,10 +282,10 @@ class Validation:
         self._oracle, self._device, self._seed = oracle, device, seed
         self._started = time.perf_counter()
 
-    def score(self, batch: dict, generate: Generate) -> None:
+    def score(self, batch: ValBatch, generate: Generate) -> None:
         """Generate for a val batch and add its scored rows to the metrics (the win rate's first pass: ½ each)."""
-        records, params = batch["records"], batch["params"]
-        responses = generate(batch["prompt_ids"], params, self._seed)  # [P'][n] ids
+        records, params = batch.records, batch.params
+        responses = generate(batch.prompt_ids, params, self._seed)  # [P'][n] ids
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
         responses, texts = responses[: len(records)], texts[: len(records)]  # past the records: padding, not scored
         if self._win_rate is not None:

@@ -154,7 +154,8 @@ class LossTerms:
 
 @dataclass(frozen=True)
 class LossParams:
-    """The loss types' own settings (``model.dpo_beta``, ``model.ipo_tau``); η is in the targets already."""
+    """The loss types' own settings, each filled from the ``SPPOModule`` argument of the same name (``model.dpo_beta``,
+    ``model.ipo_tau``); η is in the targets already."""
 
     dpo_beta: float = 0.1
     ipo_tau: float = 0.1

@@ -7,16 +7,17 @@ Elsewhere: validation scoring (accuracy, win rate, the reference responses) is `
 module only generates for it; the per-iteration record (rollout metrics, ``time/train``, ``time/validation``) is
 ``phases.IterationRecord``'s, a callback the module installs itself (``configure_callbacks``).
 
-What the module reads from the datamodule is ``evaluation.ValidationSource`` and nothing else: the engine that
-generates validation responses, the oracle that judges the win rate, the validation prompts (the accuracy's groups)
-and ``val_dataloader()`` (for the evaluation before the first update, which Lightning's loop does not run).
+What the module reads from the datamodule is ``evaluation.ValidationSource``: the engine that generates validation
+responses, the oracle that judges the win rate, the validation prompts (the accuracy's groups) and
+``val_dataloader()`` (for the evaluation before the first update, which Lightning's loop does not run); and, once at
+``setup``, its ``loss_type`` and ``eta`` to check that both halves got the same (the CLI links them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -293,7 +294,7 @@ class SPPOModule(L.LightningModule):
         terms = (logps, ref, batch.targets, batch.response_mask.sum(-1).clamp(min=1))  # (B,) each
         if spec.paired:
             terms = tuple(batch.pairs(v) for v in terms)  # (B/2, 2) each: every prompt's (winner, loser)
-        params = LossParams(dpo_beta=self.hparams.dpo_beta, ipo_tau=self.hparams.ipo_tau)
+        params = LossParams(**{f.name: self.hparams[f.name] for f in fields(LossParams)})  # same-named model.* keys
         losses = spec.compute(LossTerms(*terms), params)  # (B,), or (B/2,) for pairs
         loss, mean, n = self._step_share(losses, batch)
         if not self.guard.all_finite(loss):
@@ -367,15 +368,15 @@ class SPPOModule(L.LightningModule):
         """The first point of the learning curve: the policy before any update. With the win rate on, its responses
         are the reference every later validation is judged against (written once; a resumed run reads it back)."""
         data, path = self._validation_source(), Path(self.trainer.default_root_dir) / REFERENCE_FILE
+        win_rate = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None))
         self.validation.reference = None
         if self.global_step > 0:  # resumed: the reference of the run's start, if it had one
-            if win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None)):
+            if win_rate:
                 self.validation.load_reference(path)
             return
         if data is None or self.trainer.limit_val_batches == 0:
             return
-        collect = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None))
-        self._start_validation(reference=path if collect else None)
+        self._start_validation(reference=path if win_rate else None)
         with torch.no_grad():
             for batch in data.val_dataloader():
                 self.validation.score(batch, self._generate)

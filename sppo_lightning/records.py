@@ -109,6 +109,17 @@ class Rollout:
 
 
 @dataclass
+class ValBatch:
+    """One validation batch of this rank: prompts to generate for, and the records of those to score."""
+
+    prompt_ids: list[list[int]]
+    """[P'] chat-templated prompt ids; rows past ``records`` only keep ranks in step (they are not scored)."""
+    records: list[PromptRecord]
+    """[P <= P'] the prompts scored, the first P rows."""
+    params: SamplingParams
+
+
+@dataclass
 class TrainBatch:
     """One training micro-batch: B rows of prompt + response, right-padded to one width, and what the loss needs.
 
@@ -130,8 +141,6 @@ class TrainBatch:
     """[B] what log π_θ/π_t regresses onto: η(P̂ − ½), or η(r − SoftMean_η(r)); 0 for losses without a target."""
     win_rates: torch.Tensor
     """[B] P̂(y ≻ π_t | x) of each row's response."""
-    rewards: torch.Tensor
-    """[B] the oracle's reward of each row's response."""
     row_weight: torch.Tensor
     """[B] 1 = the row's loss term counts in its step's mean; 0 for an empty response and in a filler."""
     paired: bool = False

@@ -6,7 +6,8 @@ that gather on request anywhere, while FSDP1 gathers its root unit's parameters 
 (``run_with_policy``) and the others inside ``summon_full_params`` (``full_parameters``).
 
 Only Lightning's public API is used here: the wrapper is ``trainer.strategy.model``, the FSDP2 mesh
-``LightningModule.device_mesh``.
+``LightningModule.device_mesh``. One piece of torch's is private: FSDP1's ``TrainingState``, the only way to tell
+whether a call already runs inside the wrapper's forward (``run_with_policy``).
 """
 
 from __future__ import annotations

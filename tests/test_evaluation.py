@@ -91,10 +91,10 @@ def test_validation_shares_count_each_prompt_once_and_keep_ranks_in_step(num_pro
     for rank in range(world_size):
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
         batches = list(dm.val_dataloader())
-        shapes.add(tuple(len(b["prompt_ids"]) for b in batches))
+        shapes.add(tuple(len(b.prompt_ids) for b in batches))
         for b in batches:
-            assert [[1, 10 + r.extra_info["index"]] for r in b["records"]] == b["prompt_ids"][: len(b["records"])]
-            scored += [r.extra_info["index"] for r in b["records"]]
+            assert [[1, 10 + r.extra_info["index"]] for r in b.records] == b.prompt_ids[: len(b.records)]
+            scored += [r.extra_info["index"] for r in b.records]
     assert sorted(scored) == list(range(num_prompts))
     assert len(shapes) == 1
 
@@ -206,13 +206,13 @@ def test_validation_scores_batches_and_judges_against_the_reference_of_its_first
     reference (win rate exactly ½) and writes it; the second is judged against it by a judge preferring longer texts,
     σ((len(a) − len(b)) / 4) symmetrised; the padding row is generated but never scored."""
     from sppo_lightning.evaluation import Validation
-    from sppo_lightning.records import SamplingParams
+    from sppo_lightning.records import SamplingParams, ValBatch
 
     records = [
         PromptRecord([{"role": "user", "content": "a"}], "1", extra_info={"level": 1}),
         PromptRecord([{"role": "user", "content": "b"}], "1", extra_info={"level": 2}),
     ]
-    batch = {"prompt_ids": [[10], [20], [10]], "records": records, "params": SamplingParams(n=2, temperature=0)}
+    batch = ValBatch([[10], [20], [10]], records, SamplingParams(n=2, temperature=0))
     passes = [
         {10: [[1], [2]], 20: [[1], [1]]},  # the starting policy: texts "1", "2" and "1", "1"
         {10: [[1, 1, 1], [2]], 20: [[1], [1]]},  # later: "1 1 1" beats the reference "1"; the rest repeat it

@@ -54,7 +54,6 @@ def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatc
         group=torch.tensor([r.group for r in rows]),  # rows of a group share their prompt
         targets=torch.tensor([r.target for r in rows]),
         win_rates=torch.tensor([r.win_rate for r in rows]),
-        rewards=torch.tensor([r.reward for r in rows]),
         # 1 = the row's loss term counts in its step's mean; an empty response has no token to learn from
         row_weight=torch.tensor([float(len(r.response_ids) > 0) for r in rows]),
         paired=paired,

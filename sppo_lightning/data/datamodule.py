@@ -26,7 +26,7 @@ from sppo_lightning.data.examples import build_groups
 from sppo_lightning.data.prompts import PromptSource
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.loss import LOSSES
-from sppo_lightning.records import PromptRecord, Rollout, SamplingParams, Scores, TrainBatch
+from sppo_lightning.records import PromptRecord, Rollout, SamplingParams, Scores, TrainBatch, ValBatch
 from sppo_lightning.rewards.base import Oracle, RuleOracle
 from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
@@ -373,13 +373,7 @@ class RolloutDataModule(L.LightningDataModule):
         batches = []
         for start in range(0, len(rows), h.val_batch_size):
             chunk = rows[start : start + h.val_batch_size]
-            batches.append(
-                {
-                    "prompt_ids": [ids for ids, _ in chunk],
-                    "records": [rec for _, rec in chunk if rec is not None],
-                    "params": params,
-                }
-            )
+            batches.append(ValBatch([ids for ids, _ in chunk], [rec for _, rec in chunk if rec is not None], params))
         # An iterable dataset, like training's: Lightning would otherwise shard a second time with a
         # DistributedSampler, which pads by duplicating prompts.
         return DataLoader(_MicroBatches(batches), batch_size=None)
