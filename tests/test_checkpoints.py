@@ -92,18 +92,29 @@ def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, toy_m
     assert f"holds another model than model.model_name_or_path={other}" in proc.stderr
 
 
+def interrupting(where: str, name: str) -> list[str]:
+    """Overrides that send the process signal ``name`` in iteration 1: during its rollout (the engine signals) or as
+    its first training step starts (a callback)."""
+    if where == "rollout":
+        return ["--data.engine=tests.fixtures.interrupting.SignallingEngine",
+                f"--data.engine.init_args.signal_name={name}", "--data.engine.init_args.at_epoch=1",
+                "--data.engine.init_args.logprobs_from_rollout=true"]  # fmt: skip
+    return ["--trainer.callbacks+=tests.fixtures.interrupting.SignalInTraining",
+            f"--trainer.callbacks.init_args.signal_name={name}",
+            "--trainer.callbacks.init_args.at_epoch=1"]  # fmt: skip
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["rollout", "training"])
 @pytest.mark.parametrize(("name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_signal_during_the_rollout_stops_with_the_resume_hint_and_keeps_the_last_iteration(tmp_path, name, code):
-    engine = ["--data.engine=tests.fixtures.interrupting.SignallingEngine",
-              f"--data.engine.init_args.signal_name={name}", "--data.engine.init_args.at_epoch=1",
-              "--data.engine.init_args.logprobs_from_rollout=true"]  # fmt: skip
-    proc = run("fit", *TINY, *engine, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3", check=False)
+def test_a_signal_stops_with_the_resume_hint_and_keeps_the_last_iteration(tmp_path, where, name, code):
+    proc = run("fit", *TINY, *interrupting(where, name), f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.max_epochs=3", check=False)  # fmt: skip
     assert proc.returncode == code == 128 + getattr(signal, name), proc.stderr[-2000:]
     assert "resume with --ckpt_path=last" in proc.stderr and "Traceback" not in proc.stderr
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
-    # Ctrl-C stops at once: iteration 0 is the last finished one. SIGTERM stops at the next step boundary, which with
-    # one micro-batch per iteration is the end of iteration 1, saved first.
+    # Ctrl-C stops at once (in the rollout or in the step): iteration 0 is the last finished one. SIGTERM stops at
+    # the next step boundary, which with one micro-batch per iteration is the end of iteration 1, saved first.
     assert last == {"SIGINT": 0, "SIGTERM": 1}[name]
     assert not (tmp_path / "hf_model").exists()
     run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--trainer.max_epochs={last + 2}", "--ckpt_path=last")
@@ -255,27 +266,6 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_i
     mine, theirs = (torch.load(p / "checkpoints" / "last.ckpt", weights_only=False) for p in (killed, whole))
     assert mine["epoch"] == theirs["epoch"] == 2
     assert all(torch.equal(mine["state_dict"][k], v) for k, v in theirs["state_dict"].items())
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_signal_during_training_stops_with_the_resume_hint_and_keeps_the_last_iteration(tmp_path, name, code):
-    signal_in_training = [
-        "--trainer.callbacks+=tests.fixtures.interrupting.SignalInTraining",
-        f"--trainer.callbacks.init_args.signal_name={name}",
-        "--trainer.callbacks.init_args.at_epoch=1",
-    ]
-    proc = run("fit", *TINY, *signal_in_training, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=3",
-               check=False)  # fmt: skip
-    assert proc.returncode == code == 128 + getattr(signal, name), proc.stderr[-2000:]
-    assert "resume with --ckpt_path=last" in proc.stderr and "Traceback" not in proc.stderr
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
-    # Ctrl-C stops in the step: iteration 0 is the last finished one. SIGTERM lets the step (the iteration's only
-    # one) finish and stops at its boundary, the end of iteration 1, saved first.
-    assert last == {"SIGINT": 0, "SIGTERM": 1}[name]
-    assert not (tmp_path / "hf_model").exists()
-    run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--trainer.max_epochs={last + 2}", "--ckpt_path=last")
-    assert len(val_accuracies(tmp_path)) == last + 3  # before any update, then once per iteration, none twice
 
 
 def test_a_given_checkpoint_that_is_missing_or_truncated_is_refused(tmp_path):
