@@ -345,9 +345,7 @@ class SPPOModule(L.LightningModule):
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """The guard's reduction: every rank must skip together, or the others would wait in the gradient reduction
         forever."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return value
-        return self.trainer.strategy.reduce(value, reduce_op="sum")
+        return sharding.sum_over_ranks(self._trainer, value)
 
     def _skip(self, what: str) -> None:
         try:

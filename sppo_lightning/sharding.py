@@ -148,6 +148,15 @@ def clip_fsdp1_grad_norm(trainer, clip_val: float | None, algorithm: str | None)
     return True
 
 
+def sum_over_ranks(trainer, values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over every rank, back on the device they came from (reduced on the strategy's device: NCCL
+    has no CPU tensors); ``values`` itself in one process."""
+    if trainer is None or trainer.world_size == 1:
+        return values
+    strategy = trainer.strategy
+    return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").to(values.device)
+
+
 def global_grad_norm(grads: list[torch.Tensor], trainer, device) -> torch.Tensor:
     """The norm of the whole gradient, the same on every rank, from this rank's (possibly sharded) gradients."""
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)

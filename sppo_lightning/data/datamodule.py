@@ -20,6 +20,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from sppo_lightning import sharding
 from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, repeat_passes
 from sppo_lightning.data.draw import draw_indices, shard
 from sppo_lightning.data.examples import build_groups
@@ -287,11 +288,8 @@ class RolloutDataModule(L.LightningDataModule):
         return count, count
 
     def all_ranks_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over ranks (on the device: NCCL has no CPU tensors)."""
-        if self.trainer.world_size == 1:
-            return values
-        strategy = self.trainer.strategy
-        return strategy.all_gather(values.to(strategy.root_device)).sum(0).cpu()
+        """``values`` summed over ranks."""
+        return sharding.sum_over_ranks(self.trainer, values)
 
     def sampling_params(self) -> SamplingParams:
         h = self.hparams
