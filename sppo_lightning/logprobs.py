@@ -132,10 +132,10 @@ def packed_token_logps(
     runs the same attention: the model is left with an implementation that reads the row layout it is given. Only
     the positions that predict a response token go through the head (``logits_to_keep`` as indices).
 
-    ``share_prompt`` (not under ``flash_attention_2`` or ``varlen_attn``, which pack whole rows): each distinct prompt once, followed by the responses of its
-    rows at the positions that continue it, each response attending to its prompt and itself: a group costs
-    P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with no KV cache (so also under gradient
-    checkpointing). Rows are laid out as ``collate`` makes them.
+    ``share_prompt`` (not under ``flash_attention_2`` or ``varlen_attn``, which pack whole rows): each distinct
+    prompt once, followed by the responses of its rows at the positions that continue it, each response attending to
+    its prompt and itself: a group costs P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with
+    no KV cache (so also under gradient checkpointing). Rows are laid out as ``collate`` makes them.
     """
     device = input_ids.device
     flash = model.config._attn_implementation.startswith("flash")
@@ -184,4 +184,3 @@ def packed_token_logps(
         index = torch.tensor(row_col, device=device).T
         out = out.index_put((index[0], index[1]), logps)
     return out
-
