@@ -143,9 +143,10 @@ def padded_and_packed(model, share_prompt):
     return padded, packed
 
 
-@pytest.mark.parametrize(
-    "kind,attn", [("qwen2", "sdpa"), ("qwen2", "eager"), ("gemma2", "eager")], ids=["qwen2-sdpa", "qwen2-eager", "gemma2"]
-)
+MODELS = {"qwen2-sdpa": ("qwen2", "sdpa"), "qwen2-eager": ("qwen2", "eager"), "gemma2": ("gemma2", "eager")}
+
+
+@pytest.mark.parametrize("kind,attn", list(MODELS.values()), ids=list(MODELS))
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["rows", "shared-prompt"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
 def test_sliding_window_and_softcapped_models_pack_exactly(kind, attn, share_prompt, checkpointing):
@@ -178,8 +179,8 @@ def test_flash_attention_2_without_it_stops_in_one_line_before_the_weights_are_r
     folder = tmp_path / "model"
     shutil.copytree(MODEL_DIR, folder, ignore=shutil.ignore_patterns("*.safetensors"))
     proc = run(
-        "fit", "--config", DEMO, f"--model.model_name_or_path={folder}", "--model.attn_implementation=flash_attention_2",
-        f"--trainer.default_root_dir={tmp_path / 'run'}", check=False,
+        "fit", "--config", DEMO, f"--model.model_name_or_path={folder}",
+        "--model.attn_implementation=flash_attention_2", f"--trainer.default_root_dir={tmp_path / 'run'}", check=False,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "model.attn_implementation" in line]
