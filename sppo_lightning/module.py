@@ -128,11 +128,12 @@ class SPPOModule(L.LightningModule):
                 in the π_t pass (same values, fewer tokens). Off under gradient checkpointing, which disables the
                 cache in training. Decided from these settings alone, the same on every rank; with one sample per
                 prompt there is nothing to share: set it to false. With ``packed``, the prompt and its K responses
-                are packed as one sequence instead (``sdpa``/``eager`` attention; not under ``flash_attention_2``,
-                which packs whole rows).
+                are packed as one sequence instead (``sdpa``/``eager`` attention; not under ``flash_attention_2`` or
+                ``varlen_attn``, which pack whole rows).
             packed: Lay a micro-batch's rows end to end with no padding, attention kept within each row (verl's
-                ``use_remove_padding``): the variable-length path of ``flash_attention_2``, one attention call per row
-                under ``sdpa``/``eager``. Same values and gradients as the padded rows.
+                ``use_remove_padding``): the variable-length kernel of ``flash_attention_2`` or ``varlen_attn``, one
+                attention call per row under ``sdpa``/``eager`` (sliding windows and soft-capping kept). Same values and
+                gradients as the padded rows, with or without gradient checkpointing.
             fsdp_param_dtype: Under ``ModelParallelStrategy`` (FSDP2): the dtype layers compute in, gradients are
                 reduced in float32. None = bfloat16 on GPU, the stored dtype on CPU.
             fsdp_cpu_offload: Under FSDP2: keep sharded parameters, gradients and optimizer state in CPU memory.
@@ -262,7 +263,7 @@ class SPPOModule(L.LightningModule):
         """
         h = self.hparams
         rows = (batch.input_ids, batch.attention_mask, batch.response_mask)
-        if h.packed:  # the prompt shared inside the packed sequence, except under flash_attention_2 (see logprobs)
+        if h.packed:  # the prompt shared inside the packed sequence, except under varlen kernels (see logprobs)
             return packed_token_logps(self.policy, *rows, batch.prompt_lengths, share_prompt=h.share_prompt)
         if h.share_prompt and not h.gradient_checkpointing:
             return shared_prompt_token_logps(self.policy, *rows, batch.prompt_lengths)
