@@ -186,3 +186,15 @@ def test_flash_attention_2_without_it_stops_in_one_line_before_the_weights_are_r
     errors = [line for line in proc.stderr.splitlines() if "model.attn_implementation" in line]
     assert len(errors) == 1 and "is not usable here" in errors[0] and "use one of auto, sdpa, eager" in errors[0]
     assert "Traceback" not in proc.stderr and "safetensors" not in proc.stderr
+
+
+def test_the_varlen_twin_off_cuda_falls_back_to_per_row_attention_with_the_same_values():
+    """``varlen_attn`` has no CPU kernel: a model given the varlen twin on CPU (as a float32 or CPU call would on a
+    GPU machine) warns once and runs one attention call per row, whole rows (no shared prompt), exactly."""
+    model = tiny("qwen2", "sdpa", checkpointing=True)
+    attention.install(model, "varlen_attn")
+    assert model.config._attn_implementation == "sppo_varlen"
+    attention._varlen_warned = False
+    with pytest.warns(UserWarning, match="varlen_attn cannot run this call exactly"):
+        (padded, _), (packed, _) = padded_and_packed(model, share_prompt=True)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
