@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -150,13 +151,12 @@ def child_env() -> dict:
 
 
 def plan_peak(args: list[str]) -> float | None:
-    """``sppo_lightning.plan``'s training peak for the same arguments, GiB, without its CUDA-context allowance."""
-    proc = subprocess.run([sys.executable, "-m", "sppo_lightning.plan", "--json", *args], capture_output=True,
-                          text=True, cwd=REPO, env=child_env(), timeout=300)  # fmt: skip
-    if proc.returncode != 0:
-        print(proc.stderr[-2000:], file=sys.stderr)
-        return None
-    training = json.loads(proc.stdout)["training"]
+    """``python -m sppo_lightning.plan --json``'s ``training.peak`` for the same arguments (its functions, called
+    here), GiB, without its CUDA-context allowance, which the allocator does not count."""
+    from sppo_lightning.plan import model_config, model_shape, parse_config, run_shape, training_memory
+
+    config = parse_config(args)
+    training = training_memory(model_shape(*model_config(config.model.model_name_or_path)), run_shape(config))
     return (training["peak"] - training["overhead"]) / GIB
 
 
@@ -173,8 +173,10 @@ def run_row(row: Row, common: list[str], work: Path) -> dict:
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=900)  # fmt: skip
     out = {"seconds": time.monotonic() - start, "plan_gib": plan_peak(args)}
-    if proc.returncode != 0:
-        return {**out, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:120]}
+    if proc.returncode != 0:  # the exception's line, else the last one
+        lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+        errors = [line for line in lines if re.search(r"\w+(Error|Exception)\b", line)]
+        return {**out, "error": (errors or lines)[-1].split("]: ", 1)[-1][:100]}
     probe = json.loads((root / "gpu_probe.json").read_text())
     return {**out, **probe, **rollout_throughput(root)}
 
@@ -283,9 +285,9 @@ def table_row(row: Row, result: dict, delta: float | None, rows_per_epoch: int, 
         return "n/a" if x is None else format(x, spec)
 
     if "skipped" in result:
-        return [row.name, row.attention, *["n/a"] * 6, result["skipped"]]
+        return [row.name, row.attention, *["n/a"] * 5, fmt(delta, ".1e"), result["skipped"]]
     if "error" in result:
-        return [row.name, row.attention, *["n/a"] * 6, f"FAILED: {result['error']}"]
+        return [row.name, row.attention, *["n/a"] * 5, fmt(delta, ".1e"), f"FAILED: {result['error']}"]
     tok_s = result["train_tokens"] / result["train_seconds"] if result["train_seconds"] else None
     mfu = 6 * result["params"] * tok_s / (tflops * 1e12) if tok_s and tflops and result["peak_gib"] else None
     generated = result["response_length"] * rows_per_epoch
@@ -327,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     tflops = peak_tflops(args.peak_tflops)
     rows = [r for r in ROWS if args.rows is None or r.name in args.rows]
 
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "none (dry run on CPU)"
+    out = args.out or args.work / "table.json"
     cells, records, deltas = [], [], {}
     started = time.monotonic()
     for row in rows:
@@ -336,16 +340,16 @@ def main(argv: list[str] | None = None) -> int:
             result = run_row(row, common, args.work)
         if row.packed and row.attention not in deltas:
             deltas[row.attention] = packed_equals_padded(model, row.attention, device)
-        cells.append(table_row(row, result, deltas.get(row.attention) if row.packed else None, prompts, tflops))
-        records.append({"row": asdict(row), **result, "logp_delta": deltas.get(row.attention) if row.packed else None})
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "none (dry run on CPU)"
+        delta = deltas.get(row.attention) if row.packed else None
+        cells.append(table_row(row, result, delta, prompts, tflops))
+        records.append({"row": asdict(row), **result, "logp_delta": delta})
+        print(f"{row.name}: {cells[-1][-1]} ({time.monotonic() - started:.0f} s so far)", flush=True)
+        out.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                   "columns": COLUMNS, "cells": cells, "records": records}, indent=1))  # fmt: skip
     print(f"gpu_check: {gpu}; torch {torch.__version__}; {prompts} prompts x 1 sample, responses up to {response} "
           f"tokens; {time.monotonic() - started:.0f} s")  # fmt: skip
     print(format_table(cells))
-    out = args.out or args.work / "table.json"
-    out.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "columns": COLUMNS, "cells": cells,
-                               "records": records, "date": time.strftime("%Y-%m-%d")}, indent=1))  # fmt: skip
-    return 0 if all(c[-1] in ("yes",) or c[-1].startswith("n/a") for c in cells) else 1
+    return 0 if all(c[-1] == "yes" or c[-1].startswith("n/a") for c in cells) else 1
 
 
 if __name__ == "__main__":

@@ -111,3 +111,15 @@ def test_demo_with_a_reward_model_oracle_on_gpu(tmp_path, tiny_classifier_dir):
         f"--data.oracle.init_args.model_name_or_path={tiny_classifier_dir}", f"--trainer.default_root_dir={tmp_path}",
     )  # fmt: skip
     assert len(val_accuracies(tmp_path)) == 4
+
+
+def test_prepared_gpu_check_passes_on_this_gpu(tmp_path):
+    """``benchmarks/gpu_check.py`` for real: every row trains with finite losses, packed equals padded to 1e-2 in
+    bf16 (its exit status says so); its table is printed for the README's GPU table."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--work", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
