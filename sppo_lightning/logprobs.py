@@ -14,9 +14,9 @@ forward do.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
+
+from sppo_lightning import attention
 
 
 def _token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,60 +116,6 @@ def shared_prompt_token_logps(
     return _token_logps(logits, response_ids, response_valid)[:, :n_cols]
 
 
-# The packed sequence's attention under any implementation but flash_attention_2 (which has a variable-length kernel
-# of its own): scaled-dot-product attention over each segment separately, causal within it, so that no query pays
-# for the keys it may not see (a block-diagonal mask over the whole sequence would cost N² per layer instead of the
-# segments' Σ n²). Registered under this name and switched to for the packed forward only.
-SEGMENT_ATTENTION = "sppo_segments"
-
-
-def _segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=(), **kwargs):
-    """``query`` (1, H, N, D), ``key``/``value`` (1, Hkv, N, D); ``segments``: (length, prefix) tiling [0, N) in
-    order, ``prefix`` the index of an earlier segment (a shared prompt) or -1. A segment's queries see its own
-    earlier keys and, with a prefix, every key of it. Split, not sliced: a slice's backward writes a zero tensor of
-    the whole sequence per segment, a split's is one concatenation."""
-    import torch.nn.functional as F
-
-    sizes = [length for length, _ in segments]
-    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
-    outs = []
-    for s, (length, prefix) in enumerate(segments):
-        k, v, mask = keys[s], values[s], None
-        if prefix >= 0:  # a response after its shared prompt: every prompt key, then causal
-            k, v = torch.cat([keys[prefix], k], dim=2), torch.cat([values[prefix], v], dim=2)
-            mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=query.device).tril(sizes[prefix])
-        outs.append(
-            F.scaled_dot_product_attention(
-                queries[s],
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=scaling,
-                dropout_p=dropout if module.training else 0.0,
-                enable_gqa=k.shape[1] != query.shape[1],
-            )  # fmt: skip
-        )
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D), as transformers' sdpa returns
-
-
-def _register_segment_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
-
-
-@contextmanager
-def _attention(model, name: str):
-    """The model's attention implementation set to ``name`` for the duration (the config is read at each forward)."""
-    before = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = before
-
-
 def packed_token_logps(
     model,
     input_ids: torch.Tensor,
@@ -181,17 +127,20 @@ def packed_token_logps(
     """``response_token_logps`` with the rows laid end to end as one sequence ``[1, N]``, no padding (verl's
     ``use_remove_padding``), position ids restarting with each row and attention kept within it: under
     ``flash_attention_2`` by its variable-length kernel (transformers derives the row boundaries from the position
-    ids), under any other implementation by ``_segment_attention``, one scaled-dot-product attention per row. Only
+    ids), under ``varlen_attn`` by torch's, under sdpa/eager by one scaled-dot-product attention per row (see
+    ``attention``; sliding windows, soft-capping and sinks kept). Under gradient checkpointing the recomputation
+    runs the same attention: the model is left with an implementation that reads the row layout it is given. Only
     the positions that predict a response token go through the head (``logits_to_keep`` as indices).
 
-    ``share_prompt`` (not under ``flash_attention_2``): each distinct prompt once, followed by the responses of its
-    rows at the positions that continue it, each response attending to its prompt and itself: a group costs
-    P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with no KV cache (so also under gradient
-    checkpointing). Rows are laid out as ``collate`` makes them.
+    ``share_prompt`` (not under ``flash_attention_2`` or ``varlen_attn``, which pack whole rows): each distinct
+    prompt once, followed by the responses of its rows at the positions that continue it, each response attending to
+    its prompt and itself: a group costs P + K·R tokens, as in ``shared_prompt_token_logps``, in one forward and with
+    no KV cache (so also under gradient checkpointing). Rows are laid out as ``collate`` makes them.
     """
     device = input_ids.device
     flash = model.config._attn_implementation.startswith("flash")
-    share_prompt = share_prompt and not flash
+    packed_name = None if flash else attention.packed_forward_name(model)
+    share_prompt = share_prompt and packed_name == attention.SEGMENT_ATTENTION
     lengths, n_prompt = attention_mask.sum(1).long().tolist(), prompt_lengths.long().tolist()
     rows = [input_ids[i, : lengths[i]] for i in range(len(lengths))]
     groups: dict[tuple, list[int]] = {}  # a prompt (or, not sharing, a row) -> its rows, in order of first appearance
@@ -224,7 +173,7 @@ def packed_token_logps(
     if flash:
         logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=where).logits
     else:
-        with _attention(model, SEGMENT_ATTENTION):
+        with attention.attention(model, packed_name):
             logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=where,
                            segments=segments).logits  # fmt: skip
     targets = torch.cat(target)[None]  # (1, M): one logit row per response token
@@ -235,6 +184,3 @@ def packed_token_logps(
         index = torch.tensor(row_col, device=device).T
         out = out.index_put((index[0], index[1]), logps)
     return out
-
-
-_register_segment_attention()

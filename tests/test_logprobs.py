@@ -14,10 +14,14 @@ ROWS = [Example(A, [30, 31, 2], 0, 0, 0, 0), Example(B, [33], 0, 0, 0, 7), Examp
 WEIGHTS = torch.tensor([1.0, -2.0, 0.5, 3.0, 2.0, 4.0, -1.0])[:, None]  # a loss that weighs every row differently
 
 
-def policy(tiny_model_dir, attn: str):
+def policy(tiny_model_dir, attn: str, checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()  # no dropout
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()  # no dropout
+    if checkpointing:  # recomputation runs in training mode only; the tiny model has no dropout to turn off
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    return model
 
 
 def logps_and_grads(model, fn):
@@ -29,10 +33,12 @@ def logps_and_grads(model, fn):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["rows", "shared-prompt"])
-def test_packed_rows_give_the_padded_values_and_gradients(tiny_model_dir, attn, share_prompt):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+def test_packed_rows_give_the_padded_values_and_gradients(tiny_model_dir, attn, share_prompt, checkpointing):
     """Prompts of different lengths, rows interleaved, responses of 0 to 4 tokens: the packed forward (each row
-    whole, or each prompt once with its responses) equals the right-padded one, values and gradients."""
-    model = policy(tiny_model_dir, attn)
+    whole, or each prompt once with its responses) equals the right-padded one, values and gradients, also under
+    gradient checkpointing (whose recomputation once ran whole-sequence attention: CheckpointError)."""
+    model = policy(tiny_model_dir, attn, checkpointing)
     b = collate(ROWS, pad_id=0)
     rows = (b.input_ids, b.attention_mask, b.response_mask)
     padded, padded_grads = logps_and_grads(model, lambda: response_token_logps(model, *rows))
