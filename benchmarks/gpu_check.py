@@ -22,7 +22,7 @@ Columns, per row:
   the same rows, bf16 weights on the device (``packed_equals_padded``); at most ``LOGP_TOL`` passes.
 
 ``--dry-run``: the tiny model, 1 iteration per row, CPU processes; the CUDA-only columns print ``n/a``, and rows whose
-backend exists only on CUDA (varlen) print ``n/a: CUDA only``. The table is also written as JSON (``--out``).
+backend exists only on CUDA (varlen_attn) print ``n/a: CUDA only``. The table is also written as JSON (``--out``).
 Add a row by adding a ``Row`` (a LoRA row: ``extra=("--model.lora.r=16",)``).
 """
 
@@ -63,35 +63,37 @@ class Row:
 
     name: str
     packed: bool
-    attention: str  # "sdpa" or "varlen" (PyTorch's varlen_attn, CUDA only)
+    attention: str  # model.attn_implementation: "sdpa", "varlen_attn" (PyTorch's, CUDA only), "auto", ...
     checkpointing: bool
     extra: tuple[str, ...] = ()
 
     def overrides(self) -> list[str]:
         return [f"--model.packed={str(self.packed).lower()}",
                 f"--model.gradient_checkpointing={str(self.checkpointing).lower()}",
-                f"--model.attn_implementation={attn_implementation(self.attention)}", *self.extra]  # fmt: skip
+                f"--model.attn_implementation={self.attention}", *self.extra]  # fmt: skip
 
 
 ROWS = [
     Row(f"{layout} {attention}, ckpt {'on' if ckpt else 'off'}", layout == "packed", attention, ckpt)
-    for layout, attention in (("padded", "sdpa"), ("packed", "sdpa"), ("packed", "varlen"))
+    for layout, attention in (("padded", "sdpa"), ("packed", "sdpa"), ("packed", "varlen_attn"))
     for ckpt in (True, False)
 ]
 
 
 # ----------------------------------------------------------------------------------------------- attention
 def varlen_available(device: str) -> bool:
-    """PyTorch's varlen attention is a CUDA kernel (torch >= 2.9's ``torch.nn.attention.varlen``)."""
-    import importlib.util
+    """PyTorch's varlen attention runs here (a CUDA kernel, a signature we can call): the same detection as the
+    training run's ``model.attn_implementation`` (``sppo_lightning.attention``)."""
+    from sppo_lightning.attention import varlen_attn_usable
 
-    return device == "cuda" and torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen")
+    return varlen_attn_usable(device)[0]
 
 
-def attn_implementation(attention: str) -> str:
-    """The ``model.attn_implementation`` a row asks for: ``sdpa`` as is; varlen is what ``auto`` resolves to for
-    packed rows on CUDA without flash-attn (#27 item 1)."""
-    return "auto" if attention == "varlen" else attention
+def backend(row: Row, device: str) -> str:
+    """The attention that runs for the row, as the run resolves it before loading the model."""
+    from sppo_lightning.attention import resolve_attention
+
+    return resolve_attention(row.attention, row.packed, device)[0]
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -244,7 +246,7 @@ def packed_equals_padded(model: Path, attention: str, device: str, rows: int = 8
     from sppo_lightning.data.examples import Example
     from sppo_lightning.module import SPPOModule
 
-    if attention == "varlen" and not varlen_available(device):
+    if attention == "varlen_attn" and not varlen_available(device):
         return None
     rng = random.Random(seed)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
@@ -255,7 +257,7 @@ def packed_equals_padded(model: Path, attention: str, device: str, rows: int = 8
     batch = replace(batch, **{k: v.to(device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)})
     out = {}
     for packed in (False, True):
-        impl = attn_implementation(attention) if packed else "sdpa"
+        impl = attention if packed else "sdpa"
         module = SPPOModule(str(model), dtype="bfloat16", attn_implementation=impl, packed=packed, share_prompt=False)
         module.configure_model()
         module.policy.to(device).eval()
@@ -293,8 +295,8 @@ def table_row(row: Row, result: dict, delta: float | None, rows_per_epoch: int, 
     generated = result["response_length"] * rows_per_epoch
     roll = generated / result["rollout_seconds"] if result["rollout_seconds"] else None
     cuda = result["peak_gib"] is not None
-    ok = result["losses_finite"] and (delta is None or delta <= LOGP_TOL)
-    return [row.name, result.get("attn") or row.attention, fmt(result["peak_gib"], ".2f"),
+    ok = result["losses_finite"] and result["optimizer_steps"] >= 1 and (delta is None or delta <= LOGP_TOL)
+    return [row.name, backend(row, "cuda" if cuda else "cpu"), fmt(result["peak_gib"], ".2f"),
             fmt(result["plan_gib"], ".2f") if cuda else "n/a", fmt(tok_s, ",.0f"), fmt(mfu, ".1%"), fmt(roll, ",.0f"),
             fmt(delta, ".1e"), "yes" if ok else "NO"]  # fmt: skip
 
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     cells, records, deltas = [], [], {}
     started = time.monotonic()
     for row in rows:
-        if row.attention == "varlen" and not varlen_available(device):
+        if row.attention == "varlen_attn" and not varlen_available(device):
             result = {"skipped": "n/a: CUDA only" if device == "cpu" else "n/a: no varlen_attn in this torch"}
         else:
             result = run_row(row, common, args.work)

@@ -29,7 +29,10 @@ def test_demo_on_one_gpu(tmp_path):
 
 
 def test_fsdp2_bf16_on_one_gpu_with_flash_attention_when_installed(tmp_path):
-    attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    from sppo_lightning.attention import flash_attn_2_usable
+
+    # transformers' own check, as the run's resolution (a find_spec is fooled by sglang's flash-attn-4)
+    attn = "flash_attention_2" if flash_attn_2_usable()[0] else "sdpa"
     proc = run(
         "fit",
         "--config",

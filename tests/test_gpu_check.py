@@ -36,7 +36,7 @@ def test_dry_run_prints_the_table_and_runs_twice(tmp_path):
     assert [r[0] for r in rows] == [row.name for row in ROWS]  # one line per row, in order
     for cells in rows:
         assert all(cells[COLUMNS.index(c)] == "n/a" for c in CUDA_ONLY)  # no CUDA figures on CPU
-        if cells[1] == "varlen":
+        if cells[1] == "varlen_attn":
             assert cells[-1] == "n/a: CUDA only"
         else:  # ran: a throughput and a verdict were printed
             assert cells[COLUMNS.index("train tok/s")] != "n/a" and cells[-1] == "yes"
