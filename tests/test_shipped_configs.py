@@ -12,6 +12,7 @@ for the configs that log to wandb only).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -213,7 +214,8 @@ def test_shipped_config_trains_on_cpu(name, tmp_path, family_dirs, prepared_data
     validation = values(rows, "val/accuracy") or values(rows, "val/win_rate")
     assert len(validation) >= 2 and all(math.isfinite(v) for v in validation)
 
-    saved = yaml.safe_load((root / "config.yaml").read_text())  # the run's resolved settings, as recorded
+    [config] = root.glob("**/config.yaml")  # the run's resolved settings, as recorded (beside the CSV logs)
+    saved = yaml.safe_load(config.read_text())
     if case.devices:  # sharded as the config says: FSDP2 over 2 gloo processes
         assert saved["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")
         assert "sharded over data_parallel=2" in proc.stdout + proc.stderr
@@ -222,6 +224,11 @@ def test_shipped_config_trains_on_cpu(name, tmp_path, family_dirs, prepared_data
 
         engines = [torch.load(p, weights_only=False) for p in (tmp_path / "engines").glob("*.pt")]
         assert len(engines) == 2 and all("generate" in e["calls"] for e in engines)
+    if case.data == "ultrafeedback":  # the authors' win-rates from PairRM's scores: mean_j σ(s_i − s_j), K/2 a group
+        samples = [json.loads(line) for line in (root / "samples.jsonl").read_text().splitlines()]
+        win_rates = [[r["win_rate"] for r in s["responses"]] for s in samples]
+        assert {len(w) for w in win_rates} == {5} and all(sum(w) == pytest.approx(2.5, abs=1e-4) for w in win_rates)
+        assert max(max(w) - min(w) for w in win_rates) > 0.01  # the judge tells the responses apart
     if SEVEN_B[0] in case.configs and name != "qwen2.5-7b-math-sppo.yaml":
         # the GPU recipe's training path: packed rows, gradient checkpointing, token-budget micro-batches
         m, d = saved["model"], saved["data"]
