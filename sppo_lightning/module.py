@@ -24,8 +24,9 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning import optim, phases, sharding
+from sppo_lightning import attention, optim, phases, sharding
 from sppo_lightning.errors import ConfigError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import Validation, ValidationSource, win_rate_enabled
 from sppo_lightning.guard import NonFiniteGuard
@@ -75,7 +76,7 @@ class SPPOModule(L.LightningModule):
         warmup_unit: optim.WarmupUnit = "step",
         weight_decay_on: optim.DecayOn = "matrices",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        attn_implementation: str | None = None,
+        attn_implementation: str | None = "auto",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
@@ -113,7 +114,10 @@ class SPPOModule(L.LightningModule):
             weight_decay_on: ``matrices``: parameters of 2+ dimensions (as they were before sharding), not biases
                 and norm weights. ``all``: every parameter, as verl's actor.
             dtype: Parameter dtype of the policy.
-            attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
+            attn_implementation: ``auto`` (packed rows: ``flash_attention_2`` if installed, else PyTorch's
+                ``varlen_attn`` on CUDA, else one ``sdpa`` call per row; padded rows: ``sdpa``), ``flash_attention_2``,
+                ``varlen_attn``, ``sdpa``, ``eager``. Decided before the weights are fetched (see ``attention``);
+                a backend that cannot run here stops the run. None = ``auto``.
             trust_remote_code: Run a model repository's own code. Off unless you trust its author.
             gradient_checkpointing: Recompute activations in backward to save memory (generation still uses the
                 KV cache).
@@ -185,14 +189,16 @@ class SPPOModule(L.LightningModule):
             return
         from transformers import AutoModelForCausalLM
 
+        backend = self.resolve_attention()
         with refusing_remote_code(self.hparams.model_name_or_path, "model.trust_remote_code"):
             self.policy = AutoModelForCausalLM.from_pretrained(
                 self.hparams.model_name_or_path,
                 dtype=getattr(torch, self.hparams.dtype),
-                attn_implementation=self.hparams.attn_implementation,
+                attn_implementation=attention.load_implementation(backend),
                 trust_remote_code=self.hparams.trust_remote_code,
                 use_safetensors=True,  # never unpickle a .bin from a repository
             )
+        attention.install(self.policy, backend)  # packed rows then survive gradient checkpointing
         self.policy.train()  # from_pretrained returns the model in eval mode
         # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
         self._param_ndims = optim.param_ndims(self.named_parameters())
@@ -263,7 +269,21 @@ class SPPOModule(L.LightningModule):
         return response_token_logps(self.policy, *rows)
 
     # -------------------------------------------------------------------------------------------- training
+    def resolve_attention(self) -> str:
+        """The attention backend (``attention.resolve_attention``), decided once, printed once and logged with the
+        hyperparameters as ``attn_backend``; a requested backend that cannot run raises ``ConfigError``."""
+        if getattr(self, "_attn_backend", None) is None:
+            trainer = self._trainer
+            device = trainer.strategy.root_device if trainer is not None else self.device
+            name, why = attention.resolve_attention(self.hparams.attn_implementation, self.hparams.packed, device)
+            self._attn_backend = name
+            rank_zero_info(f"attention: {name} ({why})")
+            for logger in trainer.loggers if trainer is not None else []:
+                logger.log_hyperparams({"attn_backend": name})
+        return self._attn_backend
+
     def setup(self, stage: str) -> None:
+        self.resolve_attention()  # before configure_model: a backend that cannot run stops before the download
         # The datamodule lays the rows out for a loss type and computes their targets with η: the CLI links both from
         # model.*; halves built by hand in Python must agree too. Read from the datamodule's own public settings.
         data = self.trainer.datamodule if self._trainer is not None else None

@@ -3,10 +3,12 @@
 Run by tests/test_fsdp.py in a subprocess (Lightning's ModelParallelStrategy re-launches this script per rank):
 
     python tests/fsdp_one_step.py --devices 2 --out result.pt [--fsdp1] [--weight-decay 0.01] [--packed] [--uneven]
+        [--checkpointing] [--no-share-prompt]
 
 The global batch is the same whatever the process count: ROWS rows split evenly, each rank one contiguous shard
 (``--uneven``: 12 rows on rank 0, 4 on rank 1, as when DPO drops all-tie groups on one rank). ``--packed`` trains on
-packed rows (``SPPOModule(packed=True)``).
+packed rows (``SPPOModule(packed=True)``); ``--checkpointing`` with gradient checkpointing; ``--no-share-prompt`` packs
+whole rows instead of each prompt once.
 Writes the mean first-step loss over ranks, the whole gradients of that step and the full parameters after it
 (rank 0), and the names of the parameters in AdamW's decayed and spared groups. ``--fsdp1`` shards with
 Lightning's FSDPStrategy (FSDP1, tests/cpu_fsdp1.py) instead of FSDP2; it writes the loss and the groups only
@@ -88,12 +90,15 @@ def main():
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--uneven", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--no-share-prompt", action="store_true")
     args = parser.parse_args()
 
     L.seed_everything(0)
     module = SPPOModule(
         str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3, weight_decay=args.weight_decay,
-        fsdp_cpu_offload=args.cpu_offload, packed=args.packed,
+        fsdp_cpu_offload=args.cpu_offload, packed=args.packed, gradient_checkpointing=args.checkpointing,
+        share_prompt=not args.no_share_prompt,
     )  # fmt: skip
     if args.fsdp1:
         from cpu_fsdp1 import CPUFSDPStrategy  # beside this script, whose folder is on sys.path

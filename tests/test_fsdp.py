@@ -41,13 +41,20 @@ def one_step(tmp_path, devices: int, *flags: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags",
-    [(), ("--cpu-offload",), ("--packed",), ("--uneven",)],
-    ids=["sharded", "sharded+cpu-offload", "sharded+packed", "sharded, 12+4 rows"],
-)
+    [
+        (), ("--cpu-offload",), ("--packed",), ("--uneven",), ("--packed", "--checkpointing"),
+        ("--packed", "--checkpointing", "--no-share-prompt"),
+    ],
+    ids=[
+        "sharded", "sharded+cpu-offload", "sharded+packed", "sharded, 12+4 rows", "sharded+packed+checkpointing",
+        "sharded+packed whole rows+checkpointing",
+    ],
+)  # fmt: skip
 def test_sharded_step_equals_single_process(tmp_path, flags):
     """Same global batch: the first loss, its gradients and the parameters after one AdamW step match the unsharded
     run (with the sharded parameters, gradients and optimizer state offloaded to CPU memory too; with packed rows
-    against the padded single process; with 12 rows on one rank and 4 on the other, each row still weighing 1/16)."""
+    against the padded single process, also under gradient checkpointing, whose recomputation must run the same
+    per-row attention; with 12 rows on one rank and 4 on the other, each row still weighing 1/16)."""
     single, sharded = one_step(tmp_path, 1), one_step(tmp_path, 2, *flags)
     assert sharded["sharded"] and not single["sharded"]  # parameters really were DTensors
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)

@@ -1,8 +1,10 @@
 """GPU runs of the real CLI, skipped without CUDA (CI has none; run them wherever a GPU is at hand: ``pytest -m gpu``).
 
 - the demo on one GPU (HF engine, fp32), as a newcomer with a GPU would run it;
-- FSDP2 (ModelParallelStrategy) on one GPU: NCCL, bf16 compute with fp32 gradient reduction, flash-attention 2
-  when the ``gpu`` extra is installed (sdpa otherwise), then the HF export;
+- FSDP2 (ModelParallelStrategy) on one GPU: NCCL, bf16 compute with fp32 gradient reduction, then the HF export,
+  with each attention backend ``sppo_lightning.attention`` finds usable here (flash-attn 2 only where transformers
+  says it is usable: sglang's ``flash-attn-4`` makes ``find_spec("flash_attn")`` true without it), padded and
+  packed rows, the packed ones under gradient checkpointing;
 - FSDP1 (FSDPStrategy) on one GPU: training, sharded checkpoint, export;
 - the demo with SGLang generating the rollouts (colocated engine), skipped unless ``sglang`` is installed.
 """
@@ -12,6 +14,7 @@ import importlib.util
 import pytest
 import torch
 
+from sppo_lightning import attention
 from tests.test_cli import DEMO, REPO, run, val_accuracies
 
 pytestmark = [
@@ -28,11 +31,21 @@ def test_demo_on_one_gpu(tmp_path):
     assert len(acc) == 4 and acc[-1] > acc[0]
 
 
-def test_fsdp2_bf16_on_one_gpu_with_flash_attention_when_installed(tmp_path):
-    from sppo_lightning.attention import flash_attn_2_usable
+def usable_backends() -> list[str]:
+    """The attention backends that can run on this GPU, by the detection ``model.attn_implementation`` uses."""
+    checks = {
+        "flash_attention_2": attention.flash_attn_2_usable,
+        "varlen_attn": lambda: attention.varlen_attn_usable("cuda"),
+    }
+    return ["sdpa", *(name for name, usable in checks.items() if usable()[0])]
 
-    # transformers' own check, as the run's resolution (a find_spec is fooled by sglang's flash-attn-4)
-    attn = "flash_attention_2" if flash_attn_2_usable()[0] else "sdpa"
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed+checkpointing"])
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2", "varlen_attn"])
+def test_fsdp2_bf16_on_one_gpu_with_each_usable_attention(tmp_path, attn, packed):
+    if attn not in usable_backends():
+        pytest.skip(f"{attn} is not usable here: model.attn_implementation={attn} would be refused")
+    rows = ["--model.packed=true", "--model.gradient_checkpointing=true"] if packed else ["--model.packed=false"]
     proc = run(
         "fit",
         "--config",
@@ -43,9 +56,11 @@ def test_fsdp2_bf16_on_one_gpu_with_flash_attention_when_installed(tmp_path):
         "--trainer.strategy.init_args.data_parallel_size=1",
         "--data.micro_batch_size=64",
         f"--model.attn_implementation={attn}",
+        *rows,
         f"--trainer.default_root_dir={tmp_path}",
     )
     assert "compute dtype bfloat16" in proc.stdout + proc.stderr
+    assert f"attention: {attn} (" in proc.stdout + proc.stderr
     acc = val_accuracies(tmp_path)
     assert len(acc) == 4 and all(0.0 <= a <= 1.0 for a in acc)
     assert (tmp_path / "hf_model" / "model.safetensors").is_file()
@@ -114,6 +129,35 @@ def test_demo_with_a_reward_model_oracle_on_gpu(tmp_path, tiny_classifier_dir):
         f"--data.oracle.init_args.model_name_or_path={tiny_classifier_dir}", f"--trainer.default_root_dir={tmp_path}",
     )  # fmt: skip
     assert len(val_accuracies(tmp_path)) == 4
+
+
+@pytest.mark.parametrize("attn", ["varlen_attn", "flash_attention_2"])
+def test_packed_rows_equal_padded_rows_in_bf16_under_each_varlen_kernel(attn):
+    """Tiny Qwen2 (GQA, one sliding-window layer) in bf16 on the GPU, under gradient checkpointing: packed rows
+    through torch's varlen_attn (or flash-attn 2) give the padded sdpa rows' log-probs to 1e-2."""
+    if attn not in usable_backends():
+        pytest.skip(f"{attn} is not usable here")
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from sppo_lightning.data.batching import collate
+    from sppo_lightning.logprobs import packed_token_logps, response_token_logps
+    from tests.test_logprobs import ROWS
+
+    config = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+                         max_window_layers=1, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.load_implementation(attn))
+    model = model.to("cuda", torch.bfloat16)
+    attention.install(model, attn)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # the config has no dropout
+    b = collate(ROWS, pad_id=0)
+    rows = [t.cuda() for t in (b.input_ids, b.attention_mask, b.response_mask)]
+    padded = response_token_logps(model, *rows)
+    packed = packed_token_logps(model, *rows, b.prompt_lengths.cuda())
+    packed.sum().backward()  # the recomputation runs the same kernel (it raised CheckpointError before)
+    torch.testing.assert_close(packed.float(), padded.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_prepared_gpu_check_passes_on_this_gpu(tmp_path):
