@@ -168,12 +168,9 @@ def fit(case: Case, root: Path, *overrides: str):
         (root.parent / "engines").mkdir()
     if case.wandb:  # no credentials: the config's WandbLogger records offline under the run folder
         env = {k: v for k, v in env.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
-    attention = []  # until the configs say auto (#27 item 1): flash-attn cannot be installed here
-    if any("flash_attention_2" in (CONFIGS / c).read_text() for c in case.configs if c != FSDP1_CPU):
-        attention = ["--model.attn_implementation=sdpa"]
     start = time.monotonic()
     proc = run("fit", *configs, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-               *attention, *overrides, env=env)  # fmt: skip
+               *overrides, env=env)  # fmt: skip
     return proc, time.monotonic() - start
 
 
@@ -229,6 +226,8 @@ def test_shipped_config_trains_on_cpu(name, tmp_path, family_dirs, prepared_data
         win_rates = [[r["win_rate"] for r in s["responses"]] for s in samples]
         assert {len(w) for w in win_rates} == {5} and all(sum(w) == pytest.approx(2.5, abs=1e-4) for w in win_rates)
         assert max(max(w) - min(w) for w in win_rates) > 0.01  # the judge tells the responses apart
+    if SEVEN_B[0] in case.configs:  # attn_implementation auto, resolved for packed rows on CPU
+        assert "attention: sdpa (packed rows" in proc.stdout + proc.stderr
     if SEVEN_B[0] in case.configs and name != "qwen2.5-7b-math-sppo.yaml":
         # the GPU recipe's training path: packed rows, gradient checkpointing, token-budget micro-batches
         m, d = saved["model"], saved["data"]
