@@ -18,7 +18,7 @@ Columns, per row:
   synchronised at each step's start and end); ``MFU``: 6·N FLOPs a token (no recompute, no attention term; the
   usual MFU) over the GPU's dense bf16 peak (``PEAK_TFLOPS``; ``--peak-tflops`` for another GPU).
 - ``rollout tok/s``: generated tokens (``rollout/response_length`` x rows) per second of ``time/rollout``.
-- ``|Δ logp|``: the largest difference of a response token's log-prob between the packed and the padded forward of
+- ``max Δ logp``: the largest difference of a response token's log-prob between the packed and the padded forward of
   the same rows, bf16 weights on the device (``packed_equals_padded``); at most ``LOGP_TOL`` passes.
 
 ``--dry-run``: the tiny model, 1 iteration per row, CPU processes; the CUDA-only columns print ``n/a``, and rows whose
@@ -259,6 +259,7 @@ def packed_equals_padded(model: Path, attention: str, device: str, rows: int = 8
     for packed in (False, True):
         impl = attention if packed else "sdpa"
         module = SPPOModule(str(model), dtype="bfloat16", attn_implementation=impl, packed=packed, share_prompt=False)
+        module.to(device)  # the attention is resolved for the module's device, before the weights load
         module.configure_model()
         module.policy.to(device).eval()
         with torch.no_grad():
@@ -270,7 +271,7 @@ def packed_equals_padded(model: Path, attention: str, device: str, rows: int = 8
 
 
 # ----------------------------------------------------------------------------------------------- the table
-COLUMNS = ["row", "attn", "peak GiB", "plan GiB", "train tok/s", "MFU", "rollout tok/s", "|Δ logp|", "ok"]
+COLUMNS = ["row", "attn", "peak GiB", "plan GiB", "train tok/s", "MFU", "rollout tok/s", "max Δ logp", "ok"]
 
 
 def peak_tflops(override: float | None) -> float | None:
