@@ -55,6 +55,7 @@ TINY = dict(QWEN25_05B, hidden_size=64, intermediate_size=128, num_hidden_layers
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 of the SXM parts
 LOGP_TOL = 1e-2  # bf16: packed and padded forwards round differently, well below this
 GIB = 1024**3
+ROW_TIMEOUT_S = 300  # a row on an H100: about a minute (estimated, not yet run); a hung one must not eat the lease
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,6 @@ def build_model(out: Path, shape: dict) -> Path:
     The vocabulary stays the real one (151,936 rows of embedding, the logits' width): sampled ids beyond the toy
     tokenizer's 259 decode to nothing, which the rule oracle scores 0, as it would a wrong answer.
     """
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from sppo_lightning.toy.build import build_tokenizer, save_tokenizer
@@ -157,12 +157,16 @@ def plan_peak(args: list[str]) -> float | None:
     here), GiB, without its CUDA-context allowance, which the allocator does not count."""
     from sppo_lightning.plan import model_config, model_shape, parse_config, run_shape, training_memory
 
-    config = parse_config(args)
+    try:
+        config = parse_config(args)
+    except Exception as e:  # noqa: BLE001 - the table says n/a; the run itself reports a bad setting
+        print(f"plan: {e}", file=sys.stderr)
+        return None
     training = training_memory(model_shape(*model_config(config.model.model_name_or_path)), run_shape(config))
     return (training["peak"] - training["overhead"]) / GIB
 
 
-def run_row(row: Row, common: list[str], work: Path) -> dict:
+def run_row(row: Row, common: list[str], work: Path, timeout: int = ROW_TIMEOUT_S) -> dict:
     """``train.py fit`` for one row; what its probe and its metrics.csv recorded."""
     root = work / row.name.replace(" ", "_").replace(",", "")
     if root.exists():
@@ -172,8 +176,11 @@ def run_row(row: Row, common: list[str], work: Path) -> dict:
     args = [*common, *row.overrides(), f"--trainer.default_root_dir={root}"]
     env = child_env()
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=900)  # fmt: skip
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", *args], capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"seconds": timeout, "plan_gib": None, "error": f"no end after {timeout} s"}
     out = {"seconds": time.monotonic() - start, "plan_gib": plan_peak(args)}
     if proc.returncode != 0:  # the exception's line, else the last one
         lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
@@ -340,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if row.attention == "varlen_attn" and not varlen_available(device):
             result = {"skipped": "n/a: CUDA only" if device == "cpu" else "n/a: no varlen_attn in this torch"}
         else:
-            result = run_row(row, common, args.work)
+            result = run_row(row, common, args.work, 900 if args.dry_run else ROW_TIMEOUT_S)  # CPU: shared machines
         if row.packed and row.attention not in deltas:
             deltas[row.attention] = packed_equals_padded(model, row.attention, device)
         delta = deltas.get(row.attention) if row.packed else None
