@@ -1,6 +1,6 @@
 """The prepared GPU check: the seed recipe's training settings on one GPU, measured, in one table.
 
-    python benchmarks/gpu_check.py              # one H100 (or any CUDA GPU), about 5 minutes, no network, no SGLang
+    python benchmarks/gpu_check.py              # one H100 (or any CUDA GPU); about 5 min (estimated), no network
     python benchmarks/gpu_check.py --dry-run    # the same code path on CPU at a tiny size (the suite runs this)
 
 A random Qwen2 with Qwen2.5-0.5B's published shapes (``QWEN25_05B``; random weights, so its answers are noise and
@@ -53,7 +53,7 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 TINY = dict(QWEN25_05B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             vocab_size=1024, max_position_embeddings=4096)  # fmt: skip
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 of the SXM parts
-LOGP_TOL = 1e-2  # bf16: packed and padded forwards round differently, well below this
+LOGP_TOL = 1e-2  # bf16: packed and padded forwards round differently; the bound #27 sets
 GIB = 1024**3
 ROW_TIMEOUT_S = 300  # a row on an H100: about a minute (estimated, not yet run); a hung one must not eat the lease
 
