@@ -47,3 +47,16 @@ def history_keys(path: Path) -> list[set[str]]:
         if record.WhichOneof("record_type") == "history":
             rows.append({(item.key or ".".join(item.nested_key)).split(".")[0] for item in record.history.item})
     return rows
+
+
+def history(path: Path) -> list[dict]:
+    """Each logged history row as ``{key: value}`` (values decoded from wandb's JSON; nested keys joined by dots)."""
+    import json
+
+    rows = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {(item.key or ".".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
+            )
+    return rows
