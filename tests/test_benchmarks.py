@@ -77,14 +77,18 @@ def test_vs_trl_our_half_runs_without_trl(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
 def test_preference_prints_its_table_twice(run_script, tmp_path):
+    """Every method once, then one again into the same folder: the second table merges the first run's JSON (each
+    method and seed counted once), as the README's split invocations rely on."""
     methods = ("sppo", "sppo_pair", "dpo", "ipo", "trl_online_dpo", "trl_grpo")
-    args = ("--iterations", "1", "--prompts", "16", "--val", "8", "--out", str(tmp_path), "--methods", *methods)
-    for _ in range(2):
-        out = run_script("preference.py", *args)
+    args = ("--iterations", "1", "--prompts", "16", "--val", "8", "--out", str(tmp_path), "--methods")
+    out = run_script("preference.py", *args, *methods)
+    for trl in ("trl_grpo", "trl_online_dpo"):
+        assert figures(out, rf"^time_ratio_sppo_over_{trl}=\d+\.\d{{3}}$")
+    again = run_script("preference.py", *args, "sppo")
+    for printed in (out, again):
         for method in methods:
-            assert figures(out, rf"^\| `{method}` \| 1 \| [\d.]+% ± [\d.]+% \| [\d.]+% ± [\d.]+% \| [\d.]+ \|$"), out
-        for trl in ("trl_grpo", "trl_online_dpo"):
-            assert figures(out, rf"^time_ratio_sppo_over_{trl}=\d+\.\d{{3}}$")
+            row = rf"^\| `{method}` \| 1 \| [\d.]+% ± [\d.]+% \| [\d.]+% ± [\d.]+% \| [\d.]+ \|$"
+            assert figures(printed, row), printed
 
 
 @pytest.mark.slow
@@ -132,11 +136,11 @@ def test_packing_prints_every_setup_twice(run_script, tmp_path, workload):
 
 @pytest.mark.slow
 def test_compare_losses_prints_a_row_per_loss_type_twice(tmp_path):
-    """Its runs are train.py processes (the demo config, shortened); two loss types, then one again into the same
-    folder, whose "before" must come from the new run, not the first run's logs."""
+    """Its runs are train.py processes (the demo config, shortened); twice into the same folder, whose "before" must
+    come from the new run, not the first run's logs."""
     cmd = [sys.executable, str(BENCH / "compare_losses.py"), "--epochs", "1", "--out", str(tmp_path), "--loss-types"]
     extra = ["--", "--data.prompts_per_epoch=8", "--data.val.init_args.num_prompts=16"]
-    for losses in (["sppo", "dpo"], ["dpo"]):
+    for losses in (["dpo"], ["dpo"]):
         done = subprocess.run(cmd + losses + extra, capture_output=True, text=True, cwd=REPO, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         for loss in losses:
@@ -147,16 +151,17 @@ def test_compare_losses_prints_a_row_per_loss_type_twice(tmp_path):
     assert len(list((tmp_path / "dpo").glob("**/metrics.csv"))) == 2  # two runs, the table from the newer
 
 
-def test_random_model_loads_as_a_qwen2(tmp_path):
-    """As a user runs it (its own process): a folder ``from_pretrained`` loads, of the shape asked for."""
+def test_random_model_loads_as_a_qwen2(tmp_path, run_script):
+    """As a user runs it (its own process), then again over the same folder: one ``from_pretrained`` loads, of the
+    shape asked for."""
     from transformers import AutoConfig, AutoTokenizer
 
-    cmd = [sys.executable, str(BENCH / "random_model.py"), "--out", str(tmp_path), "--hidden", "32"]
-    cmd += ["--layers", "1", "--heads", "2"]
-    for _ in range(2):
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert re.search(rf"^\d+M parameters -> {re.escape(str(tmp_path))}$", done.stdout, flags=re.MULTILINE)
+    args = ["--out", str(tmp_path), "--hidden", "32", "--layers", "1", "--heads", "2"]
+    done = subprocess.run([sys.executable, str(BENCH / "random_model.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for out in (done.stdout, run_script("random_model.py", *args)):
+        assert re.search(rf"^\d+M parameters -> {re.escape(str(tmp_path))}$", out, flags=re.MULTILINE)
     config = AutoConfig.from_pretrained(tmp_path)
     assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("qwen2", 32, 1)
     assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id == config.pad_token_id
