@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def accuracies(root: Path) -> list[float]:
-    rows = []
-    for path in sorted(root.glob("**/metrics.csv")):
-        with path.open() as f:
-            rows.extend(csv.DictReader(f))
+    """``val/accuracy`` of the newest run under ``root`` (a rerun into the same folder adds logs/version_N+1: the
+    older runs' rows are not this run's "before")."""
+    newest = max(root.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    with newest.open() as f:
+        rows = list(csv.DictReader(f))
     return [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
 
 
@@ -34,7 +35,9 @@ def run(loss_type: str, epochs: int, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "demo.yaml")]
     cmd += [f"--model.loss_type={loss_type}", f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={root}"]
     start = time.perf_counter()
-    subprocess.run(cmd + extra, check=True, capture_output=True, cwd=REPO)
+    done = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:  # the run's own message (one line for bad input), not a CalledProcessError
+        sys.exit(f"{loss_type}: train.py exited {done.returncode}:\n{done.stderr[-2000:]}")
     acc = accuracies(root)
     return {"loss_type": loss_type, "before": acc[0], "after": acc[-1], "seconds": time.perf_counter() - start}
 

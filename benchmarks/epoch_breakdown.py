@@ -26,6 +26,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "time/validation")
 
@@ -70,21 +71,15 @@ def peak_rss_mib() -> float:
 
 
 def framework_run(args) -> tuple[Recorder, object]:
-    from lightning.pytorch.cli import LightningCLI
-
-    from sppo_lightning.data.datamodule import RolloutDataModule
-    from sppo_lightning.module import SPPOModule
+    from cli_run import build_run, fit
 
     cli_args = ["--config", args.config, f"--trainer.max_epochs={args.epochs}", "--trainer.logger=false"]
     cli_args += ["--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.limit_val_batches=0"]
     cli_args += [f"--trainer.default_root_dir={args.out}", *args.overrides]
-    sys.argv = ["train.py"]
-    cli = LightningCLI(
-        SPPOModule, RolloutDataModule, run=False, args=cli_args, parser_kwargs={"parser_mode": "omegaconf+"}
-    )
+    cli = build_run(cli_args)
     recorder = Recorder()
     cli.trainer.callbacks.append(recorder)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit(cli)
     return recorder, cli
 
 

@@ -3,7 +3,7 @@ online DPO and GRPO given the same judge, at equal numbers of completions.
 
     pip install -e ".[bench]"
     python benchmarks/preference.py [--setting graded|intransitive] [--seeds 1] [--first-seed 0] [--iterations 10]
-        [--methods sppo sppo_pair dpo ipo trl_online_dpo trl_grpo] [--val 200]
+        [--prompts 64] [--methods sppo sppo_pair dpo ipo trl_online_dpo trl_grpo] [--val 200]
 
 The task is the toy addition with the shipped tiny model, as in ``benchmarks/vs_trl.py`` (same prompts, K = 4
 samples of 64 prompts per round, 16 new tokens, lr 1e-4, 64 completions per optimizer step, one pass). The oracle is
@@ -103,7 +103,7 @@ def pair_preference_reward(judge):
     return reward
 
 
-def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float = LR) -> dict:
+def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float = LR, prompts: int = PROMPTS) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -114,7 +114,7 @@ def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float =
     rows = [{"prompt": r["prompt"]} for r in addition_records("train", seed=seed)]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
-    steps = iterations * PROMPTS * K // MICRO  # 2 completions per prompt: MICRO // 2 prompts per step
+    steps = iterations * prompts * K // MICRO  # 2 completions per prompt: MICRO // 2 prompts per step
     config = OnlineDPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, beta=0.1, learning_rate=lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -133,7 +133,9 @@ def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float =
             "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
 
 
-def run_method(method: str, setting: str, iterations: int, seed: int, out: Path, eta: float = 2.0) -> dict:
+def run_method(
+    method: str, setting: str, iterations: int, seed: int, out: Path, eta: float = 2.0, prompts: int = PROMPTS
+) -> dict:
     judge = make_judge(setting)
     if method in OURS:
         overrides = (
@@ -143,10 +145,10 @@ def run_method(method: str, setting: str, iterations: int, seed: int, out: Path,
             f"--data.oracle.init_args.cycle={SETTINGS[setting]}",
             f"--model.eta={eta}",
         )
-        return run_ours(iterations, seed, out, overrides=overrides)
+        return run_ours(iterations, seed, out, overrides=overrides, prompts=prompts)
     if method == "trl_grpo":
-        return run_trl(iterations, seed, out, reward_fn=group_preference_reward(judge, K))
-    return run_trl_online_dpo(iterations, seed, out, judge)
+        return run_trl(iterations, seed, out, reward_fn=group_preference_reward(judge, K), prompts=prompts)
+    return run_trl_online_dpo(iterations, seed, out, judge, prompts=prompts)
 
 
 def evaluate(model, tokenizer, records, start_texts, judge) -> dict:
@@ -171,12 +173,15 @@ def main() -> None:
         "over several invocations to keep each short; the time ratios come from one invocation)"
     )  # fmt: skip
     parser.add_argument("--iterations", type=int, default=10, help="generation rounds of 64 x 4 completions")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per round (x 4 samples)")
     parser.add_argument("--methods", nargs="+", default=[*OURS, *TRL], choices=[*OURS, *TRL])
     parser.add_argument("--val", type=int, default=200, help="held-out problems answered greedily")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "preference")
     parser.add_argument("--eta", type=float, default=2.0, help="η of our loss types (the demo's 2 by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
     args = parser.parse_args()
+    if args.prompts * K % MICRO:
+        parser.error(f"--prompts: {args.prompts} x {K} samples is not a whole number of {MICRO}-completion steps")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -196,7 +201,7 @@ def main() -> None:
     for seed in seeds:
         for method in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
-                got = run_method(method, args.setting, args.iterations, seed, Path(tmp), args.eta)
+                got = run_method(method, args.setting, args.iterations, seed, Path(tmp), args.eta, args.prompts)
             got.update(evaluate(got.pop("model"), got.pop("tokenizer"), val, start_texts, judge))
             got["s_per_1000"] = 1000 * got["seconds"] / got["completions"]
             got["seed"] = seed
@@ -210,7 +215,7 @@ def main() -> None:
     for trl in TRL:  # from this invocation only: absolute times drift between runs on a shared machine
         if "sppo" in median and trl in median:
             print(f"time_ratio_sppo_over_{trl}={median['sppo'] / median[trl]:.3f}")
-    print_table(args.out, args.setting, args.iterations, args.val, start)
+    print_table(args.out, args.setting, args.iterations, args.val, start, args.prompts)
 
 
 def label(method: str, eta: float) -> str:
@@ -224,25 +229,26 @@ def label(method: str, eta: float) -> str:
 def save(args, seeds: range, start: dict, results: dict) -> None:
     """One JSON per invocation, named by setting, rounds, seeds and methods."""
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"setting": args.setting, "iterations": args.iterations, "val": args.val, "start": start, "runs": results}
+    record = {"setting": args.setting, "iterations": args.iterations, "val": args.val, "prompts": args.prompts,
+              "start": start, "runs": results}  # fmt: skip
     eta = "" if args.eta == 2.0 else f"_eta{args.eta:g}"
     name = f"{args.setting}_r{args.iterations}_seeds{seeds[0]}-{seeds[-1]}_{'+'.join(args.methods)}{eta}.json"
     (args.out / name).write_text(json.dumps(record, indent=2))
 
 
-def print_table(out: Path, setting: str, iterations: int, val: int, start: dict) -> None:
+def print_table(out: Path, setting: str, iterations: int, val: int, start: dict, prompts: int = PROMPTS) -> None:
     """The table over every seed run so far for this setting, rounds and validation size (one JSON per invocation)."""
     merged: dict[str, list[dict]] = {label(m, 2.0): [] for m in (*OURS, *TRL)}  # the table's order
     seen: dict[str, set[int]] = {}  # a method and seed run twice counts once
     for path in sorted(out.glob(f"{setting}_r{iterations}_seeds*.json")):
         record = json.loads(path.read_text())
-        if record.get("val") == val:
+        if record.get("val") == val and record.get("prompts", PROMPTS) == prompts:
             for method, runs in record["runs"].items():
                 merged.setdefault(method, []).extend(r for r in runs if r["seed"] not in seen.get(method, set()))
                 seen.setdefault(method, set()).update(r["seed"] for r in runs)
     merged = {m: runs for m, runs in merged.items() if runs}
     seeds = max(len(runs) for runs in merged.values())
-    print(f"\nsetting {setting} (judge scale {SCALE}, cycle {SETTINGS[setting]}); {iterations} rounds of {PROMPTS}x{K} "
+    print(f"\nsetting {setting} (judge scale {SCALE}, cycle {SETTINGS[setting]}); {iterations} rounds of {prompts}x{K} "
           f"completions; {val} held-out problems, starting greedy accuracy {start['accuracy']:.1%}")  # fmt: skip
     print("| method | seeds | win rate vs start (mean ± s.e.) | exact accuracy (mean ± s.e.) | s / 1,000 completions |")
     print("|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Side by side with TRL's GRPOTrainer on identical work: time per 1,000 completions and accuracy after equal work.
 
     pip install -e ".[bench]"
-    python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1]
+    python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1] [--prompts 64] [--val 400]
         [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
 
 Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
@@ -32,6 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 PROMPTS, K, NEW_TOKENS, LR, MICRO = 64, 4, 16, 1e-4, 64
 
@@ -59,26 +60,28 @@ def greedy_texts(model, tokenizer, records) -> list[list[str]]:
 
 
 def run_ours(
-    iterations: int, seed: int, out: Path, lr: float = LR, passes: int = 1, overrides: tuple[str, ...] = ()
+    iterations: int,
+    seed: int,
+    out: Path,
+    lr: float = LR,
+    passes: int = 1,
+    overrides: tuple[str, ...] = (),
+    prompts: int = PROMPTS,
 ) -> dict:
-    from lightning.pytorch.cli import LightningCLI
+    from cli_run import build_run, fit
 
-    from sppo_lightning.data.datamodule import RolloutDataModule
-    from sppo_lightning.module import SPPOModule
-
-    sys.argv = ["train.py"]
     args = ["--config", str(REPO / "configs" / "demo.yaml"), f"--trainer.max_epochs={iterations}",
             "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
-            f"--trainer.default_root_dir={out}", f"--data.prompts_per_epoch={PROMPTS}",
+            f"--trainer.default_root_dir={out}", f"--data.prompts_per_epoch={prompts}",
             f"--data.samples_per_prompt={K}", f"--data.max_response_length={NEW_TOKENS}",
             f"--data.micro_batch_size={MICRO}", f"--model.learning_rate={lr}", f"--data.seed={seed}",
             f"--data.passes_per_rollout={passes}", *overrides]  # fmt: skip
-    cli = LightningCLI(SPPOModule, RolloutDataModule, run=False, args=args, parser_kwargs={"parser_mode": "omegaconf+"})
+    cli = build_run(args)
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit(cli)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "completions": iterations * PROMPTS * K, "steps": cli.trainer.global_step,
+    return {"seconds": seconds, "completions": iterations * prompts * K, "steps": cli.trainer.global_step,
             "model": cli.model.policy, "tokenizer": cli.model.tokenizer}  # fmt: skip
 
 
@@ -90,6 +93,7 @@ def run_trl(
     passes: int = 1,
     options: dict | None = None,
     reward_fn=None,
+    prompts: int = PROMPTS,
 ) -> dict:
     """TRL's GRPO on the same work; ``reward_fn`` (a TRL reward function) replaces the boxed-answer checker."""
     from datasets import Dataset
@@ -111,9 +115,9 @@ def run_trl(
     settings = dict(
         output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False, beta=0.0,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=MICRO, gradient_accumulation_steps=1, steps_per_generation=PROMPTS * K // MICRO,
+        per_device_train_batch_size=MICRO, gradient_accumulation_steps=1, steps_per_generation=prompts * K // MICRO,
         num_generations=K, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
-        max_steps=passes * iterations * PROMPTS * K // MICRO, num_iterations=passes, logging_steps=10**9,
+        max_steps=passes * iterations * prompts * K // MICRO, num_iterations=passes, logging_steps=10**9,
         save_strategy="no", report_to="none", seed=seed, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
     config = GRPOConfig(**{**settings, **(options or {})})  # --trl-option wins over the matched settings
@@ -124,7 +128,7 @@ def run_trl(
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "completions": iterations * PROMPTS * K, "steps": trainer.state.global_step,
+    return {"seconds": seconds, "completions": iterations * prompts * K, "steps": trainer.state.global_step,
             "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
 
 
@@ -155,10 +159,14 @@ def main() -> None:
         "--trl-option", action="append", default=[], type=trl_option, metavar="KEY=VALUE",
         help="a GRPOConfig field for TRL's side, e.g. epsilon=100 (no clipping) or scale_rewards=none; repeatable",
     )  # fmt: skip
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per round (x 4 samples), both sides")
+    parser.add_argument("--val", type=int, default=400, help="held-out problems answered greedily")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl")
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
     args.trl_option = dict(args.trl_option)
+    if args.prompts * K % MICRO:
+        parser.error(f"--prompts: {args.prompts} x {K} samples is not a whole number of {MICRO}-completion steps")
     if args.trl_option:
         from dataclasses import fields
 
@@ -172,12 +180,17 @@ def main() -> None:
 
     from sppo_lightning.toy import AdditionPrompts
 
-    val = AdditionPrompts("val", num_prompts=400, seed=1).load()
+    val = AdditionPrompts("val", num_prompts=args.val, seed=1).load()
     results = {"ours": [], "trl": []}
     for r in range(args.rounds):
         for name, fn in (
-            ("ours", partial(run_ours, lr=args.lr, passes=args.passes, overrides=tuple(args.overrides))),
-            ("trl", partial(run_trl, lr=args.lr, passes=args.passes, options=args.trl_option)),
+            (
+                "ours",
+                partial(
+                    run_ours, lr=args.lr, passes=args.passes, overrides=tuple(args.overrides), prompts=args.prompts
+                ),
+            ),
+            ("trl", partial(run_trl, lr=args.lr, passes=args.passes, options=args.trl_option, prompts=args.prompts)),
         ):
             with tempfile.TemporaryDirectory() as tmp:
                 got = fn(args.iterations, seed=r, out=Path(tmp))
@@ -198,8 +211,9 @@ def main() -> None:
     # error over the rounds, not a median, and the gap between the two sides with its own standard error.
     acc = {n: mean_and_se([x["accuracy"] for x in v]) for n, v in results.items()}
     completions = results["ours"][0]["completions"]
-    print(f"\nstarting greedy accuracy {start_acc:.1%}; {args.iterations} rounds of {PROMPTS}x{K} completions each; "
-          f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")  # fmt: skip
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
+    print(f"\nstarting greedy accuracy {start_acc:.1%}; {args.iterations} rounds of {args.prompts}x{K} completions "
+          f"each; peak RSS of this process {rss_mib} MiB")  # fmt: skip
     print(
         f"| | s per 1,000 completions (median) | accuracy after (mean ± s.e., {args.rounds} seeds) "
         "| gain per 1,000 completions |"

@@ -216,13 +216,15 @@ class _Interrupted:
         raise KeyboardInterrupt
 
 
-def make_cli(args: list[str] | None = None, run: bool = True) -> SPPOCLI:
+def make_cli(args: list[str] | None = None, run: bool = True, save_config_kwargs: dict | None = None) -> SPPOCLI:
     """``train.py``'s CLI: with ``run=False`` the model, datamodule and trainer are built from ``args`` and not run
-    (what tests use to build a config exactly as ``train.py`` would)."""
+    (what tests and ``benchmarks/`` use to build a config exactly as ``train.py`` would). ``save_config_kwargs``:
+    Lightning's (``{"overwrite": True}`` lets a benchmark rerun in the same folder without a logger)."""
     return SPPOCLI(
         SPPOModule,
         RolloutDataModule,
         save_config_callback=ConfigToLoggers,
+        save_config_kwargs=save_config_kwargs,
         parser_kwargs={"parser_mode": "omegaconf+"},
         parser_class=SPPOArgumentParser,
         args=args,

@@ -76,3 +76,25 @@ def dropout_model_dir(tmp_path_factory) -> Path:
     config["attention_dropout"] = 0.5
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+# ------------------------------------------------------------------------------------------- parallel workers
+# pyproject's addopts run the suite on 2 pytest-xdist workers. Each worker (and every train.py it starts, through
+# the environment) then uses one torch thread: two workers of two threads each on two cores spend their time
+# waiting on each other's threads (OpenMP spins), and the toy model's matrices are too small for a second thread
+# to pay. Tests that start 2 processes of their own run one after another on one worker ("two_processes").
+TWO_PROCESS_FILES = {"test_fsdp.py", "test_sglang_fsdp.py"}
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in TWO_PROCESS_FILES:
+            item.add_marker(pytest.mark.xdist_group("two_processes"))

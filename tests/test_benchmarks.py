@@ -1,0 +1,167 @@
+"""Every script under benchmarks/ runs here at a tiny size, twice in a row into the same folder, and prints its
+figures: a benchmark whose construction breaks (a setting linked by the CLI, a renamed option) fails the suite
+instead of the README's tables going stale. Values are not checked (they are measurements); names and columns are.
+
+The scripts run in this process (``runpy``, as ``python benchmarks/X.py ARGS`` would, ``__main__`` included) to save
+an interpreter start and the imports per run; ``compare_losses.py`` starts ``train.py`` itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+HAS_TRL = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
+NO_TRL = 'TRL is not installed: pip install -e ".[bench]"'
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """``run_script(name, *args)``: the script's output (stdout), run as ``__main__`` with ``sys.argv`` set."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def run(name: str, *args: str) -> str:
+        monkeypatch.setattr(sys, "argv", [str(BENCH / name), *args])
+        try:
+            runpy.run_path(str(BENCH / name), run_name="__main__")
+        finally:
+            torch.set_num_threads(threads)  # some scripts pin 1 thread for fair timing
+        return capsys.readouterr().out
+
+    return run
+
+
+def figures(out: str, pattern: str) -> list[str]:
+    return re.findall(pattern, out, flags=re.MULTILINE)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
+def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
+    args = ("--iterations", "1", "--rounds", "1", "--prompts", "16", "--val", "16", "--out", str(tmp_path))
+    for _ in range(2):
+        out = run_script("vs_trl.py", *args)
+        assert figures(out, r"^round 0 +ours: [\d.]+ s for 64 completions, 1 optimizer steps, greedy accuracy")
+        assert figures(out, r"^round 0 +trl: [\d.]+ s for 64 completions, 1 optimizer steps, greedy accuracy")
+        for side in ("ours", "trl"):
+            assert figures(out, rf"^\| {side} \| [\d.]+ \| [\d.]+% ± [\d.]+% \| [+-][\d.]+ pts \|$"), out
+        assert figures(out, r"^accuracy gap ours - trl: [+-][\d.]+ ± [\d.]+ points")
+        assert figures(out, r"^time_ratio_ours_over_trl=\d+\.\d{3}$")
+        record = json.loads((tmp_path / "vs_trl.json").read_text())
+        assert [len(record["runs"][side]) for side in ("ours", "trl")] == [1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_TRL, reason="TRL is installed: test_vs_trl_prints_its_table_twice runs both halves")
+def test_vs_trl_our_half_runs_without_trl(tmp_path, monkeypatch):
+    """Without TRL, the half that is ours still runs exactly as the benchmark builds it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from vs_trl import run_ours
+
+    got = run_ours(1, seed=0, out=tmp_path, prompts=16)
+    assert (got["completions"], got["steps"]) == (64, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
+def test_preference_prints_its_table_twice(run_script, tmp_path):
+    """Every method once, then one again into the same folder: the second table merges the first run's JSON (each
+    method and seed counted once), as the README's split invocations rely on."""
+    methods = ("sppo", "sppo_pair", "dpo", "ipo", "trl_online_dpo", "trl_grpo")
+    args = ("--iterations", "1", "--prompts", "16", "--val", "8", "--out", str(tmp_path), "--methods")
+    out = run_script("preference.py", *args, *methods)
+    for trl in ("trl_grpo", "trl_online_dpo"):
+        assert figures(out, rf"^time_ratio_sppo_over_{trl}=\d+\.\d{{3}}$")
+    again = run_script("preference.py", *args, "sppo")
+    for printed in (out, again):
+        for method in methods:
+            row = rf"^\| `{method}` \| 1 \| [\d.]+% ± [\d.]+% \| [\d.]+% ± [\d.]+% \| [\d.]+ \|$"
+            assert figures(printed, row), printed
+
+
+@pytest.mark.slow
+def test_preference_refuses_a_size_trl_cannot_step(run_script, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_script("preference.py", "--prompts", "10", "--out", str(tmp_path))
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_epoch_breakdown_prints_every_phase_twice(run_script, tmp_path):
+    args = ("--epochs", "2", "--warmup", "1", "--out", str(tmp_path), "--", "--data.prompts_per_epoch=8")
+    for _ in range(2):  # the second run meets the first one's config.yaml in the same folder
+        out = run_script("epoch_breakdown.py", *args)
+        for phase in ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "time/validation"):
+            assert figures(out, rf"^{phase} +[\d.]+ +\d+%"), out
+        for raw in ("raw/generate", "raw/forward_backward"):
+            assert figures(out, rf"^{raw} +[\d.]+ +\d+$")
+        assert figures(out, r"^framework_overhead=\d+\.\d{3}$")
+        assert json.loads((tmp_path / "epoch_breakdown.json").read_text())["train_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_epoch_breakdown_refuses_what_train_py_refuses(run_script, tmp_path, capsys):
+    """Built through train.py's CLI: a setting train.py rejects stops the benchmark the same way (one line, exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        run_script("epoch_breakdown.py", "--epochs", "1", "--out", str(tmp_path), "--", "--data.eta=3")
+    assert e.value.code == 2
+    assert "data.eta" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workload", ["math", "demo"])
+def test_packing_prints_every_setup_twice(run_script, tmp_path, workload):
+    args = ("--workload", workload, "--rows", "4", "--hidden", "64", "--layers", "1", "--repeats", "1")
+    args += ("--budget", "256", "--out", str(tmp_path / "packing.json"))
+    for _ in range(2):
+        out = run_script("packing.py", *args)
+        assert figures(out, r"^setup +micro-batches +padding +pi_t s +train s +s / 1k resp tok +speed-up +wall s")
+        setups = json.loads((tmp_path / "packing.json").read_text())["results"]
+        assert len(setups) == 4
+        columns = r" +\d+ +[\d.]+(%| t) +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x +[\d.]+$"
+        for name in setups:
+            assert figures(out, rf"^{re.escape(name)}{columns}"), out
+
+
+@pytest.mark.slow
+def test_compare_losses_prints_a_row_per_loss_type_twice(tmp_path):
+    """Its runs are train.py processes (the demo config, shortened); twice into the same folder, whose "before" must
+    come from the new run, not the first run's logs."""
+    cmd = [sys.executable, str(BENCH / "compare_losses.py"), "--epochs", "1", "--out", str(tmp_path), "--loss-types"]
+    extra = ["--", "--data.prompts_per_epoch=8", "--data.val.init_args.num_prompts=16"]
+    for losses in (["dpo"], ["dpo"]):
+        done = subprocess.run(cmd + losses + extra, capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        for loss in losses:
+            row = rf"^\| `{loss}` \| [\d.]+% -> [\d.]+% \| [+-][\d.]+ pts \| \d+ s \|$"
+            assert figures(done.stdout, row), done.stdout
+        results = json.loads((tmp_path / "results.json").read_text())
+        assert [r["loss_type"] for r in results] == losses
+    assert len(list((tmp_path / "dpo").glob("**/metrics.csv"))) == 2  # two runs, the table from the newer
+
+
+def test_random_model_loads_as_a_qwen2(tmp_path, run_script):
+    """As a user runs it (its own process), then again over the same folder: one ``from_pretrained`` loads, of the
+    shape asked for."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    args = ["--out", str(tmp_path), "--hidden", "32", "--layers", "1", "--heads", "2"]
+    done = subprocess.run([sys.executable, str(BENCH / "random_model.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for out in (done.stdout, run_script("random_model.py", *args)):
+        assert re.search(rf"^\d+M parameters -> {re.escape(str(tmp_path))}$", out, flags=re.MULTILINE)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("qwen2", 32, 1)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id == config.pad_token_id
