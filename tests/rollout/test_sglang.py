@@ -505,7 +505,11 @@ class StandInServer:
             self.engine = self.engine_cls(model_path=body["model_path"], dtype="float32", random_seed=0)
             return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
         try:
-            return 200, self.engine.generate(input_ids=body["input_ids"], sampling_params=body["sampling_params"])
+            return 200, self.engine.generate(
+                input_ids=body["input_ids"],
+                sampling_params=body["sampling_params"],
+                return_logprob=body.get("return_logprob", False),
+            )
         except (TypeError, ValueError) as e:
             return 400, {"error": {"message": str(e)}}
 
