@@ -161,7 +161,7 @@ def test_bf16_sglang_gap_is_bf16_rounding(standin, tmp_path, toy_model_dir):
     assert 1e-4 < gap < health.GAP_WARN, gap
 
 
-def test_a_skipped_push_after_a_release_stops_the_run_at_the_next_rollout(standin, monkeypatch, tmp_path, toy_model_dir):
+def test_a_skipped_push_after_a_release_stops_the_next_rollout(standin, monkeypatch, tmp_path, toy_model_dir):
     """The bug this project once had: after a memory release SGLang's weights come back undefined and must be pushed
     again. Skipping that push (a fresh engine still gets its first one, for the first rollout) makes every generation
     after the first release sample noise: the first rollout after one (the second iteration's, which follows the
@@ -183,28 +183,14 @@ def test_a_lower_stop_threshold_stops_a_correct_bf16_run(standin, tmp_path, toy_
         fit(tmp_path, toy_model_dir, SGLangEngine(), epochs=1, logprob_gap_stop=1e-6)
 
 
-def other_weights(model_dir, out: Path) -> Path:
-    """The toy model with every weight perturbed: a server started from another checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * p.std().clamp(min=0.02))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("load_initial_weights", [True, False], ids=["loaded explicitly", "trusted"])
-def test_a_server_holding_other_weights_at_step_0(tmp_path, toy_model_dir, load_initial_weights):
+def test_a_server_holding_other_weights_at_step_0(tmp_path, toy_model_dir, tiny_model_dir, load_initial_weights):
     """The client loads the starting policy into the server before its first generation: a server started from
-    other weights then samples the policy (gap ~0). Trusting the server instead (``load_initial_weights=False``)
-    stops the run at the first rollout."""
+    another checkpoint (a random model with the same tokenizer) then samples the policy (gap ~0). Trusting the server
+    instead (``load_initial_weights=False``) stops the run at the first rollout."""
     from tests.rollout.test_sglang import StandInServer
 
-    server = StandInServer(other_weights(toy_model_dir, tmp_path / "other"), released())
+    server = StandInServer(tiny_model_dir, released())
     engine = SGLangServerEngine(
         url=server.url, weights_dir=str(tmp_path / "w"), load_initial_weights=load_initial_weights
     )

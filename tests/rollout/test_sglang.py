@@ -527,11 +527,13 @@ def test_server_client_refreshes_weights_and_generates(toy_model_dir, tmp_path, 
     finally:
         server.close()
     paths = [p for p, _ in server.requests]
-    # validation and rollout at step 0 use the server's own (base) weights; after the epoch the trained ones
-    assert paths[:4] == ["/generate"] * 4  # 8 validation prompts, then 4 x K=2 rollout requests, 4 per call
-    assert paths[4] == "/update_weights_from_disk" and set(paths[5:]) == {"/generate"}
-    assert server.requests[4][1]["model_path"] == str((tmp_path / "w").resolve())
-    body = server.requests[0][1]
+    # the starting policy is loaded before the first generation (load_initial_weights), whatever the server was
+    # started with; after the epoch the trained one
+    assert paths[0] == "/update_weights_from_disk"
+    assert paths[1:5] == ["/generate"] * 4  # 4 x K=2 rollout requests, then 8 validation prompts, 4 per call
+    assert paths[5] == "/update_weights_from_disk" and set(paths[6:]) == {"/generate"}
+    assert server.requests[5][1]["model_path"] == str((tmp_path / "w").resolve())
+    body = server.requests[1][1]
     assert isinstance(body["input_ids"][0], list) and len(body["sampling_params"]) == 4
     assert body["sampling_params"][0]["max_new_tokens"] == 8 and body["sampling_params"][0]["top_k"] == -1
     for name, p in module.policy.named_parameters():  # the server now holds the trained policy
