@@ -207,3 +207,29 @@ def test_a_server_holding_other_weights_at_step_0(tmp_path, toy_model_dir, tiny_
             assert "/update_weights_from_disk" not in [p for p, _ in server.requests]
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_the_cli_stops_with_one_line_exit_2_and_last_ckpt_intact(standin, monkeypatch, tmp_path, capsys):
+    """The demo through the colocated engine with the re-push after a release skipped: the first iteration trains on
+    the fresh engine's samples and is checkpointed; the next rollout (after the evaluations' releases) stops the run
+    with one line and exit 2, leaving last.ckpt at the finished iteration and no exported model."""
+    from sppo_lightning.cli import main
+    from tests.test_cli import DEMO
+
+    push = SGLangEngine.push_weights
+    monkeypatch.setattr(SGLangEngine, "push_weights", lambda self, p: None if self._released else push(self, p))
+    with pytest.raises(SystemExit) as stopped:
+        main([
+            "fit", "--config", DEMO, "--data.engine=sppo_lightning.rollout.sglang.SGLangEngine",
+            "--data.engine.init_args.mem_fraction_static=0.3", "--data.prompts_per_epoch=16",
+            "--data.val.init_args.num_prompts=16", "--data.val_batch_size=16", "--trainer.max_epochs=3",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+        ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "logprob_gap_stop" in x]
+    assert line.startswith("error: iteration 1: ") and "--ckpt_path" in line
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0 and last["global_step"] == 1  # 16 prompts x 4 samples = one micro-batch of 64
+    assert not (tmp_path / "hf_model").exists()
