@@ -8,8 +8,8 @@ that says whether the sampler runs the policy at all.
   #5312: 0.81 mean, 7.4 max for an engine whose weights were never re-synced after sleep mode).
 - ``train/entropy``: mean per-token entropy of π_θ on the rollout's responses, from the training forward's logits.
 - ``train/kl_pi_t``: k3 estimate (Schulman, "Approximating KL divergence"; verl's ``low_var_kl``) of the divergence
-  between π_θ and π_t over the rollout's tokens, from the training forward's log-probs of the iteration's last
-  optimizer step (θ after all but that step).
+  between π_θ after the iteration's steps and π_t, on the iteration's last micro-batch re-scored by one no-grad
+  forward.
 - ``train/kl_initial``: the same estimate against the starting policy π_0, on a fixed probe: the first micro-batch of
   the first iteration and its π_0 log-probs, one no-grad forward per iteration.
 - ``rollout/truncated_share``: responses that reached ``max_response_length`` without a stop token.
@@ -141,41 +141,37 @@ against the same starting policy."""
 
 
 class IterationHealth:
-    """What the training step adds up for ``train/entropy``, ``train/kl_pi_t`` and ``train/kl_initial``.
+    """What the training step gathers for ``train/entropy``, ``train/kl_pi_t`` and ``train/kl_initial``.
 
-    Entropy: every real micro-batch of the iteration. KL to π_t: the micro-batches of the iteration's last optimizer
-    step (each ``observe`` with ``new_step`` starts a step over), the cheapest log π_θ closest to "after the steps":
-    an extra forward over the rollout would cost as much as the π_t pass. KL to π_0: ``probe``, the first micro-batch
-    of the first iteration with its π_0 log-probs (kept in checkpoints), scored by one forward per iteration.
+    Entropy: every real micro-batch of the iteration, from the training forward's logits. KL to π_t after the
+    iteration's steps: the iteration's last micro-batch (its π_t log-probs travel with it) scored again by one no-grad
+    forward at the iteration's end: the training log-probs of the last pass were computed before the steps that
+    followed them (with one step per iteration, before any), and a pass over the whole rollout would cost as much as
+    the π_t pass. KL to π_0: ``probe``, the first micro-batch of the first iteration with its π_0 log-probs (kept in
+    checkpoints), scored by the same kind of forward.
     """
 
+    FIELDS = ("input_ids", "attention_mask", "response_mask", "prompt_lengths", "ref_logps")
+
     def __init__(self) -> None:
-        self.entropy = torch.zeros(2)
-        self.kl = torch.zeros(2)
+        self.entropy: torch.Tensor | None = None  # (Σ, count), kept on the device: no sync per micro-batch
+        self.last: dict[str, torch.Tensor] | None = None
         self.probe: dict[str, torch.Tensor] | None = None
 
     def start_iteration(self) -> None:
-        self.entropy, self.kl = torch.zeros(2), torch.zeros(2)
+        self.entropy = self.last = None
 
-    def start_step(self) -> None:
-        """A new optimizer step begins: ``train/kl_pi_t`` keeps only the last one's micro-batches."""
-        self.kl = torch.zeros(2)
-
-    def observe(
-        self, logps: torch.Tensor, ref_logps: torch.Tensor, lengths: torch.Tensor, entropy: torch.Tensor | None
-    ) -> None:
-        """One real micro-batch: its ``[B, R]`` training log-probs, π_t's, response lengths ``[B]`` and the entropy
-        sums its forward collected."""
-        valid = valid_columns(lengths, logps.shape[1])
-        self.kl = self.kl + k3_sums(logps.detach(), ref_logps, valid).cpu()
+    def observe(self, batch, entropy: torch.Tensor | None) -> None:
+        """A micro-batch was trained on (a filler too: its rows are real samples with their π_t log-probs, and every
+        rank must re-score one); ``entropy``: the sums its forward collected, None for a filler."""
+        self.last = {f: getattr(batch, f).detach() for f in self.FIELDS}
         if entropy is not None:
-            self.entropy = self.entropy + entropy.cpu()
+            self.entropy = entropy if self.entropy is None else self.entropy + entropy
 
     def keep_probe(self, batch) -> None:
         """Remember ``batch`` (with its π_0 log-probs) as the probe for ``train/kl_initial``, once."""
         if self.probe is None and batch.ref_logps is not None:
-            fields = ("input_ids", "attention_mask", "response_mask", "prompt_lengths", "ref_logps")
-            self.probe = {f: getattr(batch, f).detach().cpu().clone() for f in fields}
+            self.probe = {f: getattr(batch, f).detach().cpu().clone() for f in self.FIELDS}
 
     def save(self, checkpoint: dict) -> None:
         if self.probe is not None:
@@ -184,20 +180,22 @@ class IterationHealth:
     def load(self, checkpoint: dict) -> None:
         self.probe = checkpoint.get(PROBE_KEY)
 
+    def _kl_sets(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        return [(name, rows) for name, rows in (("train/kl_pi_t", self.last), ("train/kl_initial", self.probe)) if rows]
+
+    def to_score(self) -> list[dict[str, torch.Tensor]]:
+        """The rows to run π_θ over at the iteration's end: the last micro-batch, then the probe (those held)."""
+        return [rows for _, rows in self._kl_sets()]
+
     def metrics(
-        self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor], probe_logps: torch.Tensor | None
+        self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor], scored: list[torch.Tensor]
     ) -> dict[str, float]:
-        """The iteration's values, summed over ranks (every rank calls this); ``probe_logps``: π_θ's log-probs of
-        the probe's tokens now (None: no probe)."""
-        sums = torch.cat([self.entropy, self.kl])
-        if probe_logps is not None:
-            lengths = self.probe["response_mask"].sum(1).long()
-            valid = valid_columns(lengths, probe_logps.shape[1])
-            sums = torch.cat([sums, k3_sums(probe_logps.cpu(), self.probe["ref_logps"], valid)])
-        sums = sum_over_ranks(sums).cpu().view(-1, 2)
-        names = ("train/entropy", "train/kl_pi_t", "train/kl_initial")[: len(sums)]
-        out = {}
-        for name, (total, count) in zip(names, sums, strict=True):
-            if count > 0:
-                out[name] = float(total / count)
-        return out
+        """The iteration's values, summed over ranks (every rank calls this); ``scored``: π_θ's log-probs now of
+        each of ``to_score()``'s row sets, in that order."""
+        names, sums = ["train/entropy"], [torch.zeros(2) if self.entropy is None else self.entropy.float().cpu()]
+        for (name, rows), logps in zip(self._kl_sets(), scored, strict=True):
+            valid = valid_columns(rows["response_mask"].sum(1).cpu(), logps)
+            names.append(name)
+            sums.append(k3_sums(logps.float().cpu(), rows["ref_logps"].float().cpu(), valid))
+        totals = sum_over_ranks(torch.cat(sums)).cpu().view(-1, 2)
+        return {name: float(total / count) for name, (total, count) in zip(names, totals, strict=True) if count > 0}

@@ -291,7 +291,7 @@ class SPPOModule(L.LightningModule):
             raise ValueError(f"model.loss_type={self.hparams.loss_type} got a batch with paired={batch.paired}")
         with collecting_entropy() as entropy:  # train/entropy from this forward's logits
             token_logps, ref_tokens = self.token_logps(batch), batch.ref_logps  # (B, R) each
-        self._observe_health(batch, batch_idx, token_logps, entropy)
+        self._observe_health(batch, batch_idx, entropy)
         clip = self.hparams.clip_ratio
         if clip is None:
             logps = token_logps.sum(-1)
@@ -316,31 +316,27 @@ class SPPOModule(L.LightningModule):
             self.log("train/target", batch.targets.mean(), batch_size=n, sync_dist=True)
         return loss
 
-    def _observe_health(self, batch: TrainBatch, batch_idx: int, token_logps, entropy: list) -> None:
-        if batch_idx % self.trainer.accumulate_grad_batches == 0:
-            self.health.start_step()  # train/kl_pi_t is read off the iteration's last optimizer step
+    def _observe_health(self, batch: TrainBatch, batch_idx: int, entropy: list) -> None:
         if batch_idx == 0 and self.current_epoch == 0:  # π_0's log-probs of real samples: train/kl_initial's probe
             self.health.keep_probe(batch)
-        if not batch.filler:
-            lengths = batch.response_mask.sum(1).long()
-            self.health.observe(token_logps, batch.ref_logps, lengths, torch.stack(entropy).sum(0) if entropy else None)
+        self.health.observe(batch, None if batch.filler or not entropy else torch.stack(entropy).sum(0))
 
     def on_train_epoch_start(self) -> None:
         self.health.start_iteration()
 
     def iteration_health(self) -> dict[str, float]:
         """This iteration's ``train/entropy``, ``train/kl_pi_t`` and ``train/kl_initial`` (``health``), the same on
-        every rank; every rank calls it (the probe's forward and the sum are collectives under FSDP)."""
-        probe = None
-        if self.health.probe is not None:
-            rows = SimpleNamespace(**{k: v.to(self.device) for k, v in self.health.probe.items()})
-            was_training = self.policy.training
-            self.policy.eval()
-            try:
-                probe = self.run_with_policy(lambda: self.token_logps(rows)).float()
-            finally:
-                self.policy.train(was_training)
-        return self.health.metrics(self._sum_over_ranks, probe)
+        every rank; every rank calls it (the forwards and the sum are collectives under FSDP)."""
+        row_sets = [
+            SimpleNamespace(**{k: v.to(self.device) for k, v in rows.items()}) for rows in self.health.to_score()
+        ]
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            scored = self.run_with_policy(lambda: [self.token_logps(rows) for rows in row_sets])
+        finally:
+            self.policy.train(was_training)
+        return self.health.metrics(self._sum_over_ranks, scored)
 
     def _step_share(self, losses: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This micro-batch's part of its optimizer step's loss, such that the step's gradient is the mean over every
