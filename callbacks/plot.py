@@ -1,4 +1,5 @@
-"""Learning curves as a picture: accuracy, rollout reward and training loss per iteration.
+"""Learning curves as a picture: accuracy, rollout reward and training loss per iteration, and below them the run's
+health: the policy's entropy, its KL to π_t and to the starting policy, and the sampler-vs-trainer log-prob gap.
 
 Redrawn after every validation into ``<default_root_dir>/curves.png`` (and logged to wandb as an image when a wandb
 logger is configured).
@@ -13,6 +14,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.history import earlier_rows, values
 
+HEALTH = ("train/entropy", "train/kl_pi_t", "train/kl_initial")
+"""Logged by the module's record at each iteration's end, after that iteration's validation picture: they join the
+curves at the next iteration's start (and at the end of fit)."""
+GAP = "rollout/logprob_gap_mean"
+
 
 class LearningCurves(L.Callback):
     def __init__(self, filename: str = "curves.png"):
@@ -24,6 +30,7 @@ class LearningCurves(L.Callback):
         self.accuracy: list[tuple[int, float]] = []  # (iterations done, accuracy)
         self.reward: list[tuple[int, float]] = []
         self.loss: list[tuple[int, float]] = []
+        self.health: dict[str, list[tuple[int, float]]] = {name: [] for name in (*HEALTH, GAP)}
         self._losses: list[float] = []
         self._logged_step: int | None = None  # wandb gets the picture once per iteration
 
@@ -36,6 +43,17 @@ class LearningCurves(L.Callback):
         for e, v in values(rows, "train/loss"):
             losses.setdefault(e, []).append(v)
         self.loss = [(e + 1, sum(v) / len(v)) for e, v in sorted(losses.items())]
+        self.health = {name: [(e + 1, v) for e, v in values(rows, name)] for name in (*HEALTH, GAP)}
+
+    def _collect_health(self, trainer, done: int) -> None:
+        """The values iteration ``done`` logged at its end (``done`` iterations are complete)."""
+        for name in HEALTH:
+            value, points = trainer.callback_metrics.get(name), self.health[name]
+            if value is not None and done > 0 and (not points or points[-1][0] < done):
+                points.append((done, float(value)))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._collect_health(trainer, trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # the logged micro-batch mean, as metrics.csv holds it for the iterations before a resume: what training_step
@@ -53,6 +71,8 @@ class LearningCurves(L.Callback):
         metrics = getattr(trainer.datamodule, "rollout_metrics", {}) or {}
         if "rollout/reward_mean" in metrics:
             self.reward.append((done, metrics["rollout/reward_mean"]))
+        if GAP in metrics:
+            self.health[GAP].append((done, metrics[GAP]))
         if self._losses:
             self.loss.append((done, sum(self._losses) / len(self._losses)))
         self._losses = []
@@ -65,6 +85,7 @@ class LearningCurves(L.Callback):
         self._close_epoch(trainer)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._collect_health(trainer, trainer.current_epoch)
         self.draw(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -82,11 +103,22 @@ class LearningCurves(L.Callback):
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
 
-        panels = [("val/accuracy", self.accuracy), ("rollout/reward_mean", self.reward), ("train/loss", self.loss)]
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-        for ax, (title, points) in zip(axes, panels, strict=True):
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+        h = self.health
+        panels = [
+            ("val/accuracy", {"": self.accuracy}),
+            ("rollout/reward_mean", {"": self.reward}),
+            ("train/loss", {"": self.loss}),
+            ("train/entropy (nats/token)", {"": h["train/entropy"]}),
+            ("KL (k3, nats/token)", {"to π_t": h["train/kl_pi_t"], "to π_0": h["train/kl_initial"]}),
+            ("rollout/logprob_gap_mean", {"": h[GAP]}),
+        ]
+        fig, axes = plt.subplots(2, 3, figsize=(12, 6.4))
+        for ax, (title, curves) in zip(axes.flat, panels, strict=True):
+            for label, points in curves.items():
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label or None)
+            if len(curves) > 1 and any(curves.values()):
+                ax.legend(fontsize="small")
             ax.set_title(title)
             ax.set_xlabel("iteration")
             ax.xaxis.get_major_locator().set_params(integer=True)

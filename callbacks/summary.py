@@ -1,4 +1,5 @@
-"""An end-of-fit summary: accuracy before -> after and where the time went, as a small table."""
+"""An end-of-fit summary: accuracy before -> after, the run's health (first -> last iteration) and where the time
+went, as a small table."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks.history import earlier_rows, values
 
 PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "time/validation")
+HEALTH = (
+    "train/entropy", "train/kl_pi_t", "train/kl_initial", "rollout/logprob_gap_mean", "rollout/logprob_gap_max",
+    "rollout/truncated_share",
+)  # fmt: skip
 
 
 class FitSummary(L.Callback):
@@ -23,6 +28,7 @@ class FitSummary(L.Callback):
     def __init__(self) -> None:
         self.accuracy: list[float] = []
         self.seconds: dict[str, float] = defaultdict(float)
+        self.health: dict[str, list[float]] = {}  # per iteration, first and last shown
         self.epochs = 0
         self._resumed_epochs = 0  # iterations done before this process started (a resume)
 
@@ -30,6 +36,9 @@ class FitSummary(L.Callback):
         for name in PHASES:
             if name in trainer.callback_metrics:
                 self.seconds[name] += float(trainer.callback_metrics[name])
+        for name in HEALTH:  # logged once per iteration, with the times
+            if name in trainer.callback_metrics:
+                self.health.setdefault(name, []).append(float(trainer.callback_metrics[name]))
 
     def on_train_start(self, trainer, pl_module) -> None:  # after the checkpoint's loops are restored
         """After a resume, start from what the earlier parts of the run measured (their metrics.csv)."""
@@ -39,6 +48,8 @@ class FitSummary(L.Callback):
         for name in PHASES:
             for _, v in values(rows, name):
                 self.seconds[name] += v
+        self.health = {name: [v for _, v in values(rows, name)] for name in HEALTH}
+        self.health = {name: v for name, v in self.health.items() if v}
         self.epochs = len(epochs)
         self._resumed_epochs = self.epochs
 
@@ -71,6 +82,10 @@ class FitSummary(L.Callback):
             table.add_row("val/accuracy", f"{self.accuracy[0]:.1%} -> {self.accuracy[-1]:.1%}")
         elif self.accuracy:
             table.add_row("val/accuracy", f"{self.accuracy[0]:.1%}")
+        for name in HEALTH:
+            if self.health.get(name):
+                first, last = self.health[name][0], self.health[name][-1]
+                table.add_row(name, f"{first:.3g} -> {last:.3g}" if len(self.health[name]) > 1 else f"{last:.3g}")
         total = sum(self.seconds.values()) or 1.0
         for name in PHASES:
             if name in self.seconds:

@@ -14,14 +14,39 @@ forward do.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from sppo_lightning import attention
+from sppo_lightning.health import entropy_sums
+
+# Where ``_token_logps`` adds the entropy sums of the logits it sees, while ``collecting_entropy`` is active (the
+# training step's forward): ``train/entropy`` from the logits the step computes anyway, without a second forward
+# and without changing the three functions' signatures.
+_ENTROPY: ContextVar[list | None] = ContextVar("sppo_entropy", default=None)
+
+
+@contextmanager
+def collecting_entropy() -> Iterator[list[torch.Tensor]]:
+    """Within the context, every log-prob computation appends ``health.entropy_sums`` (Σ entropy, tokens) of its
+    response tokens to the yielded list (no gradient, a chunk of logits at a time)."""
+    sink: list[torch.Tensor] = []
+    token = _ENTROPY.set(sink)
+    try:
+        yield sink
+    finally:
+        _ENTROPY.reset(token)
 
 
 def _token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mask · log softmax(logits_t)[target_t]: ``[B, T, V], [B, T], [B, T] -> [B, T]``, without materialising the
     full log-probabilities."""
+    sink = _ENTROPY.get()
+    if sink is not None:
+        sink.append(entropy_sums(logits, mask))
     logits = logits.float()
     return (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * mask
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import lightning as L
@@ -26,11 +27,16 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning import attention, optim, phases, sharding
+from sppo_lightning import attention, health, optim, phases, sharding
 from sppo_lightning.errors import ConfigError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import Validation, ValidationSource, win_rate_enabled
 from sppo_lightning.guard import NonFiniteGuard
-from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
+from sppo_lightning.logprobs import (
+    collecting_entropy,
+    packed_token_logps,
+    response_token_logps,
+    shared_prompt_token_logps,
+)
 from sppo_lightning.loss import LOSS_TYPES, LOSSES, LossParams, LossTerms, loss_weights, trust_region_logps
 from sppo_lightning.records import SamplingParams, TrainBatch
 from sppo_lightning.rewards.math import compute_score
@@ -166,6 +172,7 @@ class SPPOModule(L.LightningModule):
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
+        self.health = health.IterationHealth()  # train/entropy, train/kl_pi_t, train/kl_initial (health.py)
 
     @property
     def accuracy_fn(self) -> Callable[[str, str], float]:
@@ -303,7 +310,9 @@ class SPPOModule(L.LightningModule):
         spec = LOSSES[self.hparams.loss_type]  # what the loss type is and how its batch is laid out
         if batch.paired != spec.paired:
             raise ValueError(f"model.loss_type={self.hparams.loss_type} got a batch with paired={batch.paired}")
-        token_logps, ref_tokens = self.token_logps(batch), batch.ref_logps  # (B, R) each
+        with collecting_entropy() as entropy:  # train/entropy from this forward's logits
+            token_logps, ref_tokens = self.token_logps(batch), batch.ref_logps  # (B, R) each
+        self._observe_health(batch, batch_idx, entropy)
         clip = self.hparams.clip_ratio
         if clip is None:
             logps = token_logps.sum(-1)
@@ -327,6 +336,28 @@ class SPPOModule(L.LightningModule):
         if spec.target is not None:  # a loss without a target (DPO, IPO) has 0s there
             self.log("train/target", batch.targets.mean(), batch_size=n, sync_dist=True)
         return loss
+
+    def _observe_health(self, batch: TrainBatch, batch_idx: int, entropy: list) -> None:
+        if batch_idx == 0 and self.current_epoch == 0:  # π_0's log-probs of real samples: train/kl_initial's probe
+            self.health.keep_probe(batch)
+        self.health.observe(batch, None if batch.filler or not entropy else torch.stack(entropy).sum(0))
+
+    def on_train_epoch_start(self) -> None:
+        self.health.start_iteration()
+
+    def iteration_health(self) -> dict[str, float]:
+        """This iteration's ``train/entropy``, ``train/kl_pi_t`` and ``train/kl_initial`` (``health``), the same on
+        every rank; every rank calls it (the forwards and the sum are collectives under FSDP)."""
+        row_sets = [
+            SimpleNamespace(**{k: v.to(self.device) for k, v in rows.items()}) for rows in self.health.to_score()
+        ]
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            scored = self.run_with_policy(lambda: [self.token_logps(rows) for rows in row_sets])
+        finally:
+            self.policy.train(was_training)
+        return self.health.metrics(self._sum_over_ranks, scored)
 
     def _step_share(self, losses: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This micro-batch's part of its optimizer step's loss, such that the step's gradient is the mean over every
@@ -376,9 +407,11 @@ class SPPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.guard.save(checkpoint)
+        self.health.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.guard.load(checkpoint)
+        self.health.load(checkpoint)
 
     # ------------------------------------------------------------------------------------------ validation
     # Scoring is evaluation.Validation's, for Lightning's loop and the evaluation before the first update alike; the

@@ -21,7 +21,8 @@ import lightning as L
 
 
 class IterationRecord(L.Callback):
-    """Logs each iteration's rollout metrics, ``time/train`` and ``time/validation`` (means over ranks)."""
+    """Logs each iteration's rollout metrics, the policy's health (``SPPOModule.iteration_health``), ``time/train``
+    and ``time/validation`` (means over ranks)."""
 
     def __init__(self) -> None:
         self._epoch_start = self._last_step_end = 0.0
@@ -46,6 +47,8 @@ class IterationRecord(L.Callback):
         metrics["time/train"] = self._last_step_end - self._epoch_start - self._validation_before_last_step
         if self._validation is not None:
             metrics["time/validation"] = self._validation
+        if hasattr(pl_module, "iteration_health"):  # train/entropy, train/kl_pi_t, train/kl_initial (health.py)
+            metrics.update(pl_module.iteration_health())
         # sync_dist: each rank generated and scored its own share of the rollout; the logged value is their mean
         pl_module.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=True)
 

@@ -57,6 +57,9 @@ class Samples:
     logprobs: list[list[list[float]]] | None = None
     """[P][K][T] log π_t(y_t | x, y_<t) of each response token, when the engine has them at no extra cost and with
     the policy's own numerics; None makes the pipeline compute them with a forward pass."""
+    sampler_logprobs: list[list[list[float]]] | None = None
+    """[P][K][T] the log-probs the sampler itself reported for the tokens it drew (untempered: log π of the weights
+    it holds). Never trained on: the pipeline compares them with the trainer's π_t (``rollout/logprob_gap``)."""
 
 
 @dataclass
@@ -89,6 +92,8 @@ class Rollout:
     response_logprobs: list[list[list[float]]] | None = None
     """[P][K][T] log π_t(y_t | x, y_<t) of each response token when the engine supplied them (else computed by a
     forward pass before training)."""
+    sampler_logprobs: list[list[list[float]]] | None = None
+    """[P][K][T] what the sampler reported for its tokens (``Samples.sampler_logprobs``), for the gap check."""
     rewards: torch.Tensor | None = None
     """[P, K] the oracle's per-response reward or score."""
     win_rates: torch.Tensor | None = None
@@ -147,6 +152,8 @@ class TrainBatch:
     """Groups are (winner, loser) pairs."""
     ref_logps: torch.Tensor | None = None
     """[B, R] log π_t(y_t | x, y_<t) of each response token, response-aligned and zero-padded."""
+    sampler_logps: torch.Tensor | None = None
+    """[B, R] the sampler's reported log-probs of the same tokens, laid out as ``ref_logps`` (for the gap check)."""
     step_units: torch.Tensor | None = None
     """Loss terms of this micro-batch's optimizer step on all ranks (the step's gradient is their mean)."""
     filler: bool = False

@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from sppo_lightning.data.examples import Example
+from sppo_lightning.health import logprob_rows
 from sppo_lightning.loss import loss_weights
 from sppo_lightning.records import TrainBatch
 
@@ -46,6 +47,9 @@ def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatc
         ref = torch.zeros((len(rows), max(len(r.response_ids) for r in rows)), dtype=torch.float32)
         for i, row in enumerate(rows):
             ref[i, : len(row.ref_logps)] = torch.tensor(row.ref_logps)
+    sampler = None
+    if rows and all(r.sampler_logps is not None for r in rows):  # what the engine reported, for the gap check
+        sampler = logprob_rows([r.sampler_logps for r in rows], max(len(r.response_ids) for r in rows))
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -58,6 +62,7 @@ def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatc
         row_weight=torch.tensor([float(len(r.response_ids) > 0) for r in rows]),
         paired=paired,
         ref_logps=ref,
+        sampler_logps=sampler,
     )
 
 

@@ -20,7 +20,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from sppo_lightning import sharding
+from sppo_lightning import health, sharding
 from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, repeat_passes
 from sppo_lightning.data.draw import draw_indices, shard
 from sppo_lightning.data.examples import build_groups
@@ -80,6 +80,8 @@ class RolloutDataModule(L.LightningDataModule):
         val_samples_per_prompt: int = 1,
         val_temperature: float = 0.0,
         seed: int = 0,
+        logprob_gap_warn: float = health.GAP_WARN,
+        logprob_gap_stop: float = health.GAP_STOP,
         loss_type: str = "sppo",
         eta: float = 1.0,
     ):
@@ -112,6 +114,12 @@ class RolloutDataModule(L.LightningDataModule):
             val_samples_per_prompt: Responses per validation prompt; accuracy is their mean (mean@k).
             val_temperature: 0 = greedy validation.
             seed: Seeds the prompt draw, the rollout sampling and the shuffling, per iteration.
+            logprob_gap_warn: Warn (once per iteration) when the mean per-token gap between the log-probs the engine
+                reported for its tokens and the trainer's π_t log-probs exceeds this many nats
+                (``rollout/logprob_gap_mean``); 0 = never. The default is above the bf16-vs-fp32 noise RL stacks
+                report (0.01 to 0.06).
+            logprob_gap_stop: Stop the run (one line, exit 2, checkpoints untouched) above this mean gap: the engine
+                does not sample from the policy (other or stale weights); 0 = never.
             loss_type: The loss type the rows are laid out for (``loss.LOSSES``): linked from ``model.loss_type`` by
                 the CLI, so a config sets it once, there. Built in Python: the module's value.
             eta: η of the targets η(P̂ − ½) or η(r − SoftMean_η(r)): linked from ``model.eta``, as ``loss_type``.
@@ -174,6 +182,8 @@ class RolloutDataModule(L.LightningDataModule):
                     f"data.micro_batch_size={h.micro_batch_size} must be a multiple of the {rows} rows "
                     f"each prompt contributes under model.loss_type={self.loss_type}"
                 )
+        if h.logprob_gap_warn < 0 or h.logprob_gap_stop < 0:
+            problems.append("data.logprob_gap_warn and data.logprob_gap_stop must be >= 0 (0 = off)")
         if self.eta <= 0:
             problems.append(f"model.eta must be > 0, got {self.eta}")
         if problems:
@@ -259,12 +269,16 @@ class RolloutDataModule(L.LightningDataModule):
         metrics["rollout/filler_micro_batches"] = float(sum(b.filler for b in batches))
         with _timed(metrics, "time/ref_logprobs"):
             self.attach_ref_logps(module, batches)
+        if rollout.sampler_logprobs is not None:  # the engine reported its own: does it sample from the policy?
+            metrics.update(self.logprob_gap(batches, epoch))
         window = trainer.accumulate_grad_batches
         batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch, window)
         attach_step_units(batches, window, self.all_ranks_sum)
 
         metrics.update(rollout_metrics(rollout))
         metrics["rollout/unscored"] = float(rollout.unscored)  # responses the oracle could not score (scored 0)
+        stop = {module.tokenizer.eos_token_id}
+        metrics["rollout/truncated_share"] = health.truncated_share(rollout.response_ids, h.max_response_length, stop)
         self.rollout_metrics, self.rollout = metrics, rollout
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
@@ -279,6 +293,25 @@ class RolloutDataModule(L.LightningDataModule):
                 "returns sppo_lightning.records.Scores (rewards and win-rates, [prompts, samples] each)"
             )
         return scores
+
+    def logprob_gap(self, batches: list[TrainBatch], epoch: int) -> dict[str, float]:
+        """Stage: mean and max per-token |log π_sampler − log π_t| over the real rows of every rank (the same on all of
+        them, so that the guard stops every rank or none), checked against ``data.logprob_gap_warn``/``_stop``."""
+        parts = [
+            health.gap_sums(b.sampler_logps, b.ref_logps, health.valid_columns(b.response_mask.sum(1), b.ref_logps))
+            for b in batches
+            if not b.filler and b.sampler_logps is not None and b.ref_logps is not None
+        ]
+        local = torch.stack(parts).reshape(-1, 3) if parts else torch.zeros(1, 3)
+        mine = torch.stack([local[:, 0].sum(), local[:, 1].sum(), local[:, 2].max()])
+        if self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            mine = strategy.all_gather(mine.to(strategy.root_device)).cpu()
+        mean, largest = health.combine_gap(mine)
+        health.GapGuard(self.hparams.logprob_gap_warn, self.hparams.logprob_gap_stop).check(
+            mean, largest, epoch, type(self.engine).__name__
+        )
+        return {"rollout/logprob_gap_mean": mean, "rollout/logprob_gap_max": largest}
 
     def most_and_fewest_on_any_rank(self, count: int) -> tuple[int, int]:
         if self.trainer.world_size > 1:
@@ -328,6 +361,7 @@ class RolloutDataModule(L.LightningDataModule):
             response_ids=samples.response_ids,
             response_text=[[tok.decode(r, skip_special_tokens=True) for r in group] for group in samples.response_ids],
             response_logprobs=samples.logprobs,
+            sampler_logprobs=samples.sampler_logprobs,
         )
 
     @staticmethod

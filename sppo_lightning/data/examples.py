@@ -30,6 +30,8 @@ class Example:
     group: int
     ref_logps: list[float] | None = None
     """log π_t(y_t | x, y_<t) of each response token when the rollout supplied them."""
+    sampler_logps: list[float] | None = None
+    """The sampler's own log-probs of the response tokens, when the engine reported them (for the gap check)."""
 
 
 def build_groups(
@@ -69,6 +71,7 @@ def build_groups(
                     target=float(targets[p, k]),
                     group=p,
                     ref_logps=None if rollout.response_logprobs is None else rollout.response_logprobs[p][k],
+                    sampler_logps=None if rollout.sampler_logprobs is None else rollout.sampler_logprobs[p][k],
                 )
                 for k in keep
             ]

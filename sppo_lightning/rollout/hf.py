@@ -26,12 +26,16 @@ def hf_generate(
     batch_size: int,
     with_logprobs: bool = False,
     on_chunk=None,
+    sampler_logprobs: bool = False,
 ):
     """Sample ``params.n`` responses for each prompt with ``model.generate``; returns ``[P][K]`` token ids.
 
     ``with_logprobs``: also return ``[P][K][T]`` log π(y_t | x, y_<t) of each response token under the model itself
     (temperature 1, before any sampling warper), from the logits generation computed anyway.
     ``on_chunk(sequences_done, tokens_generated)`` is called after each ``generate`` call.
+    ``sampler_logprobs`` (without ``with_logprobs``): the same log-probs, recorded step by step by a logits processor
+    (``_SampledLogps``: one step's logits kept, not the whole generation's), returned as ``with_logprobs`` does; they
+    are the sampler's side of ``rollout/logprob_gap``.
     """
     from transformers import GenerationConfig
 
@@ -65,33 +69,38 @@ def hf_generate(
     out: list[list[list[int]]] = []
     logprobs: list[list[list[float]]] = []
     per_call = max(1, batch_size // params.n)
+    recorder = _SampledLogps() if sampler_logprobs and not with_logprobs else None
     try:
         for start in range(0, len(prompt_ids), per_call):
             chunk = prompt_ids[start : start + per_call]
             width = max(map(len, chunk))
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
             attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            if recorder is not None:
+                recorder.steps, recorder.last = [], None
             with no_folder_defaults(model):
                 gen = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=gen_config,
                     synced_gpus=synced,
+                    **({"logits_processor": [recorder]} if recorder is not None else {}),
                 )
             new = gen.sequences[:, width:]  # (len(chunk) * K, new_tokens), grouped by prompt
             responses = [truncate_at_stop(r, stop, pad_id) for r in new.tolist()]
-            if with_logprobs:
-                token_logps = _token_logps(gen.logits, new)  # (len(chunk) * K, new_tokens)
+            if with_logprobs or recorder is not None:
+                # (len(chunk) * K, new_tokens)
+                token_logps = _token_logps(gen.logits, new) if with_logprobs else recorder.finish(new)
                 per_row = [token_logps[r, : len(ids)].tolist() for r, ids in enumerate(responses)]
             for i in range(len(chunk)):
                 out.append(responses[i * params.n : (i + 1) * params.n])
-                if with_logprobs:
+                if with_logprobs or recorder is not None:
                     logprobs.append(per_row[i * params.n : (i + 1) * params.n])
             if on_chunk is not None:
                 on_chunk(len(out) * params.n, sum(len(r) for group in out for r in group))
     finally:
         model.train(was_training)
-    return (out, logprobs) if with_logprobs else out
+    return (out, logprobs) if with_logprobs or recorder is not None else out
 
 
 @contextmanager
@@ -118,6 +127,35 @@ def _token_logps(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor) ->
     """log π(token_t) at each generated step, from the per-step logits ``[B, V]`` generate returns."""
     logits = torch.stack(step_logits, dim=1).float()  # (B, steps, V)
     return logits.gather(-1, tokens[:, : logits.shape[1], None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+class _SampledLogps:
+    """A logits processor that records log π(token) of each generated token from the raw logits of its step.
+
+    transformers runs the processors it is given before its sampling warpers (temperature, top-k, top-p:
+    ``GenerationMixin._get_logits_processor`` merges them first), so the scores seen here are the model's logits.
+    At step t the token drawn at step t − 1 is the last of ``input_ids``; the last step's token is read in
+    ``finish``. Only one step's log-softmax is kept: ``[B, V]``, not the whole generation's logits.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, steps]`` log-probs of ``tokens`` (the generated ids)."""
+        if self.last is not None and tokens.shape[1]:
+            self.steps.append(self.last.gather(-1, tokens[:, -1:]).squeeze(-1))
+        self.last = None
+        if not self.steps:
+            return torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        return torch.stack(self.steps, dim=1)[:, : tokens.shape[1]]
 
 
 @dataclass
@@ -151,6 +189,13 @@ class HFEngine(RolloutEngine):
                     self.batch_size,
                     with_logprobs,
                     on_chunk=self.on_progress,
+                    sampler_logprobs=params.logprobs,
                 )
             )
-        return Samples(*out) if with_logprobs else Samples(out)
+        if not params.logprobs:
+            return Samples(out)
+        responses, logprobs = out
+        # From generation's own logits π_t needs no second forward, and the sampler's log-probs are π_t's: the gap
+        # is 0 by construction. Otherwise π_t comes from the pipeline's forward pass and the gap is the rounding
+        # between generation (KV cache, left padding) and that pass.
+        return Samples(responses, logprobs if with_logprobs else None, sampler_logprobs=logprobs)

@@ -15,6 +15,11 @@ fields, the refusal outside a weight-update session. Its behaviour follows that 
 - ``generate``: each request's ``sampling_params`` is built like SGLang's ``SamplingParams`` (unknown key:
   ``TypeError``; temperature 0 means top_k 1; top_k -1 means the whole vocabulary) and verified as its ``verify``
   does (top_k 0 is refused); the answer is ``{"output_ids", "meta_info"}`` per request, the stop token included.
+  With ``return_logprob``, ``meta_info["output_token_logprobs"]`` holds ``(logprob, token_id, None)`` per output
+  token (``TokenizerManager.detokenize_logprob_tokens``), computed from the logits of the weights the engine holds as
+  ``srt/layers/sampler.py`` does: ``log_softmax(logits)`` for greedy requests or under
+  ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (read when the engine starts, as the scheduler reads it at import),
+  ``log_softmax(logits / temperature)`` otherwise, before top-k/top-p.
   Tokens are sampled from the weights the engine holds (transformers on CPU, float32 compute on weights rounded
   to the engine's dtype), with the engine's ``random_seed``, or per request ``sampling_seed`` under
   ``enable_deterministic_inference`` (``srt/sampling/sampling_batch_info.py``).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import sys
 import types
 import uuid
@@ -143,6 +149,7 @@ class StandInEngine:
         self.memory_saver = bool(kwargs.get("enable_memory_saver", False))
         self.cpu_backup = bool(kwargs.get("enable_weights_cpu_backup", False))
         self.deterministic = bool(kwargs.get("enable_deterministic_inference", False))
+        self.original_logprob = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes")
         seed = kwargs.get("random_seed")
         self.rng = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         self.offload_tags: set[str] = set()
@@ -227,11 +234,13 @@ class StandInEngine:
         settings = [self.Sampling(**sp) for sp in given]
         for s in settings:
             s.verify()
-        outputs = self._sample(requests, settings)
+        outputs = self._sample(requests, settings, bool(return_logprob))
         return outputs[0] if single else outputs
 
     @torch.no_grad()
-    def _sample(self, requests: list[list[int]], settings: list[StandInSamplingParams]) -> list[dict]:
+    def _sample(
+        self, requests: list[list[int]], settings: list[StandInSamplingParams], return_logprob: bool = False
+    ) -> list[dict]:
         B, width = len(requests), max(map(len, requests))
         ids = torch.tensor([[0] * (width - len(r)) + list(r) for r in requests])  # left padded, (B, width)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in requests])
@@ -244,6 +253,7 @@ class StandInEngine:
             for s in settings
         ]
         generated: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list[float]] = [[] for _ in range(B)]
         finish: list[dict | None] = [None] * B
         for _ in range(max(s.max_new_tokens for s in settings)):
             logits = out.logits[:, -1].float()  # (B, V)
@@ -254,6 +264,8 @@ class StandInEngine:
                     continue
                 token = self._pick(logits[b], settings[b], rngs[b])
                 generated[b].append(token)
+                if return_logprob:
+                    logprobs[b].append(self._logprob(logits[b], settings[b], token))
                 stops = settings[b].stop_token_ids | ({self.eos} if isinstance(self.eos, int) else set(self.eos or ()))
                 if token in stops:
                     finish[b] = {"type": "stop", "matched": token}
@@ -280,10 +292,18 @@ class StandInEngine:
                     "prompt_tokens": len(requests[b]),
                     "completion_tokens": len(generated[b]),
                     "cached_tokens": 0,
+                    **({"output_token_logprobs": list(zip(logprobs[b], generated[b], [None] * len(generated[b]),
+                                                            strict=True))} if return_logprob else {}),
                 },
             }
             for b in range(B)
-        ]
+        ]  # fmt: skip
+
+    def _logprob(self, logits: torch.Tensor, s: StandInSamplingParams, token: int) -> float:
+        """The log-prob SGLang reports for ``token`` (see the module doc): before temperature when greedy or asked
+        for the original, else after it; never after top-k/top-p."""
+        scale = 1.0 if s.top_k == 1 or self.original_logprob else s.temperature
+        return float(torch.log_softmax(logits / scale, dim=-1)[token])
 
     @staticmethod
     def _pick(logits: torch.Tensor, s: StandInSamplingParams, rng: torch.Generator) -> int:

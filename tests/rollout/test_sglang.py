@@ -232,7 +232,7 @@ def test_demo_learns_through_the_colocated_engine(standin, tmp_path):
     (after the first rollout's release) and every later rollout (after a validation's release at the same step)
     sample noise: measured 0.0 % at the start, rewards 0 from the second rollout on, 18.5 % at the end."""
     from sppo_lightning.cli import main
-    from tests.test_cli import DEMO, val_accuracies
+    from tests.test_cli import DEMO, read_metrics, val_accuracies
 
     main([
         "fit", "--config", DEMO, "--data.engine=sppo_lightning.rollout.sglang.SGLangEngine",
@@ -242,6 +242,8 @@ def test_demo_learns_through_the_colocated_engine(standin, tmp_path):
     acc = val_accuracies(tmp_path)
     assert len(acc) == 11
     assert 0.15 <= acc[0] <= 0.60, acc  # the starting policy's accuracy (noise weights score 0)
+    gaps = [float(r["rollout/logprob_gap_mean"]) for r in read_metrics(tmp_path) if r.get("rollout/logprob_gap_mean")]
+    assert len(gaps) == 10 and max(gaps) < 0.01, gaps  # bf16 rounding (measured 0.00087 on the first iteration)
     assert acc[-1] - acc[0] >= 0.10, acc
     (sgl,) = standin.instances
     assert names(sgl).count("end_weight_update") == 21  # a push before each of 11 validations and 10 rollouts
@@ -505,7 +507,11 @@ class StandInServer:
             self.engine = self.engine_cls(model_path=body["model_path"], dtype="float32", random_seed=0)
             return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
         try:
-            return 200, self.engine.generate(input_ids=body["input_ids"], sampling_params=body["sampling_params"])
+            return 200, self.engine.generate(
+                input_ids=body["input_ids"],
+                sampling_params=body["sampling_params"],
+                return_logprob=body.get("return_logprob", False),
+            )
         except (TypeError, ValueError) as e:
             return 400, {"error": {"message": str(e)}}
 
@@ -523,11 +529,13 @@ def test_server_client_refreshes_weights_and_generates(toy_model_dir, tmp_path, 
     finally:
         server.close()
     paths = [p for p, _ in server.requests]
-    # validation and rollout at step 0 use the server's own (base) weights; after the epoch the trained ones
-    assert paths[:4] == ["/generate"] * 4  # 8 validation prompts, then 4 x K=2 rollout requests, 4 per call
-    assert paths[4] == "/update_weights_from_disk" and set(paths[5:]) == {"/generate"}
-    assert server.requests[4][1]["model_path"] == str((tmp_path / "w").resolve())
-    body = server.requests[0][1]
+    # the starting policy is loaded before the first generation (load_initial_weights), whatever the server was
+    # started with; after the epoch the trained one
+    assert paths[0] == "/update_weights_from_disk"
+    assert paths[1:5] == ["/generate"] * 4  # 4 x K=2 rollout requests, then 8 validation prompts, 4 per call
+    assert paths[5] == "/update_weights_from_disk" and set(paths[6:]) == {"/generate"}
+    assert server.requests[5][1]["model_path"] == str((tmp_path / "w").resolve())
+    body = server.requests[1][1]
     assert isinstance(body["input_ids"][0], list) and len(body["sampling_params"]) == 4
     assert body["sampling_params"][0]["max_new_tokens"] == 8 and body["sampling_params"][0]["top_k"] == -1
     for name, p in module.policy.named_parameters():  # the server now holds the trained policy

@@ -24,8 +24,10 @@ from sppo_lightning.errors import ConfigError, UserInputError
 from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine, Samples
 from sppo_lightning.rollout.sglang import compat
 from sppo_lightning.rollout.sglang.requests import (
+    RETURN_ORIGINAL_LOGPROB,
     check_result,
     group_outputs,
+    output_logprobs,
     per_request_sampling_params,
     repeat_prompts,
 )
@@ -142,6 +144,9 @@ class SGLangEngine(RolloutEngine):
         compat.warn_if_unchecked(self._sglang)
         self._tags = compat.memory_tags(self._sglang)
         self._request_seeds = compat.takes_sampling_seed()
+        # log-probs of the untempered policy, as the trainer's π_t (see requests.RETURN_ORIGINAL_LOGPROB); the
+        # scheduler processes SGLang starts read it from the environment they inherit
+        os.environ[RETURN_ORIGINAL_LOGPROB] = "1"
         return self._sglang.Engine(**kwargs)
 
     # ----------------------------------------------------------------------------------------------- weights
@@ -190,9 +195,11 @@ class SGLangEngine(RolloutEngine):
             sampling_params=per_request_sampling_params(
                 params, tok.eos_token_id, len(requests), seed if self._request_seeds else None
             ),
+            return_logprob=params.logprobs,  # the sampled tokens' log-probs, for the gap check (not trained on)
         )
         stop = {tok.eos_token_id, *params.stop_token_ids}
-        return Samples(group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id))
+        responses = group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id)
+        return Samples(responses, sampler_logprobs=output_logprobs(outputs, responses) if params.logprobs else None)
 
     def after_rollout(self, policy: PolicyHandle) -> None:
         if self.release_memory and self.engine is not None and not self._released:

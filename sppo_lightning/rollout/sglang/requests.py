@@ -79,6 +79,44 @@ def group_outputs(outputs: list[dict], num_prompts: int, n: int, stop: set[int],
     return [responses[i * n : (i + 1) * n] for i in range(num_prompts)]
 
 
+# Which log-probs SGLang returns (sglang 0.5.23, srt/layers/sampler.py): ``return_logprob`` gives, per output token,
+# ``log softmax(logits / temperature)`` in the standard sampling path (:275 divides the logits in place, :309-315
+# take ``log(probs)`` of that softmax), i.e. after temperature but before top-k/top-p renormalisation
+# (``_sample_from_probs``, :362, renormalises a copy); greedy requests get ``log_softmax(logits)`` (:219-223).
+# With the environment variable SGLANG_RETURN_ORIGINAL_LOGPROB=1 (:82, read when the module is imported; also
+# srt/layers/logprob_processor.py:417) they are ``log_softmax(logits)`` before temperature (:230-237, :322-323).
+# The trainer's π_t log-probs are those of the untempered policy (logprobs.py), so like is compared with like by
+# asking SGLang for the original ones: the colocated engine sets the variable before SGLang starts its scheduler
+# (which inherits the environment); a server must be started with it when data.temperature != 1 (at temperature 1
+# both are the same numbers). Computing the trainer's side at the sampling temperature instead would need the
+# full logits of a second pass: the π_t pass keeps only the sampled tokens' log-probs.
+RETURN_ORIGINAL_LOGPROB = "SGLANG_RETURN_ORIGINAL_LOGPROB"
+
+
+def output_logprobs(outputs: list[dict], responses: list[list[list[int]]]) -> list[list[list[float]]]:
+    """The log-probs SGLang reported for each response's tokens, ``[P][K][T]`` like ``responses``.
+
+    sglang 0.5.23 returns them in ``meta_info["output_token_logprobs"]`` as ``(logprob, token_id, text)`` per output
+    token (``TokenizerManager.detokenize_logprob_tokens``, srt/managers/tokenizer_manager.py:3098; text is None
+    without ``return_text_in_logprobs``; lists over HTTP), in ``output_ids`` order, stop token included.
+    """
+    if isinstance(outputs, dict):
+        outputs = [outputs]
+    flat = [r for group in responses for r in group]
+    out = []
+    for request, (output, ids) in enumerate(zip(outputs, flat, strict=True)):
+        entries = (output.get("meta_info") or {}).get("output_token_logprobs")
+        if entries is None:
+            raise SGLangError(
+                f"SGLang output {request} has no meta_info.output_token_logprobs although return_logprob was asked"
+            )
+        if len(entries) < len(ids) or any(int(e[1]) != t for e, t in zip(entries, ids, strict=False)):
+            raise SGLangError(f"SGLang output {request}: output_token_logprobs do not match its output_ids")
+        out.append([float(e[0]) for e in entries[: len(ids)]])
+    n = len(responses[0]) if responses else 0
+    return [out[i * n : (i + 1) * n] for i in range(len(responses))]
+
+
 def check_result(result: Any, call: str) -> None:
     """Stop with SGLang's message when ``call`` was refused.
 

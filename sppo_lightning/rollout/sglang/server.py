@@ -17,6 +17,7 @@ from sppo_lightning.rollout.sglang.requests import (
     SGLangError,
     check_result,
     group_outputs,
+    output_logprobs,
     per_request_sampling_params,
     repeat_prompts,
 )
@@ -35,6 +36,7 @@ class SGLangServerEngine(RolloutEngine):
         backoff: float = 2.0,
         batch_size: int = 512,
         request_seeds: bool = True,
+        load_initial_weights: bool = True,
     ):
         """
         Args:
@@ -48,6 +50,14 @@ class SGLangServerEngine(RolloutEngine):
             request_seeds: Send a ``sampling_seed`` with every request, derived from the iteration's seed, so a
                 server started with ``--enable-deterministic-inference`` samples reproducibly. Turn off for a
                 server whose SGLang has no ``sampling_seed``.
+            load_initial_weights: Write the starting policy and have the server load it before the first generation,
+                so the run never depends on what the server was started with. False trusts that it holds exactly
+                ``model.model_name_or_path`` (saves one write and load); a server holding other weights then stops
+                the run at the first rollout (``data.logprob_gap_stop``).
+
+        Log-probs: the client asks for the sampled tokens' log-probs (``return_logprob``) to check that the server
+        samples from the policy (``rollout/logprob_gap``). Start the server with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``
+        when ``data.temperature`` is not 1, or it reports tempered log-probs (see ``requests.RETURN_ORIGINAL_LOGPROB``).
         """
         if retries < 1:
             raise ConfigError(f"data.engine.init_args.retries must be >= 1, got {retries}")
@@ -57,6 +67,7 @@ class SGLangServerEngine(RolloutEngine):
         self.weights_dir = weights_dir
         self.timeout, self.retries, self.backoff, self.batch_size = timeout, retries, backoff, batch_size
         self.request_seeds = request_seeds
+        self.load_initial_weights = load_initial_weights
         self._synced_step: int | None = None
 
     def post(self, path: str, payload: dict) -> Any:
@@ -86,7 +97,7 @@ class SGLangServerEngine(RolloutEngine):
 
     def generate(self, policy: PolicyHandle, prompt_ids, params, seed) -> Samples:
         if self._synced_step != policy.step:
-            if policy.step > 0 or self._synced_step is not None:  # the server starts from the base weights
+            if policy.step > 0 or self._synced_step is not None or self.load_initial_weights:
                 self.refresh_weights(policy)
             self._synced_step = policy.step
         tok = policy.tokenizer
@@ -98,7 +109,10 @@ class SGLangServerEngine(RolloutEngine):
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             chunk_sampling = sampling[start : start + self.batch_size] if isinstance(sampling, list) else sampling
-            result = self.post("/generate", {"input_ids": chunk, "sampling_params": chunk_sampling})
+            body = {"input_ids": chunk, "sampling_params": chunk_sampling}
+            if params.logprobs:  # the sampled tokens' log-probs, for the gap check (not trained on)
+                body["return_logprob"] = True
+            result = self.post("/generate", body)
             if isinstance(result, dict):  # a batch of one comes back as one object
                 result = [result]
             if not isinstance(result, list) or len(result) != len(chunk):
@@ -107,4 +121,5 @@ class SGLangServerEngine(RolloutEngine):
                 )
             outputs.extend(result)
         stop = {tok.eos_token_id, *params.stop_token_ids}
-        return Samples(group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id))
+        responses = group_outputs(outputs, len(prompt_ids), params.n, stop, tok.pad_token_id)
+        return Samples(responses, sampler_logprobs=output_logprobs(outputs, responses) if params.logprobs else None)
