@@ -300,7 +300,7 @@ class SPPOModule(L.LightningModule):
         loss, mean, n = self._step_share(losses, batch)
         if not self.guard.all_finite(loss):  # the same verdict on every rank
             self._nonfinite_in_step = True  # the whole optimizer step is dropped (on_before_optimizer_step)
-            return None  # no backward for this micro-batch
+            return loss  # backward still runs, its gradient dropped: sharded ranks meet in its collectives
         # sync_dist: under FSDP/DDP each rank trains on its own rows; the logged value is their mean.
         self.log("train/loss", mean, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/log_ratio", (logps - ref).mean().detach(), batch_size=n, sync_dist=True)

@@ -9,7 +9,7 @@ Run by tests/test_steps.py in a subprocess (the strategy re-launches this script
 ``--tie-rank R``: every response on rank R gets the same reward (under DPO/IPO all its groups drop out).
 ``--nan-at I``: a NaN target in the I-th micro-batch of every optimizer step (a NaN loss).
 Writes ``<out>.rank<r>.json``: global_step, the real rows and the fillers of each step, skipped steps, whether this
-rank's parameters (its shards) changed.
+rank's parameters changed (their indices).
 """
 
 import argparse
@@ -62,8 +62,11 @@ class Steps(L.Callback):
         self.current = {"rows": 0, "fillers": 0}
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's values, comparable at any time: FSDP2 leaves its root unsharded after a forward (a plain tensor
+    then, a DTensor shard later), so DTensors are gathered (a collective: every rank calls it); FSDP1's flat shards
+    are compared as they are."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
 def main():
@@ -109,16 +112,17 @@ def main():
     class Before(L.Callback):
         def on_train_start(self, trainer, pl_module):
             nonlocal before
-            before = [local(p) for p in pl_module.parameters()]
+            before = [whole(p) for p in pl_module.parameters()]
 
     trainer.callbacks.append(Before())
     trainer.fit(module, datamodule=data)
-    after = [local(p) for p in module.parameters()]
+    after = [whole(p) for p in module.parameters()]
     result = {
         "global_step": trainer.global_step,
         "steps": steps.steps,
         "skipped_steps": module.guard.skipped_steps,
-        "changed": any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+        "changed": [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if not torch.equal(a, b)],
+        "finite": all(bool(torch.isfinite(a).all()) for a in after),
         "metrics": {k: float(v) for k, v in data.rollout_metrics.items() if k.startswith("rollout/")},
     }
     Path(f"{args.out}.rank{trainer.global_rank}.json").write_text(json.dumps(result))
