@@ -53,3 +53,22 @@ def test_a_nan_in_an_accumulated_sharded_step_skips_it_whole(tmp_path, strategy,
     ranks = fit(tmp_path, 2, *flags)
     assert [r["global_step"] for r in ranks] == [4, 4] and [r["skipped_steps"] for r in ranks] == [4, 4]
     assert not ranks[0]["changed"] and not ranks[1]["changed"]
+
+
+def test_an_iteration_where_every_group_ties_makes_no_step_and_says_how_many_tied():
+    import lightning as L
+
+    from sppo_lightning.module import SPPOModule
+    from sppo_lightning.toy import MODEL_DIR
+    from tests.test_step_gradient import FixedRollout, fixed_groups
+
+    groups = [(prompt, responses, [1.0, 1.0]) for prompt, responses, _ in fixed_groups(4)]  # every pair ties
+    module = SPPOModule(str(MODEL_DIR), loss_type="dpo", weight_decay=0.01)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, reload_dataloaders_every_n_epochs=1,
+    )  # fmt: skip
+    data = FixedRollout(groups, loss_type="dpo", micro_batch_size=2)
+    with pytest.warns(UserWarning, match="all 4 groups of this iteration dropped out"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0 and data.rollout_metrics["rollout/dropped_groups"] == 4

@@ -18,7 +18,7 @@ from functools import partial
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from sppo_lightning import sharding
@@ -249,6 +249,11 @@ class RolloutDataModule(L.LightningDataModule):
             if self.configured_accumulate is None:  # later iterations set the trainer's value (train_dataloader)
                 self.configured_accumulate = trainer.accumulate_grad_batches
             h = self.hparams
+            if h.prompts_per_epoch is not None and h.prompts_per_epoch < trainer.world_size:
+                raise ConfigError(
+                    f"data.prompts_per_epoch={h.prompts_per_epoch} leaves a process without a prompt: use at least "
+                    f"{trainer.world_size}, one per process"
+                )
             self.rows_per_step = resolve_rows_per_step(
                 h.rows_per_step, h.micro_batch_size, self.configured_accumulate, trainer.world_size, self.group_rows,
                 h.max_tokens_per_micro_batch,
@@ -302,7 +307,8 @@ class RolloutDataModule(L.LightningDataModule):
         for the iteration), with their π_t log-probs and step shares.
 
         A rank whose groups all dropped out (ties under DPO/IPO) trains zero-weight fillers, so the others still
-        train; the rollout's ``rollout/dropped_groups`` and ``rollout/filler_micro_batches`` say so.
+        train; the rollout's ``rollout/dropped_groups`` and ``rollout/filler_micro_batches`` say so. When every
+        rank's did, the iteration makes no step (a warning says how many groups tied).
         """
         trainer, module, h = self.trainer, self.trainer.lightning_module, self.hparams
         spec = LOSSES[self.loss_type]
@@ -310,6 +316,14 @@ class RolloutDataModule(L.LightningDataModule):
         cut = partial(micro_batches, micro_batch_size=h.micro_batch_size, pad_id=module.tokenizer.pad_token_id,
                       seed=seed, balance_tokens=h.balance_tokens, max_tokens=h.max_tokens_per_micro_batch,
                       paired=spec.paired)  # fmt: skip
+        metrics["rollout/dropped_groups"] = float(num_prompts - len(groups))
+        if not int(self.all_ranks_sum(torch.tensor([float(len(groups))]))[0]):  # nothing to learn on any rank
+            rank_zero_warn(
+                f"all {num_prompts * trainer.world_size} groups of this iteration dropped out (model.loss_type="
+                f"{self.loss_type} skips prompts whose responses all tie): no optimizer step this iteration"
+            )
+            metrics["rollout/filler_micro_batches"], metrics["rollout/optimizer_steps"] = 0.0, 0.0
+            return []
         per_step = cut_into_steps(groups, num_prompts, steps, seed, cut)
         size = micro_batches_per_step(max(map(len, per_step)), lambda n: self.most_and_fewest_on_any_rank(n)[0])
         mine = [b for step in per_step for b in step]
@@ -323,7 +337,6 @@ class RolloutDataModule(L.LightningDataModule):
             )
         per_step = top_up(per_step, size, lambda: filler(template))
         batches = [b for step in per_step for b in step]
-        metrics["rollout/dropped_groups"] = float(num_prompts - len(groups))
         metrics["rollout/filler_micro_batches"] = float(sum(b.filler for b in batches))
         metrics["rollout/optimizer_steps"] = float(steps * h.passes_per_rollout)
         with _timed(metrics, "time/ref_logprobs"):
