@@ -2,11 +2,11 @@
 micro-batch has in its optimizer step.
 
 A step's gradient is the mean over every loss term of that step on every rank, whatever the split into
-micro-batches (by rows or by a token budget), accumulation windows (a short last one included) and ranks (which
-may hold different row counts): each micro-batch carries ``step_units``, the number of loss terms of its step over
-all ranks, and the module divides its sum by that (``SPPOModule.training_step``). Rows with an empty response count
-for nothing (``row_weight`` 0), as verl masks them; so do the filler micro-batches that keep ranks and passes in
-step (``filler``).
+micro-batches (by rows or by a token budget) and ranks (which may hold different row counts): each micro-batch
+carries ``step_units``, the number of loss terms of its step over all ranks, and the module divides its sum by that
+(``SPPOModule.training_step``). Rows with an empty response count for nothing (``row_weight`` 0), as verl masks
+them; so do the filler micro-batches that keep ranks and steps in line (``filler``). Which rows make a step is
+``steps``' concern.
 """
 
 from __future__ import annotations
