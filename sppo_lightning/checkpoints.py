@@ -173,7 +173,9 @@ def run_record(trainer, datamodule) -> dict[str, Any]:
     record: dict[str, Any] = {
         "trainer.strategy": type(trainer.strategy).__name__,
         "trainer.world_size": trainer.world_size,
-        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+        # as configured: each iteration sets the trainer's value to its step's micro-batches (data.rows_per_step)
+        "trainer.accumulate_grad_batches": getattr(datamodule, "configured_accumulate", None)
+        or trainer.accumulate_grad_batches,
     }
     source = getattr(datamodule, "train_source", None)
     if source is not None:

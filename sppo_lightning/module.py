@@ -173,6 +173,7 @@ class SPPOModule(L.LightningModule):
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
         self.health = health.IterationHealth()  # train/entropy, train/kl_pi_t, train/kl_initial (health.py)
+        self._nonfinite_in_step = False  # a micro-batch of the current optimizer step had a non-finite loss
 
     @property
     def accuracy_fn(self) -> Callable[[str, str], float]:
@@ -327,9 +328,9 @@ class SPPOModule(L.LightningModule):
         params = LossParams(**{f.name: self.hparams[f.name] for f in fields(LossParams)})  # same-named model.* keys
         losses = spec.compute(LossTerms(*terms), params)  # (B,), or (B/2,) for pairs
         loss, mean, n = self._step_share(losses, batch)
-        if not self.guard.all_finite(loss):
-            self._skip("loss")
-            return None  # Lightning skips this micro-batch: no backward, no optimizer step
+        if not self.guard.all_finite(loss):  # the same verdict on every rank
+            self._nonfinite_in_step = True  # the whole optimizer step is dropped (on_before_optimizer_step)
+            return loss  # backward still runs, its gradient dropped: sharded ranks meet in its collectives
         # sync_dist: under FSDP/DDP each rank trains on its own rows; the logged value is their mean.
         self.log("train/loss", mean, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/log_ratio", (logps - ref).mean().detach(), batch_size=n, sync_dist=True)
@@ -378,17 +379,26 @@ class SPPOModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.parameters() if p.grad is not None]
+        if self._nonfinite_in_step:  # under accumulation the other micro-batches' gradient would still step
+            self._drop_step(params, "loss")
+            return
         if not params and sharding.fsdp1_root(self._trainer) is None:  # an FSDP1 rank may hold no piece, yet reduces
             return
         # before clipping: the norm it really had
         norm = sharding.global_grad_norm([p.grad for p in params], self._trainer, self.device)
         if not torch.isfinite(norm):  # the norm is over every rank's gradient: the same verdict on all of them
-            for p in params:  # AdamW leaves parameters without a gradient untouched: the step is skipped
-                p.grad = None
-            self._skip("gradient")
+            self._drop_step(params, "gradient")
             return
         self.guard.passed()
         self.log("train/grad_norm", norm)
+
+    def _drop_step(self, params: list[torch.nn.Parameter], what: str) -> None:
+        """Skip this optimizer step whole, on every rank (each reached the same verdict), and count it once: AdamW
+        leaves parameters without a gradient untouched (no update, no weight decay, no moment change)."""
+        for p in params:
+            p.grad = None
+        self._nonfinite_in_step = False
+        self._skip(what)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if not sharding.clip_fsdp1_grad_norm(self._trainer, gradient_clip_val, gradient_clip_algorithm):

@@ -358,7 +358,7 @@ def run_shape(config) -> RunShape:
         prompt_len=d.max_prompt_length,
         response_len=d.max_response_length,
         checkpointing=bool(m.gradient_checkpointing),
-        accumulate=int(t.accumulate_grad_batches or 1),
+        accumulate=_accumulate(t, d, devices * nodes),
         prompts_per_epoch=int(d.prompts_per_epoch or 0),
         samples_per_prompt=d.samples_per_prompt,
         passes=int(getattr(d, "passes_per_rollout", 1) or 1),
@@ -367,6 +367,15 @@ def run_shape(config) -> RunShape:
         engine_tp=tp,
         engine_resident=resident,
     )
+
+
+def _accumulate(t, d, world: int) -> int:
+    """Micro-batches per optimizer step: derived from ``data.rows_per_step`` when set (its rows per process cut by
+    ``micro_batch_size``; a token budget cuts the same rows into about as many), else the trainer's setting."""
+    rows = getattr(d, "rows_per_step", None)
+    if rows:
+        return max(1, math.ceil(rows / (world * d.micro_batch_size)))
+    return int(t.accumulate_grad_batches or 1)
 
 
 def parse_config(args: list[str]):

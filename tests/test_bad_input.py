@@ -218,3 +218,20 @@ def test_a_hub_dataset_that_cannot_be_fetched_is_one_line(tmp_path):
         else 'error: someorg/no-such-prompts: not a file here; reading it as a hub dataset needs `pip install "sppo'
     )
     assert one_line_error(proc).startswith(expected), proc.stderr[-2000:]
+
+
+SETTINGS = {
+    "samples_per_prompt=0 (was a ZeroDivisionError)": (["--data.samples_per_prompt=0"], "data.samples_per_prompt must"),
+    "rows_per_step not whole groups": (["--data.rows_per_step=66"], "data.rows_per_step=66 must be a positive"),
+    "accumulation contradicting rows_per_step": (
+        ["--trainer.accumulate_grad_batches=2"],
+        "trainer.accumulate_grad_batches=2 contradicts data.rows_per_step=64",
+    ),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), SETTINGS.values(), ids=SETTINGS.keys())
+def test_bad_step_settings_are_one_line(tmp_path, args, message):
+    proc = run("fit", "--config", DEMO, *args, f"--trainer.default_root_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -51,8 +51,8 @@ def test_seed_recipe_config_is_the_reference_run(tmp_path, tiny_model_dir):
     assert (d.max_prompt_length, d.max_response_length, d.overlong_prompts) == (1024, 512, "filter")
     assert (d.micro_batch_size, d.val_temperature) == (4, 0.0)
     assert m.packed and d.max_tokens_per_micro_batch == 1792  # use_remove_padding, token-budget micro-batches
-    # 4 optimizer steps per rollout: 1,024 rows / (4 GPUs x micro-batch 4 x 16 accumulated) = 4
-    assert d.prompts_per_epoch * d.samples_per_prompt // (4 * d.micro_batch_size * t.accumulate_grad_batches) == 4
+    # 4 optimizer steps per rollout: 1,024 rows / 256 rows a step (actor.ppo_mini_batch_size), any GPUs and lengths
+    assert t.accumulate_grad_batches == 1 and d.prompts_per_epoch * d.samples_per_prompt // d.rows_per_step == 4
     # "20 epochs" of 1,024-prompt batches over 7,500 problems, verl's drop_last: 7 rollouts a pass, 140 in all
     assert t.max_epochs == 20 * (7500 // d.prompts_per_epoch) == 140
     assert isinstance(t.strategy, ModelParallelStrategy) and t.gradient_clip_val == 1.0
@@ -166,7 +166,7 @@ def test_pairrm_configs_are_the_authors_run(tmp_path, tiny_model_dir, tiny_pairr
     assert (d.max_prompt_length, d.max_response_length, d.passes_per_rollout) == (512, 512, 1)
     # 3 iterations, each a disjoint third of the prompts; 8 GPUs x 8 pairs = 64 pairs per optimizer step
     assert t.max_epochs == 3 and 3 * d.prompts_per_epoch <= 61135 and t.limit_val_batches == 0
-    assert t.num_devices == 8 and d.micro_batch_size // 2 * t.num_devices * t.accumulate_grad_batches == 64
+    assert t.num_devices == 8 and d.micro_batch_size // 2 * t.num_devices == d.rows_per_step // 2 == 64
     assert isinstance(t.strategy, ModelParallelStrategy) and isinstance(cli.datamodule.engine, SGLangEngine)
     oracle = cli.datamodule.oracle
     assert isinstance(oracle, PairRMOracle) and oracle.from_scores and oracle.include_self

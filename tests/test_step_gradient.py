@@ -145,13 +145,15 @@ def test_rows_with_an_empty_response_do_not_count_in_the_mean():
     assert_same_gradient(record.grads[0], mean_gradient(groups))
 
 
-def test_several_passes_under_accumulation_end_each_pass_with_a_step():
-    """3 micro-batches a pass, windows of 2, 2 passes: each pass is 2 steps (the second topped up with a filler),
-    so no step mixes passes or holds a micro-batch twice; before, 6 micro-batches made 3 steps, the middle one
-    holding the end of pass 1 and the start of pass 2."""
-    record = fit(fixed_groups(3), accumulate=2, max_steps=-1, micro_batch_size=2, passes_per_rollout=2, max_epochs=1)
+def test_several_passes_go_over_the_same_steps_and_no_step_mixes_passes():
+    """4 groups (8 rows), 4 rows a step, micro-batches of 2 rows, 2 passes: each pass is the same 2 steps of 2
+    micro-batches (each group once a pass), so no step holds the end of one pass and the start of the next."""
+    record = fit(fixed_groups(4), accumulate=1, max_steps=-1, micro_batch_size=2, rows_per_step=4,
+                 passes_per_rollout=2, max_epochs=1)  # fmt: skip
     assert len(record.steps) == 4
-    for first, second in (record.steps[0:2], record.steps[2:4]):
-        rows = [groups for kind, groups in first + second if kind == "rows"]
-        assert sorted(rows) == [(0,), (1,), (2,)]  # each micro-batch of the rollout exactly once in the pass
-        assert [kind for kind, _ in first + second] == ["rows", "rows", "rows", "filler"]
+    first_pass = sorted(groups for step in record.steps[:2] for _, groups in step)
+    assert first_pass == [(0,), (1,), (2,), (3,)]  # each micro-batch of the rollout exactly once in the pass
+    assert sorted(groups for step in record.steps[2:] for _, groups in step) == first_pass
+    assert {tuple(g for _, g in step) for step in record.steps[:2]} == {tuple(g for _, g in step) for step in
+                                                                        record.steps[2:]}  # fmt: skip
+    assert all(kind == "rows" for step in record.steps for kind, _ in step)

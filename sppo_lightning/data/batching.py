@@ -2,16 +2,15 @@
 micro-batch has in its optimizer step.
 
 A step's gradient is the mean over every loss term of that step on every rank, whatever the split into
-micro-batches (by rows or by a token budget), accumulation windows (a short last one included) and ranks (which
-may hold different row counts): each micro-batch carries ``step_units``, the number of loss terms of its step over
-all ranks, and the module divides its sum by that (``SPPOModule.training_step``). Rows with an empty response count
-for nothing (``row_weight`` 0), as verl masks them; so do the filler micro-batches that keep ranks and passes in
-step (``filler``).
+micro-batches (by rows or by a token budget) and ranks (which may hold different row counts): each micro-batch
+carries ``step_units``, the number of loss terms of its step over all ranks, and the module divides its sum by that
+(``SPPOModule.training_step``). Rows with an empty response count for nothing (``row_weight`` 0), as verl masks
+them; so do the filler micro-batches that keep ranks and steps in line (``filler``). Which rows make a step is
+``steps``' concern.
 """
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -21,7 +20,7 @@ import torch
 from sppo_lightning.data.examples import Example
 from sppo_lightning.health import logprob_rows
 from sppo_lightning.loss import loss_weights
-from sppo_lightning.records import TrainBatch
+from sppo_lightning.records import Rollout, TrainBatch
 
 
 def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatch:
@@ -131,21 +130,12 @@ def filler(batches: list[TrainBatch]) -> TrainBatch:
     return replace(smallest, row_weight=torch.zeros_like(smallest.row_weight), filler=True)
 
 
-def repeat_passes(batches: list[TrainBatch], passes: int, seed: int, window: int = 1) -> list[TrainBatch]:
-    """The micro-batches ``passes`` times, the first pass in packing order and each later one reshuffled (the same
-    order on every rank, which step together).
-
-    ``window`` is the gradient accumulation: with several passes each pass is topped up with fillers to a multiple
-    of it, so that accumulation windows align with passes and no step holds the same micro-batch twice.
-    """
-    rng = random.Random(seed)
-    top_up = (-len(batches)) % window if passes > 1 and batches else 0
-    out = []
-    for p in range(passes):
-        order = batches if p == 0 else rng.sample(batches, len(batches))
-        # copies: a micro-batch's step share (``attach_step_units``) is per occurrence
-        out += [copy.copy(b) for b in order] + [filler(batches) for _ in range(top_up)]
-    return out
+def placeholder(rollout: Rollout, pad_id: int, paired: bool = False) -> TrainBatch:
+    """A zero-weight micro-batch for a rank with no group to train (all its prompts tied under DPO/IPO): its first
+    prompt and first response (twice, as a pair, for a paired loss type), to copy fillers from."""
+    row = Example(rollout.prompt_ids[0], rollout.response_ids[0][0], 0.0, 0.5, 0.0, group=0)
+    batch = collate([row, row] if paired else [row], pad_id, paired)
+    return replace(batch, row_weight=torch.zeros_like(batch.row_weight), filler=True)
 
 
 def attach_step_units(

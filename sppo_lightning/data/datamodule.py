@@ -13,18 +13,27 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import contextmanager
+from functools import partial
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from sppo_lightning import health, sharding
-from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, repeat_passes
+from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, placeholder
 from sppo_lightning.data.draw import draw_indices, shard
 from sppo_lightning.data.examples import build_groups
 from sppo_lightning.data.prompts import PromptSource
+from sppo_lightning.data.steps import (
+    cut_into_steps,
+    micro_batches_per_step,
+    passes,
+    resolve_rows_per_step,
+    steps_per_rollout,
+    top_up,
+)
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.loss import LOSSES
 from sppo_lightning.records import PromptRecord, Rollout, SamplingParams, Scores, TrainBatch, ValBatch
@@ -73,6 +82,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_response_length: int = 256,
         overlong_prompts: str = "filter",
         micro_batch_size: int = 8,
+        rows_per_step: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
         passes_per_rollout: int = 1,
         balance_tokens: bool = False,
@@ -99,15 +109,24 @@ class RolloutDataModule(L.LightningDataModule):
             max_prompt_length: Longer prompts (in tokens, after the chat template) are filtered or refused.
             max_response_length: Maximum new tokens per response.
             overlong_prompts: ``filter`` (dropped, with a count) or ``error``.
-            micro_batch_size: Rows per training micro-batch (a multiple of the rows each prompt contributes).
+            micro_batch_size: Rows per training micro-batch and process (a multiple of the rows each prompt
+                contributes): how a step's rows are cut, verl's ``ppo_micro_batch_size_per_gpu``.
+            rows_per_step: Rows (responses; 2 per pair under a paired loss type) of one optimizer step over all
+                processes: verl's ``ppo_mini_batch_size`` × ``rollout.n``, TRL's ``per_device_train_batch_size`` ×
+                ``gradient_accumulation_steps`` × processes. A rollout of R rows makes R // rows_per_step steps per
+                pass whatever the response lengths, the token budget and the number of processes and nodes (a
+                partial last step is merged into the others); ``trainer.accumulate_grad_batches`` is derived
+                (the micro-batches a step needs on the busiest process) and may only be left out or agree. A multiple
+                of processes × rows per prompt. None = ``micro_batch_size`` × ``trainer.accumulate_grad_batches`` ×
+                processes, TRL's reading, which changes with the number of processes.
             max_tokens_per_micro_batch: Fill micro-batches with whole groups up to this many tokens (prompt +
                 response of every row) instead of ``micro_batch_size`` rows (verl's ``use_dynamic_bsz``): even
                 work per micro-batch whatever the lengths, and a batch of long responses cannot run out of memory.
-                An optimizer step is still ``trainer.accumulate_grad_batches`` micro-batches. None = by rows.
+                It cuts the rows of a step (``rows_per_step``), it does not change them. None = by rows.
             passes_per_rollout: How many times training goes over each rollout's micro-batches (TRL's
                 ``num_iterations``, verl's ``ppo_epochs``), each pass in a new order. π_t and the targets stay those
-                of the rollout, so later passes carry on the same regression towards η(P̂ − ½). Under gradient
-                accumulation each pass ends an optimizer step (topped up with zero-weight fillers).
+                of the rollout, so later passes carry on the same regression towards η(P̂ − ½). Each pass goes over
+                the same optimizer steps (the same rows each), in a new order, as verl's ``ppo_epochs``.
             balance_tokens: Pack groups by length so that the micro-batches ranks train on together carry similar
                 token counts (for several processes); otherwise groups are packed in a shuffled order.
             val_batch_size: Prompts per validation batch.
@@ -139,6 +158,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.rollout_metrics: dict[str, float] = {}
         self.rollout: Rollout | None = None
         """The last iteration's scored rollout (for callbacks: sample tables, progress)."""
+        self.rows_per_step: int | None = None
+        """``rows_per_step`` resolved for the trainer's processes (``setup``)."""
+        self.configured_accumulate: int | None = None
+        """``trainer.accumulate_grad_batches`` as configured, before each iteration sets it to its step's size."""
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -177,10 +200,15 @@ class RolloutDataModule(L.LightningDataModule):
                     f"({spec.min_samples_why})"
                 )
             rows = 2 if spec.paired else h.samples_per_prompt
-            if h.micro_batch_size % rows:
+            if rows >= 1 and h.micro_batch_size % rows:
                 problems.append(
                     f"data.micro_batch_size={h.micro_batch_size} must be a multiple of the {rows} rows "
                     f"each prompt contributes under model.loss_type={self.loss_type}"
+                )
+            if h.rows_per_step is not None and (h.rows_per_step < 1 or (rows >= 1 and h.rows_per_step % rows)):
+                problems.append(
+                    f"data.rows_per_step={h.rows_per_step} must be a positive multiple of the {rows} rows each "
+                    f"prompt contributes under model.loss_type={self.loss_type}"
                 )
         if h.logprob_gap_warn < 0 or h.logprob_gap_stop < 0:
             problems.append("data.logprob_gap_warn and data.logprob_gap_stop must be >= 0 (0 = off)")
@@ -220,7 +248,26 @@ class RolloutDataModule(L.LightningDataModule):
             )
         return kept, ids
 
+    @property
+    def group_rows(self) -> int:
+        """Rows each prompt contributes: winner and loser under a paired loss type, else all K."""
+        return 2 if LOSSES[self.loss_type].paired else self.hparams.samples_per_prompt
+
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            trainer = self.trainer
+            if self.configured_accumulate is None:  # later iterations set the trainer's value (train_dataloader)
+                self.configured_accumulate = trainer.accumulate_grad_batches
+            h = self.hparams
+            if h.prompts_per_epoch is not None and h.prompts_per_epoch < trainer.world_size:
+                raise ConfigError(
+                    f"data.prompts_per_epoch={h.prompts_per_epoch} leaves a process without a prompt: use at least "
+                    f"{trainer.world_size}, one per process"
+                )
+            self.rows_per_step = resolve_rows_per_step(
+                h.rows_per_step, h.micro_batch_size, self.configured_accumulate, trainer.world_size, self.group_rows,
+                h.max_tokens_per_micro_batch,
+            )  # fmt: skip
         if stage == "fit" and not self.train_prompts:
             self.train_prompts, self.train_prompt_ids = self._tokenize(self.train_source.load(), "train")
         if self.val_source is not None and not self.val_prompts:
@@ -236,7 +283,6 @@ class RolloutDataModule(L.LightningDataModule):
                 f"{trainer.reload_dataloaders_every_n_epochs})"
             )
         module = trainer.lightning_module
-        spec = LOSSES[self.loss_type]
         epoch, seed = trainer.current_epoch, self.hparams.seed
         metrics: dict[str, float] = {}
 
@@ -255,26 +301,10 @@ class RolloutDataModule(L.LightningDataModule):
         # softmean's baseline is over the whole rollout batch, every rank's share (on the device: NCCL has no CPU)
         rewards_all = trainer.strategy.all_gather(rollout.rewards.to(module.device)).reshape(-1).cpu()
         groups = build_groups(rollout, self.loss_type, self.eta, rewards_all=rewards_all)
-        h = self.hparams
-        pad_id, max_tokens = module.tokenizer.pad_token_id, h.max_tokens_per_micro_batch
-        batches = micro_batches(
-            groups, h.micro_batch_size, pad_id, seed + epoch, h.balance_tokens, max_tokens, paired=spec.paired
-        )
-        # Every rank must run the same number of micro-batches (sharded and DDP training block in the collectives),
-        # but DPO drops all-tie groups and token budgets give uneven counts: the ranks with fewer are topped up with
-        # fillers, which weigh nothing (step_units below keeps the step a mean over real rows). A rank with none
-        # has nothing to copy a filler from: then no rank trains on this rollout.
-        most, fewest = self.most_and_fewest_on_any_rank(len(batches))
-        batches = [*batches, *(filler(batches) for _ in range(most - len(batches)))] if fewest else []
-        metrics["rollout/filler_micro_batches"] = float(sum(b.filler for b in batches))
-        with _timed(metrics, "time/ref_logprobs"):
-            self.attach_ref_logps(module, batches)
+        batches = self.plan_steps(rollout, groups, len(indices), seed + epoch, metrics)
         if rollout.sampler_logprobs is not None:  # the engine reported its own: does it sample from the policy?
             metrics.update(self.logprob_gap(batches, epoch))
-        window = trainer.accumulate_grad_batches
-        batches = repeat_passes(batches, h.passes_per_rollout, seed + epoch, window)
-        attach_step_units(batches, window, self.all_ranks_sum)
-
+        h = self.hparams
         metrics.update(rollout_metrics(rollout))
         metrics["rollout/unscored"] = float(rollout.unscored)  # responses the oracle could not score (scored 0)
         stop = {module.tokenizer.eos_token_id}
@@ -283,6 +313,53 @@ class RolloutDataModule(L.LightningDataModule):
         # An iterable dataset: the micro-batches are already this rank's share, and Lightning replaces the sampler
         # of a map-style dataset with a DistributedSampler, which would shard them a second time.
         return DataLoader(_MicroBatches(batches), batch_size=None)
+
+    def plan_steps(
+        self, rollout: Rollout, groups: list, num_prompts: int, seed: int, metrics: dict
+    ) -> list[TrainBatch]:
+        """Stage: this rank's micro-batches, ``rows_per_step`` rows over all ranks per optimizer step (``steps``),
+        every step the same number of micro-batches on every rank (Lightning's ``accumulate_grad_batches``, set here
+        for the iteration), with their π_t log-probs and step shares.
+
+        A rank whose groups all dropped out (ties under DPO/IPO) trains zero-weight fillers, so the others still
+        train; the rollout's ``rollout/dropped_groups`` and ``rollout/filler_micro_batches`` say so. When every
+        rank's did, the iteration makes no step (a warning says how many groups tied).
+        """
+        trainer, module, h = self.trainer, self.trainer.lightning_module, self.hparams
+        spec = LOSSES[self.loss_type]
+        steps = steps_per_rollout(num_prompts * trainer.world_size * self.group_rows, self.rows_per_step)
+        cut = partial(micro_batches, micro_batch_size=h.micro_batch_size, pad_id=module.tokenizer.pad_token_id,
+                      seed=seed, balance_tokens=h.balance_tokens, max_tokens=h.max_tokens_per_micro_batch,
+                      paired=spec.paired)  # fmt: skip
+        metrics["rollout/dropped_groups"] = float(num_prompts - len(groups))
+        if not int(self.all_ranks_sum(torch.tensor([float(len(groups))]))[0]):  # nothing to learn on any rank
+            rank_zero_warn(
+                f"all {num_prompts * trainer.world_size} groups of this iteration dropped out (model.loss_type="
+                f"{self.loss_type} skips prompts whose responses all tie): no optimizer step this iteration"
+            )
+            metrics["rollout/filler_micro_batches"], metrics["rollout/optimizer_steps"] = 0.0, 0.0
+            return []
+        per_step = cut_into_steps(groups, num_prompts, steps, seed, cut)
+        size = micro_batches_per_step(max(map(len, per_step)), lambda n: self.most_and_fewest_on_any_rank(n)[0])
+        mine = [b for step in per_step for b in step]
+        template = mine or [placeholder(rollout, module.tokenizer.pad_token_id, spec.paired)]
+        if not mine and num_prompts:
+            warnings.warn(
+                f"rank {trainer.global_rank}: all {num_prompts} of its groups dropped out (model.loss_type="
+                f"{self.loss_type} skips prompts whose responses all tie): it trains zero-weight fillers this "
+                "iteration, the other ranks' rows make the steps",
+                stacklevel=2,
+            )
+        per_step = top_up(per_step, size, lambda: filler(template))
+        batches = [b for step in per_step for b in step]
+        metrics["rollout/filler_micro_batches"] = float(sum(b.filler for b in batches))
+        metrics["rollout/optimizer_steps"] = float(steps * h.passes_per_rollout)
+        with _timed(metrics, "time/ref_logprobs"):
+            self.attach_ref_logps(module, batches)
+        batches = [b for step in passes(per_step, h.passes_per_rollout, seed) for b in step]
+        trainer.accumulate_grad_batches = size  # Lightning steps the optimizer once per `size` micro-batches
+        attach_step_units(batches, size, self.all_ranks_sum)
+        return batches
 
     def judge(self, rollout: Rollout, device: torch.device) -> Scores:
         """Stage: the oracle's rewards and win-rates for the rollout (an oracle returns them, it changes nothing)."""

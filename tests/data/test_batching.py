@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import torch
 
-from sppo_lightning.data.batching import collate, micro_batches, repeat_passes
+from sppo_lightning.data.batching import collate, micro_batches
 from sppo_lightning.data.examples import Example, build_groups
 from sppo_lightning.data.prompts import PromptRecord
 from sppo_lightning.preference import win_rates_from_rewards
@@ -96,17 +96,6 @@ def test_balanced_micro_batches_line_up_by_length_across_ranks():
     padded = sum(x.attention_mask.numel() for x in batches_a)
     shuffled = sum(x.attention_mask.numel() for x in micro_batches(rank_groups(a), 4, 0, seed=7))
     assert padded < shuffled
-
-
-def test_later_passes_reshuffle_the_same_micro_batches():
-    batches = [{"i": i} for i in range(6)]
-    assert repeat_passes(batches, 1, seed=0) == batches
-    three = repeat_passes(batches, 3, seed=0)
-    assert three[:6] == batches  # the first pass as packed
-    for p in (1, 2):
-        assert sorted(b["i"] for b in three[6 * p : 6 * (p + 1)]) == list(range(6))  # every micro-batch once a pass
-    assert three[6:12] != batches or three[12:] != batches  # reshuffled
-    assert repeat_passes(batches, 3, seed=0) == three  # the same order on every rank
 
 
 def test_a_token_budget_keeps_groups_whole_and_under_the_budget():
