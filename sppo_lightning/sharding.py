@@ -26,6 +26,8 @@ POLICY_PREFIX = "policy."  # the policy's keys in the LightningModule's state di
 
 
 def decoder_layers(policy: torch.nn.Module, what: str) -> torch.nn.ModuleList:
+    if callable(getattr(policy, "get_base_model", None)):  # a LoRA policy (PEFT): the layers of the model inside
+        policy = policy.get_base_model()
     layers = getattr(getattr(policy, "model", None), "layers", None)
     if layers is None:
         raise ConfigError(
