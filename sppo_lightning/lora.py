@@ -100,8 +100,8 @@ def apply_lora(model: torch.nn.Module, settings: LoRA, trainable_dtype: torch.dt
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and (not isinstance(module, LoraLinear) or module.fan_in_fan_out):
             raise ConfigError(
-                f"model.lora.target_modules reaches {name} ({type(module.base_layer).__name__}): only linear layers "
-                "(nn.Linear) are supported; name linear layers or use all-linear"
+                f"model.lora.target_modules reaches {base_name(name)} ({type(module.base_layer).__name__}): only "
+                "linear layers (nn.Linear) are supported; name linear layers or use all-linear"
             )
     for p in peft_model.parameters():
         if p.requires_grad:
