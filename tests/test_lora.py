@@ -84,6 +84,9 @@ def test_the_optimizer_holds_the_adapters_only_and_a_checkpoint_keeps_them_only(
     assert held == {id(p) for p in module.parameters() if p.requires_grad}
     assert len(module.decay_names[0]) == len(trainable) and module.decay_names[1] == []
     assert set(module.state_dict()) == trainable
+    module.policy(input_ids=torch.tensor([[3, 14, 15, 9]])).logits.float().sum().backward()  # bf16 base, fp32 adapters
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert grads.keys() == trainable and {g.dtype for g in grads.values()} == {torch.float32}
     dropouts = [m for n, m in module.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0.0 for m in dropouts)
 
@@ -140,11 +143,12 @@ def test_lora_demo_exports_resumes_exactly_and_refuses_a_full_resume(tmp_path, t
     prompts = [f"What is {a}+{b}?" for a, b in [(12, 30), (45, 17), (8, 81), (66, 6)]]
     policy = SPPOModule.load_from_checkpoint(full / "checkpoints" / "last.ckpt", map_location="cpu").policy
     expected = greedy_answers(policy, tok, prompts)
-    base_answers = greedy_answers(AutoModelForCausalLM.from_pretrained(toy_model_dir), tok, prompts)
     merged = AutoModelForCausalLM.from_pretrained(full / "hf_model")
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model_dir), full / "hf_adapter")
     assert greedy_answers(merged, tok, prompts) == expected == greedy_answers(adapter, tok, prompts)
-    assert expected != base_answers  # it is the trained policy
+    ids = torch.tensor([[3, 14, 15, 9, 2, 6]])
+    base = AutoModelForCausalLM.from_pretrained(toy_model_dir)
+    assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)  # it is the trained policy
     assert json.loads((full / "hf_adapter" / "adapter_config.json").read_text())["r"] == 16
 
     ckpt = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -186,3 +190,83 @@ def test_a_full_checkpoint_refuses_a_lora_resume(tmp_path):
                check=False)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "trained the full model (model.lora null); this run is LoRA" in proc.stderr
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_on_two_processes_trains_resumes_exactly_and_exports(tmp_path):
+    """FSDP2 over 2 CPU processes, frozen base and adapters in the same units: the sharded checkpoint holds the
+    adapters and their optimizer state only, and a resume continues the uninterrupted run exactly."""
+    import torch.distributed.checkpoint as dcp
+
+    fsdp = ["--config", str(REPO / "configs" / "fsdp_cpu.yaml"), *LORA_SHORT]
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc = run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={full}")
+    assert "sharded over data_parallel=2" in proc.stdout + proc.stderr
+    run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={part}", "--trainer.max_epochs=1")
+    run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={part}", "--ckpt_path=last")
+
+    def losses(root):
+        return [(r["step"], r["train/loss"]) for r in read_metrics(root) if r.get("train/loss")]
+
+    assert len(losses(full)) == 2 and losses(part) == losses(full) and val_accuracies(part) == val_accuracies(full)
+    saved = dcp.FileSystemReader(str(full / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata
+    weights = [k for k in saved if k.startswith("state_dict.")]
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert (full / "hf_model" / "model.safetensors").is_file()
+    assert (full / "hf_adapter" / "adapter_model.safetensors").is_file()
+
+
+LORA_7B = str(REPO / "configs" / "qwen2.5-7b-math-lora.yaml")
+
+
+def test_plan_says_the_lora_recipe_fits_one_80_gib_gpu_with_the_breakdown(capsys):
+    """Frozen bf16 base + fp32 adapters with their gradients and AdamW moments, by hand; the same run without LoRA
+    (full fine-tuning on the one GPU) does not fit."""
+    from sppo_lightning.plan import GIB, main
+
+    main(["--config", LORA_7B])
+    out = capsys.readouterr().out
+    assert "single over 1 GPU(s)" in out and "LoRA: 80.7 M adapter parameters" in out
+    assert "frozen base in bfloat16" in out and "fits on a 80 GiB GPU" in out
+    main(["--config", LORA_7B, "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    n, a = plan["model"]["params"], plan["run"]["lora_params"]
+    assert a == 80_740_352  # r=32 on every linear layer of the 28 decoder layers: r x (in + out) each
+    train = plan["training"]
+    assert train["parameters"] == n * 2 + a * 4 and train["gradients"] == a * 4 and train["optimizer"] == 2 * a * 4
+    assert train["gathered"] == 0  # the base computes in its own bf16: no autocast copies
+    assert plan["rollout"]["training_state"] == n * 2 + 3 * a * 4
+    assert max(train["peak"], plan["rollout"]["peak"]) <= 80 * GIB
+    main(["--config", LORA_7B, "--model.lora=null", "--model.base_dtype=null"])
+    assert "does NOT fit on a 80 GiB GPU" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_lora_recipe_trains_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
+    """configs/qwen2.5-7b-math-lora.yaml with its own settings, only the model, the data, the accelerator, the engine
+    (SGLang's stand-in) and the sizes swapped for CPU ones: 2 iterations, the adapters move, both folders written."""
+    from sppo_lightning.cli import make_cli
+    from sppo_lightning.data.prepare_math import prepare
+    from tests.rollout import sglang_standin
+    from tests.rollout.sglang_source import released
+
+    sglang_standin.install(monkeypatch, released())
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    data = tmp_path / "math"
+    prepare(str(REPO / "tests" / "fixtures" / "math"), data)
+    cli = make_cli([
+        "--config", LORA_7B, f"--model.model_name_or_path={tiny_model_dir}",
+        f"--data.train.init_args.paths={data / 'train.parquet'}", f"--data.val.init_args.paths={data / 'test.parquet'}",
+        "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_epochs=2",
+        "--trainer.logger=false", "--trainer.accumulate_grad_batches=1", "--trainer.enable_progress_bar=false",
+        "--model.attn_implementation=sdpa", "--model.warmup_steps=0", "--model.learning_rate=1e-2",
+        "--data.prompts_per_epoch=3", "--data.max_prompt_length=256", "--data.max_response_length=8",
+        "--data.max_tokens_per_micro_batch=null", "--data.val_batch_size=2",
+    ], run=False)  # fmt: skip
+    m = cli.model.hparams
+    assert (m.lora["r"], m.lora["alpha"], m.lora["target_modules"], m.base_dtype) == (32, 32, "all-linear", "bfloat16")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.current_epoch == 2
+    assert any(p.abs().sum() > 0 for n, p in cli.model.policy.named_parameters() if ".lora_B." in n)
+    assert (tmp_path / "run" / "hf_model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "hf_adapter" / "adapter_config.json").is_file()
