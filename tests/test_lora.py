@@ -270,3 +270,20 @@ def test_the_lora_recipe_trains_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
     assert any(p.abs().sum() > 0 for n, p in cli.model.policy.named_parameters() if ".lora_B." in n)
     assert (tmp_path / "run" / "hf_model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "hf_adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_lora_vs_full_benchmark_smoke():
+    """``benchmarks/lora_vs_full.py --smoke``: both setups run the module's step in their own process; LoRA's
+    trainable parameters and AdamW state are a fraction of full fine-tuning's."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "lora_vs_full.py"), "--smoke", "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, adapters = json.loads(proc.stdout[proc.stdout.index("[") :])
+    assert (full["mode"], adapters["mode"]) == ("full", "lora")
+    assert full["trainable"] == full["params"] and 0 < adapters["trainable"] < full["trainable"]
+    # AdamW keeps two float32 moments per trainable parameter
+    assert full["optimizer_bytes"] == 8 * full["trainable"] and adapters["optimizer_bytes"] == 8 * adapters["trainable"]
+    assert full["peak_bytes"] > 0 and adapters["cpu_s_per_step"] > 0
