@@ -287,3 +287,34 @@ def test_lora_vs_full_benchmark_smoke():
     # AdamW keeps two float32 moments per trainable parameter
     assert full["optimizer_bytes"] == 8 * full["trainable"] and adapters["optimizer_bytes"] == 8 * adapters["trainable"]
     assert full["peak_bytes"] > 0 and adapters["cpu_s_per_step"] > 0
+
+
+def test_every_log_prob_path_gives_the_same_values_through_the_adapters(toy_model_dir):
+    """Whole rows, the shared prompt and packed rows run the PEFT model as they run the plain one: same log-probs."""
+    from sppo_lightning.records import TrainBatch
+
+    torch.manual_seed(0)
+    rows, prompt, width = 4, 6, 10
+    ids = torch.randint(3, 60, (rows, width))
+    ids[2:, :prompt] = ids[0, :prompt]  # rows 0-1 and 2-3: two groups of one prompt each
+    ids[1, :prompt] = ids[0, :prompt]
+    response = torch.zeros(rows, width)
+    response[:, prompt:] = 1.0
+    batch = TrainBatch(
+        input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=response,
+        prompt_lengths=torch.full((rows,), prompt), group=torch.tensor([0, 0, 1, 1]), targets=torch.zeros(rows),
+        win_rates=torch.full((rows,), 0.5), row_weight=torch.ones(rows),
+    )  # fmt: skip
+    values = []
+    for flags in ({"share_prompt": False}, {"share_prompt": True}, {"packed": True, "attn_implementation": "sdpa"}):
+        module = SPPOModule(str(toy_model_dir), lora=lora.LoRA(r=4), **flags)
+        torch.manual_seed(1)  # PEFT draws A at random: the same adapters in every module
+        module.configure_model()
+        with torch.no_grad():
+            for name, p in module.policy.named_parameters():
+                if ".lora_B." in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+        with torch.no_grad():
+            values.append(module.token_logps(batch))
+    for other in values[1:]:
+        torch.testing.assert_close(other, values[0], rtol=1e-5, atol=1e-5)
