@@ -261,6 +261,9 @@ def test_the_lora_recipe_trains_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
         "--trainer.logger=sppo_lightning.loggers.CSVLogger", "--trainer.accumulate_grad_batches=1",
         "--trainer.enable_progress_bar=false",
         "--model.attn_implementation=sdpa", "--model.warmup_steps=0", "--model.learning_rate=1e-2",
+        # packed rows under gradient checkpointing fail recomputation on CPU with or without LoRA (issue #27, branch
+        # attn): off here, as the PairRM configs' CPU test does
+        "--model.gradient_checkpointing=false",
         "--data.prompts_per_epoch=3", "--data.max_prompt_length=256", "--data.max_response_length=8",
         "--data.max_tokens_per_micro_batch=null", "--data.val_batch_size=2",
     ], run=False)  # fmt: skip
