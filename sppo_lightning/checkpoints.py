@@ -291,6 +291,31 @@ def load_settings(path: Path) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
+def check_lora(ckpt_path: str, saved: dict | None, current: dict | None) -> None:
+    """Refuse to resume a full fine-tuning checkpoint as a LoRA run and vice versa, or with other adapters: the saved
+    weights and optimizer state are those of other parameters. Only the dropout may change (a warning, as any other
+    changed setting)."""
+
+    def shape(lora: dict | None) -> dict | None:
+        return None if lora is None else {k: _plain(v) for k, v in lora.items() if k != "dropout"}
+
+    saved, current = shape(saved), shape(current)
+    if saved == current:
+        return
+    if saved is None or current is None:
+        what = "LoRA adapters (model.lora set)" if saved is not None else "the full model (model.lora null)"
+        now = "full fine-tuning" if current is None else "LoRA"
+        raise ConfigError(
+            f"--ckpt_path={ckpt_path} trained {what}; this run is {now}: resume with the checkpoint's model.lora, or "
+            f"start a new run from its exported weights (python -m sppo_lightning.export {ckpt_path} DIR)"
+        )
+    changed = [f"model.lora.{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in current if saved.get(k) != current[k]]
+    raise ConfigError(
+        f"--ckpt_path={ckpt_path} cannot be resumed with other adapters ({'; '.join(changed)}): its adapter weights "
+        "and optimizer state have the saved shapes and targets; resume with the saved model.lora"
+    )
+
+
 def check_resume(ckpt_path: str, model, datamodule, trainer) -> None:
     """Refuse a checkpoint of another model, or changed settings that break the resume; name every other change.
 
@@ -304,9 +329,10 @@ def check_resume(ckpt_path: str, model, datamodule, trainer) -> None:
     path = Path(ckpt_path)
     checkpoint = load_settings(path)
     saved_model = checkpoint.get("hyper_parameters") or {}
+    check_lora(ckpt_path, saved_model.get("lora"), model.hparams.get("lora"))
     expected = _expected_shapes(model.hparams)
     state = checkpoint.get("state_dict") or {}
-    if expected is not None and state:
+    if expected is not None and state and model.hparams.get("lora") is None:  # a LoRA one holds the adapters only
         wrong = [k for k, shape in expected.items() if k in state and state[k].shape != shape]
         missing = [k for k in expected if k not in state]
         if wrong or len(missing) == len(expected):

@@ -4,6 +4,9 @@ At the end of fit, ``callbacks.HFExport`` writes it under the run's ``default_ro
 ``.ckpt`` file or a sharded (distributed checkpoint) folder, is exported with
 
     python -m sppo_lightning.export runs/demo/checkpoints/last.ckpt runs/demo/hf_model
+
+A LoRA run's checkpoint (``model.lora``) holds the adapters only: its export is the merged model in ``out`` and the
+PEFT adapter beside it (``hf_adapter`` next to an ``hf_model`` folder, else ``<out>_adapter``; ``--adapter-out``).
 """
 
 from __future__ import annotations
@@ -75,7 +78,35 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta.get("hyper_parameters", {}), policy
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None) -> Path:
+def default_adapter_dir(out: str | Path) -> Path:
+    """Where the adapter of a LoRA export goes: ``hf_adapter`` beside ``hf_model`` (as the run leaves them)."""
+    out = Path(out)
+    return out.with_name("hf_adapter") if out.name == "hf_model" else out.with_name(f"{out.name}_adapter")
+
+
+def peft_policy(base: str, lora_settings: dict, adapters: dict[str, torch.Tensor], trust_remote_code: bool = False):
+    """The base model with the checkpoint's adapters in it (a PEFT model in float32), as the run trained it."""
+    from transformers import AutoModelForCausalLM
+
+    from sppo_lightning.lora import apply_lora, as_lora
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    model = apply_lora(model, as_lora(lora_settings), torch.float32)
+    missing, unexpected = model.load_state_dict(adapters, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise UserInputError(
+            f"the checkpoint's adapters do not match {base} with model.lora={lora_settings}: "
+            f"missing {sorted(trainable & set(missing))[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model
+
+
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, base: str | None = None, adapter_out: str | Path | None = None
+) -> Path:
     from transformers import AutoTokenizer
 
     hparams, state_dict = load_checkpoint(ckpt)
@@ -84,6 +115,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None
         raise UserInputError(f"{ckpt}: no model_name_or_path in its hyper-parameters; pass --base")
     trust = bool(hparams.get("trust_remote_code", False))
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
+    if hparams.get("lora") is not None:
+        from sppo_lightning.lora import adapter_state_dict, merged_state_dict, save_adapter
+
+        model = peft_policy(base, hparams["lora"], state_dict, trust)
+        full = {k: v.detach() for k, v in model.state_dict().items()}
+        save_adapter(model, adapter_state_dict(model, full), base, adapter_out or default_adapter_dir(out))
+        state_dict = merged_state_dict(model, full)
     return save_hf_folder(base, state_dict, tokenizer, out, trust_remote_code=trust)
 
 
@@ -92,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ckpt", help="a .ckpt file or a sharded checkpoint folder (e.g. checkpoints/last.ckpt)")
     parser.add_argument("out", help="folder to write the Hugging Face model into")
     parser.add_argument("--base", help="model the run started from (default: the checkpoint's model_name_or_path)")
+    parser.add_argument(
+        "--adapter-out", help="for a LoRA checkpoint: the adapter's folder (default: hf_adapter beside hf_model)"
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.ckpt, args.out, args.base)
+        out = export_checkpoint(args.ckpt, args.out, args.base, args.adapter_out)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

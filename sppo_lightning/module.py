@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from sppo_lightning import attention, health, optim, phases, sharding
+from sppo_lightning import lora as lora_lib
 from sppo_lightning.errors import ConfigError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import Validation, ValidationSource, win_rate_enabled
 from sppo_lightning.guard import NonFiniteGuard
@@ -37,6 +38,7 @@ from sppo_lightning.logprobs import (
     response_token_logps,
     shared_prompt_token_logps,
 )
+from sppo_lightning.lora import LoRA
 from sppo_lightning.loss import LOSS_TYPES, LOSSES, LossParams, LossTerms, loss_weights, trust_region_logps
 from sppo_lightning.records import SamplingParams, TrainBatch
 from sppo_lightning.rewards.math import compute_score
@@ -93,6 +95,8 @@ class SPPOModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         accuracy_fn: Callable[[str, str], float] = compute_score,
         val_win_rate: bool | None = None,
+        lora: LoRA | None = None,
+        base_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     ):
         """
         Args:
@@ -151,6 +155,12 @@ class SPPOModule(L.LightningModule):
                 ``<default_root_dir>/reference_responses.jsonl`` and reused on resume), with ``val/response_length``
                 and ``val/reference_length``. None = on when ``data.oracle`` is a preference oracle (pairwise or
                 reward model), off for the rule oracle.
+            lora: Train LoRA adapters (PEFT) instead of every weight: ``--model.lora.r=16`` turns it on with the other
+                fields defaulted (``lora.LoRA``). None = full fine-tuning. π_t is the adapter policy at the iteration's
+                start; the optimizer holds only the adapters; checkpoints keep the adapters and their optimizer state;
+                engines and ``hf_model/`` get the merged weights, ``hf_adapter/`` the PEFT adapter.
+            base_dtype: With ``lora``: the dtype the frozen base weights are kept in (``bfloat16`` halves their memory)
+                while the adapters train in ``dtype``. None = ``dtype``.
         """
         super().__init__()
         if eta <= 0:
@@ -165,7 +175,12 @@ class SPPOModule(L.LightningModule):
             raise ConfigError(
                 f"model.clip_ratio applies to the SPPO regressions, not to loss_type {loss_type}: set it to null"
             )
+        if base_dtype is not None and lora is None:
+            raise ConfigError("model.base_dtype is for the frozen base of a LoRA run: set model.lora or leave it out")
         self.save_hyperparameters(ignore=["accuracy_fn"])
+        self.hparams["lora"] = lora_lib.as_record(lora)  # plain data: a checkpoint loads with weights_only
+        self.lora = lora_lib.as_lora(lora)
+        self.strict_loading = self.lora is None  # a LoRA checkpoint holds the adapters only (see ``state_dict``)
         self.policy = None
         self.tokenizer = self._load_tokenizer()
         self.validation = Validation(accuracy_fn, self.tokenizer)  # accuracy, win rate, reference (evaluation.py)
@@ -198,16 +213,26 @@ class SPPOModule(L.LightningModule):
             return
         from transformers import AutoModelForCausalLM
 
+        h = self.hparams
+        if self.lora is not None and self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError(
+                "model.lora with trainer.strategy=FSDPStrategy (FSDP1) is not supported: use "
+                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), which shards frozen and trainable "
+                "parameters in the same units"
+            )
         backend = self.resolve_attention()
+        load_dtype = h.base_dtype if self.lora is not None and h.base_dtype is not None else h.dtype
         with refusing_remote_code(self.hparams.model_name_or_path, "model.trust_remote_code"):
             self.policy = AutoModelForCausalLM.from_pretrained(
                 self.hparams.model_name_or_path,
-                dtype=getattr(torch, self.hparams.dtype),
+                dtype=getattr(torch, load_dtype),
                 attn_implementation=attention.load_implementation(backend),
                 trust_remote_code=self.hparams.trust_remote_code,
                 use_safetensors=True,  # never unpickle a .bin from a repository
             )
         attention.install(self.policy, backend)  # packed rows then survive gradient checkpointing
+        if self.lora is not None:  # before any wrapper: adapters on the plain model, the base frozen
+            self.policy = lora_lib.apply_lora(self.policy, self.lora, getattr(torch, h.dtype))
         self.policy.train()  # from_pretrained returns the model in eval mode
         # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
         self._param_ndims = optim.param_ndims(self.named_parameters())
@@ -233,8 +258,29 @@ class SPPOModule(L.LightningModule):
         return sharding.full_parameters(self._trainer)
 
     def full_policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's full weights on CPU, complete on rank 0; a collective under FSDP (every rank calls it)."""
-        return sharding.full_policy_state_dict(self.policy, self._trainer)
+        """The policy's full weights on CPU, complete on rank 0; a collective under FSDP (every rank calls it). With
+        LoRA, the merged weights under the base model's names (what an engine or ``from_pretrained`` loads)."""
+        return self.export_state_dicts()[0]
+
+    def export_state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """``(full weights, PEFT adapter or None)`` on CPU, complete on rank 0, from one gather (a collective under
+        FSDP). With LoRA the full weights are merged (``lora.merged_tensors``); the model itself stays unmerged."""
+        state = sharding.full_policy_state_dict(self.policy, self._trainer)
+        if self.lora is None:
+            return state, None
+        if not state:  # ranks other than 0 may get nothing
+            return {}, {}
+        return lora_lib.merged_state_dict(self.policy, state), lora_lib.adapter_state_dict(self.policy, state)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Any]:
+        """With LoRA, only the parameters that train: checkpoints keep the adapters (and the optimizer their
+        moments); the frozen base is read from ``model_name_or_path`` again on resume (``strict_loading`` off).
+        FSDP2's distributed checkpoint builds its state from this too, so it saves and loads the adapters only."""
+        state = super().state_dict(*args, **kwargs)
+        if self.lora is None or self.policy is None:
+            return state
+        keep = lora_lib.trainable_keys(self, kwargs.get("prefix", ""))
+        return type(state)((k, v) for k, v in state.items() if k in keep)
 
     def policy_handle(self) -> PolicyHandle:
         """What an engine may touch of the policy (see ``PolicyHandle``): the rank, world size, run folder and

@@ -19,6 +19,12 @@ The arithmetic is in pure functions (``training_memory``, ``rollout_memory``, ``
    rest, next to the training state, which stays on the GPU (unless ``fsdp_cpu_offload``);
 5. a fixed allowance for the CUDA context and communication buffers (GPU only).
 
+A LoRA run (``model.lora``) keeps the frozen base in ``model.base_dtype`` and the adapters (counted exactly: PEFT
+applied to the meta-device model) in ``model.dtype``; gradients and AdamW moments exist for the adapters only.
+Activations are counted as for full fine-tuning: each adapted layer's input, which the adapter keeps, is what the
+layer would keep for its own weight gradient. Training FLOPs are 4N a token (forward 2N, input gradients 2N; no weight
+gradients for the frozen base), 6N with gradient checkpointing.
+
 Gradients exist during the forward of a micro-batch when gradients accumulate over several micro-batches; with one
 micro-batch per optimizer step they are only formed while activations are released, so the peak counts the larger
 of the two. The time is an estimate from stated throughput assumptions (printed with it), not a measurement.
@@ -30,7 +36,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sppo_lightning.errors import ConfigError
@@ -107,6 +113,8 @@ class RunShape:
     mem_fraction_static: float = 0.0
     engine_tp: int = 1
     engine_resident: bool = False  # SGLang keeps its memory during training (release_memory: false)
+    lora_params: int = 0  # trainable adapter parameters of a LoRA run (0: full fine-tuning)
+    base_dtype: str | None = None  # a LoRA run's frozen base (None: param_dtype)
 
     @property
     def world(self) -> int:
@@ -167,6 +175,20 @@ def model_shape(config, source: str = "") -> ModelShape:
     )
 
 
+def lora_params(config, settings) -> int:
+    """Trainable parameters of ``model.lora`` on this model: PEFT applied to the model on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sppo_lightning.lora import LoRA, apply_lora
+
+    values = {k: v for k, v in (vars(settings) if hasattr(settings, "__dict__") else dict(settings)).items()}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        model = apply_lora(model, LoRA(**values), torch.float32)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 # ------------------------------------------------------------------------------------------- the arithmetic
 def activation_bytes(model: ModelShape, run: RunShape, checkpointing: bool) -> dict[str, float]:
     """Activations of one micro-batch at the longest rows: ``{"layers", "logits", "total"}`` in bytes."""
@@ -193,12 +215,16 @@ def training_memory(model: ModelShape, run: RunShape) -> dict[str, float]:
     c = DTYPE_BYTES[run.compute_dtype]
     on_gpu = 0 if run.cpu_offload else 1
     shards = run.shards
+    trained = run.lora_params or model.params  # what has gradients and AdamW moments
+    base = DTYPE_BYTES[run.base_dtype or run.param_dtype] if run.lora_params else p
     out = {
-        "parameters": on_gpu * model.params * p / shards,
-        "gradients": on_gpu * model.params * p / shards,
-        "optimizer": on_gpu * 2 * model.params * p / shards,  # AdamW: exp_avg and exp_avg_sq, in the param dtype
+        "parameters": on_gpu * (model.params * base + run.lora_params * p) / shards,
+        "gradients": on_gpu * trained * p / shards,
+        "optimizer": on_gpu * 2 * trained * p / shards,  # AdamW: exp_avg and exp_avg_sq, in the param dtype
     }
-    if run.strategy == "fsdp2":  # whole units in compute dtype while they run: root + 2 layers in flight
+    if run.lora_params and run.strategy not in ("fsdp2", "fsdp1"):
+        out["gathered"] = model.params * c if c != base else 0.0  # autocast copies of a base stored wider
+    elif run.strategy == "fsdp2":  # whole units in compute dtype while they run: root + 2 layers in flight
         out["gathered"] = (model.root_params + 2 * model.layer_params) * c
     elif run.strategy == "fsdp1":  # gathered in the stored dtype, plus autocast's compute-dtype copies
         out["gathered"] = (model.root_params + 2 * model.layer_params) * (p + (c if c != p else 0))
@@ -230,8 +256,8 @@ def rollout_memory(model: ModelShape, run: RunShape, gpu_bytes: float) -> dict[s
     weights = model.params * 2 / run.engine_tp  # SGLang serves bf16
     kv_per_token = 2 * model.layers * model.kv_dim * 2 / run.engine_tp  # keys and values, bf16
     kv = max(share - weights, 0.0)
-    on_gpu = 0 if run.cpu_offload else 1
-    state = on_gpu * 3 * model.params * DTYPE_BYTES[run.param_dtype] / run.shards
+    train = training_memory(model, run)
+    state = train["parameters"] + train["optimizer"]  # gradients are freed after each step
     overhead = 2 * GIB if run.accelerator == "gpu" else 0.0
     rows_per_engine = math.ceil(run.prompts_per_epoch * run.samples_per_prompt / run.world) * run.engine_tp
     needed = rows_per_engine * (run.prompt_len + run.response_len)
@@ -271,6 +297,8 @@ def iteration_time(
     tokens = rows * seq
     flops_per_s = tp.peak_tflops * 1e12 * tp.mfu * run.world
     train_mult = 8 if run.checkpointing else 6  # forward 2N, backward 4N, recompute 2N per token
+    if run.lora_params:  # a frozen base needs no weight gradients: backward 2N (the adapters' FLOPs are negligible)
+        train_mult -= 2
     train = run.passes * train_mult * model.params * tokens / flops_per_s
     ref = 2 * model.params * tokens / flops_per_s  # the π_t pass: one forward
     # decode: each of response_len steps reads the weights once and the batch's KV cache (half full on average)
@@ -330,6 +358,9 @@ def run_shape(config) -> RunShape:
         strategy, shards = "ddp", 1
     else:
         strategy, shards = "single", 1
+    base_dtype = getattr(m, "base_dtype", None) if getattr(m, "lora", None) is not None else None
+    if base_dtype is not None and strategy in ("single", "ddp"):  # the frozen base computes in its own dtype
+        compute = base_dtype
     if precision.startswith("bf16"):
         compute = "bfloat16"
     elif precision.startswith("16"):
@@ -366,6 +397,7 @@ def run_shape(config) -> RunShape:
         mem_fraction_static=fraction,
         engine_tp=tp,
         engine_resident=resident,
+        base_dtype=base_dtype,
     )
 
 
@@ -434,6 +466,15 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         f"{run.param_dtype}, compute {run.compute_dtype}, micro-batch {_micro_batch(run)}, accumulate "
         f"{run.accumulate}, gradient checkpointing "
         f"{'on' if run.checkpointing else 'off'}",
+        *(
+            [
+                f"LoRA: {run.lora_params / 1e6:.1f} M adapter parameters ({run.lora_params / model.params:.2%} of the "
+                f"model) in {run.param_dtype}, frozen base in {run.base_dtype or run.param_dtype}; gradients and AdamW "
+                "moments for the adapters only"
+            ]
+            if run.lora_params
+            else []
+        ),
         "",
         f"memory per {device}, training (SGLang released):",
         f"  parameters                 {_gib(train['parameters'])}",
@@ -476,7 +517,8 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         f"tokens per iteration: {times['tokens']:,} at most ({rows} rows x {run.prompt_len + run.response_len})",
         f"time per iteration (estimate): {times['total']:,.0f} s = rollout {times['rollout']:,.0f} s + pi_t "
         f"log-probs {times['ref_logprobs']:,.0f} s + training {times['train']:,.0f} s",
-        f"  assuming {tp.peak_tflops:g} TFLOP/s x {tp.mfu:g} MFU per device for training (6N FLOPs a token, 8N with "
+        f"  assuming {tp.peak_tflops:g} TFLOP/s x {tp.mfu:g} MFU per device for training "
+        f"({'4N FLOPs a token (frozen base), 6N' if run.lora_params else '6N FLOPs a token, 8N'} with "
         f"checkpointing, x{run.passes} passes), decoding at {tp.decode_efficiency:g} x {tp.memory_tb_s:g} TB/s "
         "(weights and KV cache read per step), every row at the longest lengths",
     ]
@@ -496,7 +538,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_config(rest)
         run = run_shape(config)
-        model = model_shape(*model_config(config.model.model_name_or_path, bool(config.model.trust_remote_code)))
+        hf_config, source = model_config(config.model.model_name_or_path, bool(config.model.trust_remote_code))
+        model = model_shape(hf_config, source)
+        if getattr(config.model, "lora", None) is not None:
+            run = replace(
+                run, lora_params=lora_params(hf_config, config.model.lora), base_dtype=config.model.base_dtype
+            )
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,6 +26,8 @@ POLICY_PREFIX = "policy."  # the policy's keys in the LightningModule's state di
 
 
 def decoder_layers(policy: torch.nn.Module, what: str) -> torch.nn.ModuleList:
+    if callable(getattr(policy, "get_base_model", None)):  # a LoRA policy (PEFT): the layers of the model inside
+        policy = policy.get_base_model()
     layers = getattr(getattr(policy, "model", None), "layers", None)
     if layers is None:
         raise ConfigError(
@@ -48,7 +50,9 @@ def fully_shard_policy(policy: torch.nn.Module, mesh, param_dtype: str | None, c
     layers = decoder_layers(policy, "FSDP2")
     for layer in layers:
         fully_shard(layer, **kwargs)
-    fully_shard(policy, **kwargs)
+    # A LoRA policy's root is the transformers model inside PEFT's wrapper: PEFT's generate calls that model's
+    # forward directly, where FSDP2's root hook must gather the embeddings (the wrapper holds no parameter of its own)
+    fully_shard(policy.get_base_model() if callable(getattr(policy, "get_base_model", None)) else policy, **kwargs)
     rank_zero_info(
         f"FSDP2: {len(layers)} decoder layers + root sharded over data_parallel={mesh.size()} "
         f"(compute dtype {param_dtype or next(policy.parameters()).dtype}, cpu_offload={cpu_offload})"

@@ -156,6 +156,7 @@ class StandInEngine:
         self._backup: dict[str, torch.Tensor] | None = None
         self.session: dict | None = None
         self.loaded: dict[str, torch.Tensor] = {}  # the tensors of the last update, by name, as received
+        self.skipped: set[str] = set()  # names SGLang's loader would drop without a word (kept here for the tests)
 
     # -------------------------------------------------------------------------------------------- weights
     @traced
@@ -186,6 +187,8 @@ class StandInEngine:
                 if name in self.params:  # SGLang's loaders skip names they do not know, silently
                     self.params[name].copy_(tensor.detach().to(self.dtype).float())
                     self.loaded[name] = tensor.detach().clone()
+                else:
+                    self.skipped.add(name)
         return True, "Success"  # (flush_cache=True would flush here; nothing is cached between calls)
 
     @traced

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from sppo_lightning import lora
 from sppo_lightning.rollout.sglang.requests import check_result
 
 # Module names that wrappers insert into parameter names: FSDP1 units, activation checkpointing, torch.compile.
@@ -35,7 +36,17 @@ def named_full_tensors(
     A DTensor shard (FSDP2) is all-gathered here, so every rank must iterate in step. A shard kept in CPU memory
     (``model.fsdp_cpu_offload``) is first moved to ``device``: an NCCL group cannot gather CPU tensors. FSDP1's flat
     shards must be gathered around this (``SPPOModule.full_parameters``); its names carry wrapper modules, removed.
+    A LoRA policy (PEFT) yields the merged weights under the base model's names (``lora.merged_tensors``, merged in
+    float32 before the cast), never merging the policy itself.
     """
+    named = _whole_tensors(policy, device)
+    if lora.is_peft(policy):
+        named = lora.merged_tensors(named, lora.scalings(policy))
+    for name, tensor in named:
+        yield name, tensor.to(dtype)
+
+
+def _whole_tensors(policy: torch.nn.Module, device: torch.device | None) -> Iterator[tuple[str, torch.Tensor]]:
     for name, param in policy.named_parameters():
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):  # FSDP2 / DTensor
@@ -44,7 +55,7 @@ def named_full_tensors(
             tensor = tensor.full_tensor()
         elif device is not None and tensor.device != device:  # FSDP1 summoned to CPU, or an unsharded CPU policy
             tensor = tensor.to(device)
-        yield hf_name(name), tensor.to(dtype)
+        yield hf_name(name), tensor
 
 
 def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
