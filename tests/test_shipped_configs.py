@@ -49,12 +49,12 @@ class Case:
 
 SEVEN_B = ["qwen2.5-7b-math.yaml"]
 # 4 prompts (2 per rank), 16-token responses, a 256-token budget (about one fixture row: each row its own
-# micro-batch), one micro-batch per optimizer step (rows-steps: becomes a global rows-per-step setting)
+# micro-batch), 2 rows per optimizer step: 2 steps per iteration, as the recipe makes 4 of 256 rows
 SEVEN_B_SIZES = ["--trainer.max_epochs=2", "--data.prompts_per_epoch=4", "--data.max_response_length=16",
-                 "--data.max_tokens_per_micro_batch=256", "--trainer.accumulate_grad_batches=1",
+                 "--data.max_tokens_per_micro_batch=256", "--data.rows_per_step=2",
                  "--data.val_batch_size=2"]  # fmt: skip
 PAIRRM_SIZES = ["--trainer.max_epochs=2", "--data.prompts_per_epoch=2", "--data.max_response_length=16",
-                "--data.micro_batch_size=2", "--trainer.accumulate_grad_batches=1"]  # fmt: skip
+                "--data.micro_batch_size=2", "--data.rows_per_step=4"]  # fmt: skip
 CASES = {
     "qwen2.5-7b-math.yaml": Case(SEVEN_B, "qwen2", "math", SHARDED, SEVEN_B_SIZES, sglang=True, wandb=True),
     "qwen2.5-7b-math-sppo.yaml": Case(
@@ -66,7 +66,7 @@ CASES = {
             "--trainer.max_epochs=2",
             "--data.prompts_per_epoch=2",
             "--data.max_response_length=16",
-            "--trainer.accumulate_grad_batches=1",
+            "--data.rows_per_step=10",
             "--data.val_batch_size=2",
         ],
         sglang=True,
@@ -95,6 +95,15 @@ CASES = {
         sglang=True,
         wandb=True,
     ),  # fmt: skip
+    "qwen2.5-7b-math-lora.yaml": Case(
+        ["qwen2.5-7b-math-lora.yaml"],
+        "qwen2",
+        "math",
+        ["--trainer.accelerator=cpu"],
+        SEVEN_B_SIZES,
+        sglang=True,
+        wandb=True,
+    ),
     "demo.yaml": Case(["demo.yaml"], sizes=DEMO_SIZES),
     "fsdp_cpu.yaml": Case(["demo.yaml", "fsdp_cpu.yaml"], sizes=DEMO_SIZES),
     "wandb.yaml": Case(["demo.yaml", "wandb.yaml"], sizes=DEMO_SIZES, wandb=True),
@@ -213,20 +222,25 @@ def test_shipped_config_trains_on_cpu(name, tmp_path, family_dirs, prepared_data
 
     [config] = root.glob("**/config.yaml")  # the run's resolved settings, as recorded (beside the CSV logs)
     saved = yaml.safe_load(config.read_text())
-    if case.devices:  # sharded as the config says: FSDP2 over 2 gloo processes
+    if case.devices == SHARDED:  # sharded as the config says: FSDP2 over 2 gloo processes
         assert saved["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")
         assert "sharded over data_parallel=2" in proc.stdout + proc.stderr
     if case.sglang:  # both ranks' engines were the SGLang stand-in, and each generated
         import torch
 
         engines = [torch.load(p, weights_only=False) for p in (tmp_path / "engines").glob("*.pt")]
-        assert len(engines) == 2 and all("generate" in e["calls"] for e in engines)
+        processes = 2 if case.devices == SHARDED else 1
+        assert len(engines) == processes and all("generate" in e["calls"] for e in engines)
     if case.data == "ultrafeedback":  # the authors' win-rates from PairRM's scores: mean_j σ(s_i − s_j), K/2 a group
         samples = [json.loads(line) for line in (root / "samples.jsonl").read_text().splitlines()]
         win_rates = [[r["win_rate"] for r in s["responses"]] for s in samples]
         assert {len(w) for w in win_rates} == {5} and all(sum(w) == pytest.approx(2.5, abs=1e-4) for w in win_rates)
         assert max(max(w) - min(w) for w in win_rates) > 0.01  # the judge tells the responses apart
-    if SEVEN_B[0] in case.configs:  # attn_implementation auto, resolved for packed rows on CPU
+    if "lora" in name:  # the 1-GPU recipe: adapters on a bf16 base, both exports written
+        assert saved["model"]["lora"]["r"] == 32 and saved["model"]["base_dtype"] == "bfloat16"
+        assert (root / "hf_model" / "model.safetensors").is_file()
+        assert (root / "hf_adapter" / "adapter_config.json").is_file()
+    if SEVEN_B[0] in case.configs or "lora" in name:  # attn_implementation auto, resolved for packed rows on CPU
         assert "attention: sdpa (packed rows" in proc.stdout + proc.stderr
     if SEVEN_B[0] in case.configs and name != "qwen2.5-7b-math-sppo.yaml":
         # the GPU recipe's training path: packed rows, gradient checkpointing, token-budget micro-batches
