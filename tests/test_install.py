@@ -45,13 +45,21 @@ def resolve(extras: list[str], python: str = "3.11", platform: str = GPU_MACHINE
     return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins}
 
 
-@pytest.mark.parametrize("python", ["3.10", "3.11", "3.12"])
+@pytest.mark.parametrize("python", ["3.11", "3.12"])
 def test_the_cpu_install_line_resolves_with_the_pinned_cpu_torch(python):
-    """``pip install -e ".[dev]"``, on every Python ``requires-python`` admits that torch 2.13.0 has wheels for."""
+    """``pip install -e ".[dev]"`` on the Pythons ``requires-python`` (>= 3.11) admits and torch 2.13.0 has wheels
+    for; 3.10 is refused by name (TRL 1.16 in the dev extra and sglang 0.5.22+ need 3.11)."""
     installs = resolve(["dev"], python=python, platform="x86_64-manylinux_2_28")
     assert isinstance(installs, dict), installs
     assert installs["torch"] == "2.13.0"
-    assert {"pytest", "ruff", "peft", "uv"} <= installs.keys()
+    assert {"pytest", "ruff", "peft", "uv", "trl"} <= installs.keys()
+
+
+def test_python_3_10_does_not_resolve():
+    """requires-python says 3.11: on 3.10 TRL 1.16 (dev extra) has no release, nor has sglang 0.5.22+ (0.5.21, the
+    last for 3.10, needs cuda-tile 1.6.0rc5, which has no wheel)."""
+    refused = resolve(["dev"], python="3.10", platform="x86_64-manylinux_2_28")
+    assert isinstance(refused, str) and "3.11" in refused
 
 
 def test_the_gpu_install_lines_resolve_without_flash_attn():
@@ -67,10 +75,7 @@ def test_the_gpu_install_lines_resolve_without_flash_attn():
         assert "flash-attn" not in installs and "flash-attn-4" in installs
 
 
-def test_the_gpu_stack_needs_glibc_2_34_and_python_3_11():
-    """What the docs say the GPU machine needs: with an older glibc there is no sglang wheel at all, and on Python
-    3.10 sglang 0.5.21 (the only release for it) needs ``cuda-tile==1.6.0rc5``, which has no wheel to install."""
+def test_the_gpu_stack_needs_glibc_2_34():
+    """What the docs say the GPU machine needs: with a glibc older than 2.34 there is no sglang wheel at all."""
     older_glibc = resolve(["sglang"], platform="x86_64-manylinux_2_28")
     assert isinstance(older_glibc, str) and "sglang" in older_glibc
-    python_310 = resolve(["sglang"], python="3.10")
-    assert isinstance(python_310, str) and "cuda-tile" in python_310
