@@ -34,6 +34,30 @@ def decoder_layers(policy: torch.nn.Module, what: str) -> torch.nn.ModuleList:
     return layers
 
 
+TP_KEY = "trainer.strategy.init_args.tensor_parallel_size"
+
+
+def check_parallel_layout(strategy, devices_per_node: int, nodes: int) -> None:
+    """Refuse a ``ModelParallelStrategy`` whose tensor-parallel size is above 1: the policy is sharded with FSDP2 over
+    ``data_parallel`` only, never split by tensor parallelism, so the ranks of a tensor-parallel group would each
+    train their own copy on their own rows and drift apart. Lightning's defaults ("auto") resolve to data_parallel =
+    nodes and tensor_parallel = devices per node (``ModelParallelStrategy.setup_environment``), which is that case
+    as soon as a node has 2 devices. Read before the processes start; sizes are Lightning's (private) settings."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    given = strategy._tensor_parallel_size
+    tp = devices_per_node if given == "auto" else int(given)
+    if tp > 1:
+        world = devices_per_node * nodes
+        raise ConfigError(
+            f"{TP_KEY}={given} means tensor parallel size {tp}, but the policy is only sharded with FSDP over "
+            f"data_parallel (no tensor parallelism is applied: those ranks would train apart); set "
+            f"trainer.strategy.init_args.data_parallel_size={world} (all devices) and {TP_KEY}=1"
+        )
+
+
 def fully_shard_policy(policy: torch.nn.Module, mesh, param_dtype: str | None, cpu_offload: bool) -> None:
     """FSDP2: parameters become DTensors sharded over ``mesh``; layers compute in ``param_dtype`` (None: the
     stored dtype) and reduce gradients in float32; ``cpu_offload`` keeps shards, gradients and optimizer state in
