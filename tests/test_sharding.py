@@ -20,7 +20,9 @@ TP_KEY = "trainer.strategy.init_args.tensor_parallel_size"
 def test_tensor_parallel_layout_is_refused_by_name(tmp_path, layout):
     """Issue #28: the policy is only sharded over data_parallel, so a 1 x 2 mesh trained two diverging copies with no
     warning. Refused before any process starts: one line naming the key and the fix, exit 2."""
-    proc = run("fit", "--config", DEMO, "--config", FSDP, *layout, f"--trainer.default_root_dir={tmp_path}", check=False)
+    proc = run(
+        "fit", "--config", DEMO, "--config", FSDP, *layout, f"--trainer.default_root_dir={tmp_path}", check=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
