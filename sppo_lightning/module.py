@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from sppo_lightning import optim, phases, sharding
+from sppo_lightning import loading, optim, phases, sharding
 from sppo_lightning.errors import ConfigError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import Validation, ValidationSource, win_rate_enabled
 from sppo_lightning.guard import NonFiniteGuard
@@ -180,32 +180,38 @@ class SPPOModule(L.LightningModule):
         return tok
 
     def configure_model(self) -> None:
-        """Load the policy (called by Lightning inside the strategy's context; idempotent)."""
+        """Load the policy (called by Lightning inside the strategy's context; idempotent). Under FSDP2 it is built on
+        the meta device, sharded, and its weights read once by rank 0 (``loading``): one copy in host memory, not
+        one per rank."""
         if self.policy is not None:
             return
-        from transformers import AutoModelForCausalLM
-
-        with refusing_remote_code(self.hparams.model_name_or_path, "model.trust_remote_code"):
-            self.policy = AutoModelForCausalLM.from_pretrained(
-                self.hparams.model_name_or_path,
-                dtype=getattr(torch, self.hparams.dtype),
-                attn_implementation=self.hparams.attn_implementation,
-                trust_remote_code=self.hparams.trust_remote_code,
-                use_safetensors=True,  # never unpickle a .bin from a repository
-            )
-        self.policy.train()  # from_pretrained returns the model in eval mode
-        # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
-        self._param_ndims = optim.param_ndims(self.named_parameters())
-        if self.hparams.disable_dropout:
-            disable_dropout(self.policy)
-        if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        h = self.hparams
+        source = loading.PolicySource(h.model_name_or_path, h.dtype, h.attn_implementation, h.trust_remote_code)
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
-            mesh = self.device_mesh["data_parallel"]
-            param_dtype = self.hparams.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
-            sharding.fully_shard_policy(self.policy, mesh, param_dtype, self.hparams.fsdp_cpu_offload)
-        elif self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            mesh = sharding.data_parallel_mesh(self.device_mesh)
+            param_dtype = h.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
+            device = torch.device("cpu") if h.fsdp_cpu_offload else self.trainer.strategy.root_device
+            self.policy = loading.load_sharded_once(
+                lambda on_meta: self._prepared(source.build(on_meta)),
+                lambda policy: sharding.fully_shard_policy(policy, mesh, param_dtype, h.fsdp_cpu_offload),
+                device,
+            )
+            return
+        self.policy = self._prepared(source.load())
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             sharding.default_fsdp1_wrap_policy(self.policy, self.trainer.strategy)
+            sharding.fsdp1_mixed_precision(self.trainer.strategy)
+
+    def _prepared(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """``policy`` as it trains, before any wrapper: train mode, dropout and gradient checkpointing as configured."""
+        policy.train()  # from_pretrained returns the model in eval mode
+        # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
+        self._param_ndims = optim.param_ndims((sharding.POLICY_PREFIX + n, p) for n, p in policy.named_parameters())
+        if self.hparams.disable_dropout:
+            disable_dropout(policy)
+        if self.hparams.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return policy
 
     @torch.no_grad()
     def run_with_policy(self, fn: Callable[[], Any]) -> Any:

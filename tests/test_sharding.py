@@ -1,5 +1,9 @@
 """Parallel layouts and precision under sharding (``sppo_lightning.sharding``): what runs is what the config says."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from tests.test_cli import DEMO, REPO, run
@@ -29,3 +33,21 @@ def test_tensor_parallel_layout_is_refused_by_name(tmp_path, layout):
     assert len(errors) == 1, proc.stderr[-2000:]
     assert TP_KEY in errors[0] and "data_parallel_size=2 (all devices)" in errors[0]
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_fsdp1_bf16_mixed_keeps_buffers_and_gradient_reduction_in_float32(tmp_path):
+    """configs/fsdp1.yaml's bf16-mixed under FSDP1 (2 CPU processes, tests/cpu_fsdp1.py): layers compute in bf16, but
+    the gradients go through the reduce-scatter in float32 and the rotary inv_freq stays float32 after a step, as
+    under FSDP2. Lightning's own FSDPPrecision made all three bf16 (0.37 % error on the RoPE frequencies)."""
+    out = tmp_path / "precision.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fsdp1_precision.py"), f"--out={out}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result == {"inv_freq": "torch.float32", "reduced": ["torch.float32"], "compute": ["torch.bfloat16"]}
