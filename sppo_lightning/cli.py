@@ -20,7 +20,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sppo_lightning import checkpoints
+from sppo_lightning import checkpoints, sharding
 from sppo_lightning.data.datamodule import RolloutDataModule
 from sppo_lightning.errors import ConfigError, UserInputError
 from sppo_lightning.loggers import ConfigToLoggers, place_outputs
@@ -144,6 +144,7 @@ class SPPOCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        sharding.check_parallel_layout(trainer.strategy, trainer.num_devices, trainer.num_nodes)  # before launching
         place_outputs(trainer)
         checkpoints.use_atomic_saves(trainer)
         trainer.callbacks.insert(0, checkpoints.RunRecord())  # what a resume checks, and the optimizer's settings

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from sppo_lightning import attention, health, optim, phases, sharding
+from sppo_lightning import attention, health, loading, optim, phases, sharding
 from sppo_lightning import lora as lora_lib
 from sppo_lightning.errors import ConfigError, check_tokenizer, refusing_remote_code
 from sppo_lightning.evaluation import Validation, ValidationSource, win_rate_enabled
@@ -208,11 +208,11 @@ class SPPOModule(L.LightningModule):
         return tok
 
     def configure_model(self) -> None:
-        """Load the policy (called by Lightning inside the strategy's context; idempotent)."""
+        """Load the policy (called by Lightning inside the strategy's context; idempotent). Under FSDP2 it is built on
+        the meta device, sharded, and its weights read once by rank 0 (``loading``): one copy in host memory, not
+        one per rank."""
         if self.policy is not None:
             return
-        from transformers import AutoModelForCausalLM
-
         h = self.hparams
         if self.lora is not None and self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ConfigError(
@@ -222,30 +222,38 @@ class SPPOModule(L.LightningModule):
             )
         backend = self.resolve_attention()
         load_dtype = h.base_dtype if self.lora is not None and h.base_dtype is not None else h.dtype
-        with refusing_remote_code(self.hparams.model_name_or_path, "model.trust_remote_code"):
-            self.policy = AutoModelForCausalLM.from_pretrained(
-                self.hparams.model_name_or_path,
-                dtype=getattr(torch, load_dtype),
-                attn_implementation=attention.load_implementation(backend),
-                trust_remote_code=self.hparams.trust_remote_code,
-                use_safetensors=True,  # never unpickle a .bin from a repository
-            )
-        attention.install(self.policy, backend)  # packed rows then survive gradient checkpointing
-        if self.lora is not None:  # before any wrapper: adapters on the plain model, the base frozen
-            self.policy = lora_lib.apply_lora(self.policy, self.lora, getattr(torch, h.dtype))
-        self.policy.train()  # from_pretrained returns the model in eval mode
-        # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
-        self._param_ndims = optim.param_ndims(self.named_parameters())
-        if self.hparams.disable_dropout:
-            disable_dropout(self.policy)
-        if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        source = loading.PolicySource(
+            h.model_name_or_path, load_dtype, attention.load_implementation(backend), h.trust_remote_code
+        )
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
-            mesh = self.device_mesh["data_parallel"]
-            param_dtype = self.hparams.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
-            sharding.fully_shard_policy(self.policy, mesh, param_dtype, self.hparams.fsdp_cpu_offload)
-        elif self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            mesh = sharding.data_parallel_mesh(self.device_mesh)
+            param_dtype = h.fsdp_param_dtype or ("bfloat16" if mesh.device_type == "cuda" else None)
+            device = torch.device("cpu") if h.fsdp_cpu_offload else self.trainer.strategy.root_device
+            self.policy = loading.load_sharded_once(
+                lambda on_meta: self._prepared(source.build(on_meta), backend),
+                lambda policy: sharding.fully_shard_policy(policy, mesh, param_dtype, h.fsdp_cpu_offload),
+                device,
+            )
+            return
+        self.policy = self._prepared(source.load(), backend)
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             sharding.default_fsdp1_wrap_policy(self.policy, self.trainer.strategy)
+            sharding.fsdp1_mixed_precision(self.trainer.strategy)
+
+    def _prepared(self, policy: torch.nn.Module, backend: str) -> torch.nn.Module:
+        """``policy`` as it trains, before any wrapper: its attention backend, the LoRA adapters, train mode, dropout
+        and gradient checkpointing as configured."""
+        attention.install(policy, backend)  # packed rows then survive gradient checkpointing
+        if self.lora is not None:  # before any wrapper: adapters on the plain model, the base frozen
+            policy = lora_lib.apply_lora(policy, self.lora, getattr(torch, self.hparams.dtype))
+        policy.train()  # from_pretrained returns the model in eval mode
+        # shapes before any wrapper flattens them (FSDP1's shards are 1-D): configure_optimizers decides decay by them
+        self._param_ndims = optim.param_ndims((sharding.POLICY_PREFIX + n, p) for n, p in policy.named_parameters())
+        if self.hparams.disable_dropout:
+            disable_dropout(policy)
+        if self.hparams.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return policy
 
     @torch.no_grad()
     def run_with_policy(self, fn: Callable[[], Any]) -> Any:

@@ -25,6 +25,9 @@ Activations are counted as for full fine-tuning: each adapted layer's input, whi
 layer would keep for its own weight gradient. Training FLOPs are 4N a token (forward 2N, input gradients 2N; no weight
 gradients for the frozen base), 6N with gradient checkpointing.
 
+Host memory (``host_memory``): per rank and for the first node, while the weights load (under FSDP2 rank 0 alone holds
+the whole model, see ``sppo_lightning.loading``; elsewhere every rank does) and while training (CPU offload).
+
 Gradients exist during the forward of a micro-batch when gradients accumulate over several micro-batches; with one
 micro-batch per optimizer step they are only formed while activations are released, so the peak counts the larger
 of the two. The time is an estimate from stated throughput assumptions (printed with it), not a measurement.
@@ -244,6 +247,31 @@ def training_memory(model: ModelShape, run: RunShape) -> dict[str, float]:
 
     out["peak"] = peak(out["activations"])
     out["peak_no_checkpointing"] = peak(out["activations_no_checkpointing"])
+    return out
+
+
+def host_memory(model: ModelShape, run: RunShape) -> dict[str, float]:
+    """Host (CPU) memory per rank and per node beyond the libraries, while the weights load and while training.
+
+    Under FSDP2 (``sppo_lightning.loading``) rank 0 alone reads the whole checkpoint; the other ranks receive their
+    shards one tensor at a time, on the GPU under NCCL (nothing in host memory) or in host memory on CPU processes
+    (the largest tensor in flight). Every other strategy loads the whole model in each process. CPU offload keeps the
+    shards, their gradients and AdamW's two moments in host memory while training; on CPU processes all the training
+    state is host memory (the per-process table above).
+    """
+    p = DTYPE_BYTES[run.param_dtype]
+    whole = model.params * p
+    largest = max(model.vocab, model.intermediate) * model.hidden * p  # an embedding, or an MLP matrix
+    if run.strategy == "fsdp2":
+        rank0, other = whole, (largest if run.accelerator == "cpu" else 0.0)
+    else:
+        rank0 = other = whole
+    if run.accelerator == "cpu" or run.cpu_offload:
+        training = 4 * model.params * p / run.shards  # parameters, gradients, two moments: this rank's shards
+    else:
+        training = 0.0
+    out = {"load_rank0": rank0 + training, "load_other_rank": other + training, "training_per_rank": training}
+    out["load_node0"] = out["load_rank0"] + (run.devices - 1) * out["load_other_rank"]
     return out
 
 
@@ -511,6 +539,16 @@ def format_plan(model: ModelShape, run: RunShape, gpu_gib: float, tp: Throughput
         lines.append(f"peak {peak / GIB:.1f} GiB per GPU: {verdict} on a {gpu_gib:g} GiB GPU")
     else:
         lines.append(f"peak {peak / GIB:.2f} GiB of process memory (model state and activations, not the libraries)")
+    host = host_memory(model, run)
+    once = "read once by rank 0, the others receive their shards" if run.strategy == "fsdp2" else "whole in every rank"
+    lines += [
+        f"host memory (CPU RAM) while the weights load ({once}), beyond the libraries:",
+        f"  rank 0                     {_gib(host['load_rank0'])}",
+        f"  each other rank            {_gib(host['load_other_rank'])}",
+        f"  {f'node 0 ({run.devices} rank(s))':<27}{_gib(host['load_node0'])}",
+        f"  per rank while training    {_gib(host['training_per_rank'])}"
+        + ("  (CPU offload)" if run.cpu_offload and run.accelerator == "gpu" else ""),
+    ]
     rows = run.prompts_per_epoch * run.samples_per_prompt
     lines += [
         "",
@@ -557,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
             "run": asdict(run),
             "training": training_memory(model, run),
             "rollout": rollout_memory(model, run, gpu),
+            "host": host_memory(model, run),
             "time": iteration_time(model, run, tp, rollout_memory(model, run, gpu).get("kv_tokens")),
         }
         print(json.dumps(out, indent=1))

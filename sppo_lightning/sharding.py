@@ -36,6 +36,44 @@ def decoder_layers(policy: torch.nn.Module, what: str) -> torch.nn.ModuleList:
     return layers
 
 
+TP_KEY = "trainer.strategy.init_args.tensor_parallel_size"
+
+
+def check_parallel_layout(strategy, devices_per_node: int, nodes: int) -> None:
+    """Refuse a ``ModelParallelStrategy`` whose tensor-parallel size is above 1: the policy is sharded with FSDP2 over
+    ``data_parallel`` only, never split by tensor parallelism, so the ranks of a tensor-parallel group would each
+    train their own copy on their own rows and drift apart. Lightning's defaults ("auto") resolve to data_parallel =
+    nodes and tensor_parallel = devices per node (``ModelParallelStrategy.setup_environment``), which is that case
+    as soon as a node has 2 devices. Read before the processes start; sizes are Lightning's (private) settings."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    given = strategy._tensor_parallel_size
+    tp = devices_per_node if given == "auto" else int(given)
+    if tp > 1:
+        world = devices_per_node * nodes
+        raise ConfigError(
+            f"{TP_KEY}={given} means tensor parallel size {tp}, but the policy is only sharded with FSDP over "
+            f"data_parallel (no tensor parallelism is applied: those ranks would train apart); set "
+            f"trainer.strategy.init_args.data_parallel_size={world} (all devices) and {TP_KEY}=1"
+        )
+
+
+def data_parallel_mesh(device_mesh):
+    """The mesh FSDP2 shards over; a tensor-parallel dimension above 1 is refused (see ``check_parallel_layout``),
+    for runs built in Python that the CLI did not check."""
+    names = device_mesh.mesh_dim_names or ()
+    tp = device_mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+    if tp > 1:
+        raise ConfigError(
+            f"{TP_KEY}={tp}, but the policy is only sharded with FSDP over data_parallel (no tensor parallelism is "
+            f"applied); set trainer.strategy.init_args.data_parallel_size={device_mesh.size()} (all devices) and "
+            f"{TP_KEY}=1"
+        )
+    return device_mesh["data_parallel"]
+
+
 def fully_shard_policy(policy: torch.nn.Module, mesh, param_dtype: str | None, cpu_offload: bool) -> None:
     """FSDP2: parameters become DTensors sharded over ``mesh``; layers compute in ``param_dtype`` (None: the
     stored dtype) and reduce gradients in float32; ``cpu_offload`` keeps shards, gradients and optimizer state in
@@ -68,6 +106,20 @@ def default_fsdp1_wrap_policy(policy: torch.nn.Module, strategy: FSDPStrategy) -
         layer_types = {type(layer) for layer in decoder_layers(policy, "FSDP1")}
         strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(layer_types)
         rank_zero_info(f"FSDP1: one unit per {', '.join(sorted(t.__name__ for t in layer_types))} + the root")
+
+
+def fsdp1_mixed_precision(strategy: FSDPStrategy) -> None:
+    """FSDP1 under ``bf16-mixed`` / ``16-mixed``: compute in the low precision, but reduce gradients and keep buffers
+    (the rotary ``inv_freq``) in float32, as FSDP2 (``fully_shard_policy``) and verl do. Lightning's ``FSDPPrecision``
+    casts all three to the low precision (``mixed_precision_config``): gradients summed over ranks in bf16 and RoPE
+    frequencies rounded to 8 bits of mantissa. A ``mixed_precision`` given to the strategy is kept."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(strategy.precision_plugin.precision)
+    if strategy.mixed_precision is not None or low is None:
+        return
+    strategy.mixed_precision = MixedPrecision(param_dtype=low, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
+    rank_zero_info(f"FSDP1: parameters computed in {low}, gradients reduced and buffers kept in torch.float32")
 
 
 def fsdp1_root(trainer) -> torch.nn.Module | None:

@@ -109,3 +109,19 @@ def test_model_shape_of_a_local_folder_counts_tied_weights_once(tiny_model_dir):
     assert shape.params == sum(p.numel() for p in model.parameters())
     run = RunShape(accelerator="cpu", micro_batch=1, prompt_len=1, response_len=1)
     assert training_memory(shape, run)["parameters"] == shape.params * 4
+
+
+def test_host_memory_per_rank_and_node(capsys):
+    """Issue #28: under FSDP2 rank 0 alone holds the whole float32 model in host memory while it loads (the other
+    ranks receive their shards on their GPUs); FSDP1 loads it whole in each of the node's 4 ranks."""
+    fsdp2 = json.loads(plan(capsys, "--config", SEED_RECIPE, "--json"))["host"]
+    whole = QWEN_7B_PARAMS * 4
+    assert fsdp2 == {"load_rank0": whole, "load_other_rank": 0.0, "training_per_rank": 0.0, "load_node0": whole}
+    fsdp1 = json.loads(
+        plan(capsys, "--config", SEED_RECIPE, "--config", str(REPO / "configs" / "fsdp1.yaml"), "--json")
+    )
+    assert fsdp1["host"]["load_other_rank"] == whole and fsdp1["host"]["load_node0"] == 4 * whole
+    table = plan(capsys, "--config", SEED_RECIPE)
+    assert "rank 0                        28.37 GiB" in table and "node 0 (4 rank(s))            28.37 GiB" in table
+    offload = json.loads(plan(capsys, "--config", SEED_RECIPE, "--model.fsdp_cpu_offload=true", "--json"))["host"]
+    assert offload["training_per_rank"] == 4 * QWEN_7B_PARAMS * 4 / 4  # its shards, gradients and 2 AdamW moments
