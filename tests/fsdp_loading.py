@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from sppo_lightning import loading, sharding
+from sppo_lightning import attention, loading, sharding
 from sppo_lightning.data.batching import collate
 from sppo_lightning.module import SPPOModule
 
@@ -41,9 +41,10 @@ def reset_peak() -> None:
 
 def whole_then_shard(module: SPPOModule) -> torch.nn.Module:
     """The path before ``loading``: every rank loads the whole model, then shards it."""
-    h = module.hparams
-    source = loading.PolicySource(h.model_name_or_path, h.dtype, h.attn_implementation, h.trust_remote_code)
-    policy = module._prepared(source.load())
+    h, backend = module.hparams, module.resolve_attention()
+    implementation = attention.load_implementation(backend)
+    source = loading.PolicySource(h.model_name_or_path, h.dtype, implementation, h.trust_remote_code)
+    policy = module._prepared(source.load(), backend)
     sharding.fully_shard_policy(policy, module.device_mesh["data_parallel"], None, False)
     return policy
 
