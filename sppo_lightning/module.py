@@ -32,6 +32,7 @@ from sppo_lightning.guard import NonFiniteGuard
 from sppo_lightning.logprobs import packed_token_logps, response_token_logps, shared_prompt_token_logps
 from sppo_lightning.loss import LOSS_TYPES, LOSSES, LossParams, LossTerms, loss_weights, trust_region_logps
 from sppo_lightning.records import SamplingParams, TrainBatch
+from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
@@ -86,6 +87,7 @@ class SPPOModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         accuracy_fn: Callable[[str, str], float] = compute_score,
         val_win_rate: bool | None = None,
+        val_judge: Oracle | None = None,
     ):
         """
         Args:
@@ -139,7 +141,12 @@ class SPPOModule(L.LightningModule):
                 over the starting policy's (generated once at the start of fit, kept in
                 ``<default_root_dir>/reference_responses.jsonl`` and reused on resume), with ``val/response_length``
                 and ``val/reference_length``. None = on when ``data.oracle`` is a preference oracle (pairwise or
-                reward model), off for the rule oracle.
+                reward model), off for the rule oracle. Beside it ``val/win_rate_lc``, AlpacaEval 2's length-controlled
+                win rate (``lc_win_rate``): the same preferences read at zero length difference.
+            val_judge: The judge of ``val/win_rate`` (any oracle: pairwise, PairRM, reward model, rule), held out from
+                training so that a policy cannot raise it by exploiting the training judge; None = the training
+                oracle (``data.oracle``). When both are set, the training oracle's figures are logged too
+                (``val/win_rate_train_judge``, ``val/win_rate_lc_train_judge``).
         """
         super().__init__()
         if eta <= 0:
@@ -154,10 +161,12 @@ class SPPOModule(L.LightningModule):
             raise ConfigError(
                 f"model.clip_ratio applies to the SPPO regressions, not to loss_type {loss_type}: set it to null"
             )
-        self.save_hyperparameters(ignore=["accuracy_fn"])
+        self.save_hyperparameters(ignore=["accuracy_fn", "val_judge"])
         self.policy = None
         self.tokenizer = self._load_tokenizer()
-        self.validation = Validation(accuracy_fn, self.tokenizer)  # accuracy, win rate, reference (evaluation.py)
+        self.validation = Validation(
+            accuracy_fn, self.tokenizer, val_judge
+        )  # accuracy, win rate, reference (evaluation.py)
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
@@ -366,7 +375,7 @@ class SPPOModule(L.LightningModule):
         """The first point of the learning curve: the policy before any update. With the win rate on, its responses
         are the reference every later validation is judged against (written once; a resumed run reads it back)."""
         data, path = self._validation_source(), Path(self.trainer.default_root_dir) / REFERENCE_FILE
-        win_rate = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None))
+        win_rate = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None), self.validation.judge)
         self.validation.reference = None
         if self.global_step > 0:  # resumed: the reference of the run's start, if it had one
             if win_rate:
