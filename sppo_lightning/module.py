@@ -69,6 +69,7 @@ class SPPOModule(L.LightningModule):
         clip_ratio: float | None = None,
         dpo_beta: float = 0.1,
         ipo_tau: float = 0.1,
+        inpo_tau: float = 0.1,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.01,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -102,9 +103,13 @@ class SPPOModule(L.LightningModule):
                 ratio π_θ/π_t has left [1 − ε, 1 + ε] in the direction its row is pushed stops receiving gradient,
                 as in PPO. None = the paper's loss. It lets a large η and several passes over a rollout
                 (``data.passes_per_rollout``) pay off; not used by ``dpo`` and ``ipo``.
-            dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
+            dpo_beta: β of the DPO baseline and of DNO's soft-labelled pairs (``loss_type: dpo``, ``dno``).
             ipo_tau: τ of the IPO baseline (only for ``loss_type: ipo``): the winner-minus-loser log-ratio, averaged
                 over each response's tokens as in TRL, is regressed onto 1/(2τ).
+            inpo_tau: τ of ``loss_type: inpo``: the KL regularisation towards the starting policy π_ref (the model as
+                loaded), whose log-ratio enters INPO's h with weight ητ (≤ 1), π_t's with 1 − ητ (``loss.inpo_loss``).
+                π_ref needs a frozen copy of the starting weights (one process, or DDP; not under FSDP); 0 = no
+                regularisation and no copy.
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
             weight_decay: AdamW weight decay, on the parameters ``weight_decay_on`` names.
             adam_betas: AdamW betas.
@@ -155,6 +160,8 @@ class SPPOModule(L.LightningModule):
             raise ConfigError(f"model.clip_ratio must be in (0, 1) or null, got {clip_ratio}")
         if ipo_tau <= 0:
             raise ConfigError(f"model.ipo_tau must be > 0, got {ipo_tau}")
+        if loss_type == "inpo" and not 0 <= eta * inpo_tau <= 1:
+            raise ConfigError(f"model.eta * model.inpo_tau must be in [0, 1] (INPO's π_ref weight): {eta * inpo_tau}")
         if loss_type not in LOSSES:
             raise ConfigError(f"model.loss_type must be one of {', '.join(LOSSES)}, got {loss_type!r}")
         if clip_ratio is not None and not LOSSES[loss_type].clip:
@@ -170,6 +177,7 @@ class SPPOModule(L.LightningModule):
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
+        self._initial: tuple[torch.nn.Module, ...] = ()  # π_ref for INPO, kept out of the state dict (a tuple)
 
     @property
     def accuracy_fn(self) -> Callable[[str, str], float]:
@@ -300,11 +308,17 @@ class SPPOModule(L.LightningModule):
             share = held.sum() / batch.response_mask.sum()  # of the response tokens
             self.log("train/clipped_tokens", share, batch_size=len(logps), sync_dist=True)
         ref = ref_tokens.sum(-1)
-        terms = (logps, ref, batch.targets, batch.response_mask.sum(-1).clamp(min=1))  # (B,) each
-        if spec.paired:
-            terms = tuple(batch.pairs(v) for v in terms)  # (B/2, 2) each: every prompt's (winner, loser)
         params = LossParams(**{f.name: self.hparams[f.name] for f in fields(LossParams)})  # same-named model.* keys
-        losses = spec.compute(LossTerms(*terms), params)  # (B,), or (B/2,) for pairs
+        initial = self.initial_logps(batch) if spec.needs_initial and spec.needs_initial(params) else None
+        terms = (logps, ref, batch.targets, batch.response_mask.sum(-1).clamp(min=1), batch.win_rates)
+        if spec.paired:
+            terms, initial = tuple(batch.pairs(v) for v in terms), None  # (B/2, 2): every (winner, loser)
+        elif spec.grouped:
+            terms = tuple(batch.groups(v) for v in terms)  # (B/K, K) each: every prompt's K responses
+            initial = None if initial is None else batch.groups(initial)
+        preferences = batch.groups(batch.preferences) if spec.needs_preferences else None  # (B/K, K, K)
+        x = LossTerms(*terms, preferences=preferences, initial_logps=initial)
+        losses = spec.compute(x, params)  # (B,), (B/2,) or (B/K,)
         loss, mean, n = self._step_share(losses, batch)
         if not self.guard.all_finite(loss):
             self._skip("loss")
@@ -316,6 +330,30 @@ class SPPOModule(L.LightningModule):
             self.log("train/target", batch.targets.mean(), batch_size=n, sync_dist=True)
         return loss
 
+    @torch.no_grad()
+    def initial_logps(self, batch: TrainBatch) -> torch.Tensor:
+        """log π_ref(y|x) of the starting policy (the model as loaded, frozen), ``[B]``: INPO's reference. A copy of the
+        starting weights, loaded once; not under FSDP, where it would need its own sharding."""
+        if not self._initial:
+            if self.device_mesh is not None or isinstance(self._trainer and self.trainer.strategy, FSDPStrategy):
+                raise ConfigError(
+                    "model.loss_type=inpo with model.inpo_tau > 0 keeps a copy of the starting policy, not supported "
+                    "under FSDP: set model.inpo_tau=0, or train on one process or with DDP"
+                )
+            from transformers import AutoModelForCausalLM
+
+            with refusing_remote_code(self.hparams.model_name_or_path, "model.trust_remote_code"):
+                initial = AutoModelForCausalLM.from_pretrained(
+                    self.hparams.model_name_or_path,
+                    dtype=getattr(torch, self.hparams.dtype),
+                    attn_implementation=self.hparams.attn_implementation,
+                    trust_remote_code=self.hparams.trust_remote_code,
+                    use_safetensors=True,
+                )
+            self._initial = (initial.eval().requires_grad_(False).to(self.device),)
+        rows = (batch.input_ids, batch.attention_mask, batch.response_mask)
+        return response_token_logps(self._initial[0], *rows).sum(-1).float()
+
     def _step_share(self, losses: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This micro-batch's part of its optimizer step's loss, such that the step's gradient is the mean over every
         loss term of the step on every rank, whatever the split (``batching.attach_step_units``). Also the
@@ -325,7 +363,7 @@ class SPPOModule(L.LightningModule):
         Lightning divides what ``training_step`` returns by ``accumulate_grad_batches`` and the gradient reduction
         averages over ranks: both are multiplied back. A batch without ``step_units`` is its own mean, as before.
         """
-        weights = loss_weights(batch.row_weight.to(losses.dtype), batch.paired)  # (B,) or (B/2,) for pairs
+        weights = loss_weights(batch.row_weight.to(losses.dtype), batch.paired, batch.rows_per_term)  # one per term
         total, n = (losses * weights).sum(), weights.sum()
         mean = total / n.clamp(min=1)
         if batch.step_units is None:

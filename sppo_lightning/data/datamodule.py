@@ -248,7 +248,7 @@ class RolloutDataModule(L.LightningDataModule):
         h = self.hparams
         pad_id, max_tokens = module.tokenizer.pad_token_id, h.max_tokens_per_micro_batch
         batches = micro_batches(
-            groups, h.micro_batch_size, pad_id, seed + epoch, h.balance_tokens, max_tokens, paired=spec.paired
+            groups, h.micro_batch_size, pad_id, seed + epoch, h.balance_tokens, max_tokens, spec.paired, spec.grouped
         )
         # Every rank must run the same number of micro-batches (sharded and DDP training block in the collectives),
         # but DPO drops all-tie groups and token budgets give uneven counts: the ranks with fewer are topped up with

@@ -30,6 +30,8 @@ class Example:
     group: int
     ref_logps: list[float] | None = None
     """log π_t(y_t | x, y_<t) of each response token when the rollout supplied them."""
+    preferences: list[float] | None = None
+    """P(y ≻ y_j | x) against each of the prompt's K responses (its row of ``Rollout.preferences``), when known."""
 
 
 def build_groups(
@@ -43,6 +45,14 @@ def build_groups(
         raise ValueError(f"loss_type must be one of {tuple(LOSSES)}, got {loss_type!r}")
     spec = LOSSES[loss_type]
     rewards, win_rates = rollout.rewards, rollout.win_rates
+    if spec.needs_preferences and rollout.preferences is None:
+        from sppo_lightning.errors import ConfigError
+
+        raise ConfigError(
+            f"model.loss_type={loss_type} regresses on the oracle's K x K preference matrix, and data.oracle gave none "
+            "(an oracle returns it as Scores.preferences; the shipped ones all do)"
+        )
+    preferences = None if rollout.preferences is None else rollout.preferences.cpu()
     if spec.target is None:
         targets = torch.zeros_like(win_rates)
     else:
@@ -69,6 +79,7 @@ def build_groups(
                     target=float(targets[p, k]),
                     group=p,
                     ref_logps=None if rollout.response_logprobs is None else rollout.response_logprobs[p][k],
+                    preferences=None if preferences is None else preferences[p, k].tolist(),
                 )
                 for k in keep
             ]
