@@ -164,7 +164,7 @@ def test_every_loss_type_has_an_entry_and_the_lists_are_read_off_it():
     }  # fmt: skip
     assert [n for n, s in LOSSES.items() if s.skips_ties] == ["dpo", "ipo"]
     assert [n for n, s in LOSSES.items() if s.clip] == ["sppo", "sppo_pair", "sppo_softmean"]
-    assert [n for n, s in LOSSES.items() if s.target is None] == ["dpo", "ipo"]
+    assert [n for n, s in LOSSES.items() if s.target is None] == ["dpo", "ipo", "inpo", "dno"]
 
 
 def test_targets_of_the_entries_by_hand():
