@@ -286,8 +286,8 @@ def print_table(out: Path, setting: str, iterations: int, val: int, start: dict,
     merged = {m: runs for m, runs in merged.items() if runs}
     seeds = max(len(runs) for runs in merged.values())
     judge = f"judge scale {SCALE}, cycle {SETTINGS[setting]}" + (f", length bias {length_bias:g}/char" * biased)
-    print(f"\nsetting {setting} ({judge}); {iterations} rounds of {PROMPTS}x{K} completions; {val} held-out "
-          f"problems, starting greedy accuracy {start['accuracy']:.1%}, length {start['length']:.1f} chars")  # fmt: skip
+    print(f"\nsetting {setting} ({judge}); {iterations} rounds of {PROMPTS}x{K} completions; {val} held-out problems, "
+          f"starting greedy accuracy {start['accuracy']:.1%}, length {start['length']:.1f} chars")  # fmt: skip
     columns = [("win_rate", "win rate vs start" + (" (held-out judge)" if biased else "")),
                ("win_rate_lc", "LC win rate" + (" (held-out judge)" if biased else ""))]  # fmt: skip
     if biased:
