@@ -280,14 +280,13 @@ def print_table(out: Path, setting: str, iterations: int, val: int, start: dict,
         record = json.loads(path.read_text())
         if record.get("val") == val and (not biased or record.get("length_bias") == length_bias):
             for method, runs in record["runs"].items():
-                runs = [r for r in runs if "win_rate_lc" in r]  # runs saved before the LC column: left out
                 merged.setdefault(method, []).extend(r for r in runs if r["seed"] not in seen.get(method, set()))
                 seen.setdefault(method, set()).update(r["seed"] for r in runs)
     merged = {m: runs for m, runs in merged.items() if runs}
     seeds = max(len(runs) for runs in merged.values())
     judge = f"judge scale {SCALE}, cycle {SETTINGS[setting]}" + (f", length bias {length_bias:g}/char" * biased)
     print(f"\nsetting {setting} ({judge}); {iterations} rounds of {PROMPTS}x{K} completions; {val} held-out problems, "
-          f"starting greedy accuracy {start['accuracy']:.1%}, length {start['length']:.1f} chars")  # fmt: skip
+          f"starting greedy accuracy {start['accuracy']:.1%}, length {start.get('length', 0):.1f} chars")  # fmt: skip
     columns = [("win_rate", "win rate vs start" + (" (held-out judge)" if biased else "")),
                ("win_rate_lc", "LC win rate" + (" (held-out judge)" if biased else ""))]  # fmt: skip
     if biased:
@@ -300,8 +299,9 @@ def print_table(out: Path, setting: str, iterations: int, val: int, start: dict,
         runs = merged[method]
         cells = []
         for key, _ in columns:
-            mean, se = mean_and_se([r[key] for r in runs])
-            cells.append(f"{mean:.1f} ± {se:.1f}" if key == "length" else f"{mean:.1%} ± {se:.1%}")
+            values = [r[key] for r in runs if key in r]  # runs saved before a column existed have none: "–"
+            mean, se = mean_and_se(values) if values else (None, None)
+            cells.append("–" if mean is None else f"{mean:.1f} ± {se:.1f}" if key == "length" else f"{mean:.1%} ± {se:.1%}")
         s_1000 = statistics.median(r["s_per_1000"] for r in runs)
         print(f"| `{method}` | {len(runs)} | " + " | ".join(cells) + f" | {s_1000:.2f} |")
     if seeds < 2:

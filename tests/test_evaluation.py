@@ -335,3 +335,24 @@ def test_the_reference_merges_every_ranks_share_under_fsdp(tmp_path):
     assert sorted(reference) == sorted({reference_key(r) for r in val}) and len(reference) == 41
     win = [float(r["val/win_rate"]) for r in read_metrics(tmp_path) if r.get("val/win_rate")]
     assert len(win) == 2 and win[0] == 0.5
+
+
+@pytest.mark.slow
+def test_a_fit_with_a_held_out_judge_logs_both_win_rates_and_the_lc_one_every_iteration(tmp_path):
+    """``train.py fit`` with INPO on a length-biased pairwise judge and the unbiased one as ``model.val_judge``: every
+    validation (the one before training included) logs ``val/win_rate``, ``val/win_rate_lc`` and
+    ``val/win_rate_train_judge``, all ½ before any update."""
+    from tests.test_cli import DEMO, read_metrics, run
+
+    run(
+        "fit", "--config", DEMO, "--trainer.max_epochs=2", "--data.prompts_per_epoch=8",
+        "--data.val.init_args.num_prompts=16", "--data.val_batch_size=16", "--model.loss_type=inpo",
+        "--data.oracle=sppo_lightning.toy.judge.ClosenessJudge", "--data.oracle.init_args.length_bias=0.25",
+        "--model.val_judge=sppo_lightning.toy.judge.ClosenessJudge", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}",
+    )  # fmt: skip
+    keys = ("val/win_rate", "val/win_rate_lc", "val/win_rate_train_judge", "val/response_length")
+    rows = [r for r in read_metrics(tmp_path) if r.get("val/win_rate")]
+    assert len(rows) == 3 and all(r.get(k) for r in rows for k in keys)
+    assert all(float(rows[0][k]) == 0.5 for k in keys[:3])
+    assert all(0 <= float(r[k]) <= 1 for r in rows for k in keys[:3])
