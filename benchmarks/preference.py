@@ -300,8 +300,11 @@ def print_table(out: Path, setting: str, iterations: int, val: int, start: dict,
         cells = []
         for key, _ in columns:
             values = [r[key] for r in runs if key in r]  # runs saved before a column existed have none: "–"
-            mean, se = mean_and_se(values) if values else (None, None)
-            cells.append("–" if mean is None else f"{mean:.1f} ± {se:.1f}" if key == "length" else f"{mean:.1%} ± {se:.1%}")
+            if not values:
+                cells.append("–")
+                continue
+            mean, se = mean_and_se(values)
+            cells.append(f"{mean:.1f} ± {se:.1f}" if key == "length" else f"{mean:.1%} ± {se:.1%}")
         s_1000 = statistics.median(r["s_per_1000"] for r in runs)
         print(f"| `{method}` | {len(runs)} | " + " | ".join(cells) + f" | {s_1000:.2f} |")
     if seeds < 2:
