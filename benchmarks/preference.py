@@ -5,7 +5,7 @@ equal numbers of completions.
     pip install -e ".[bench]"
     python benchmarks/preference.py [--setting graded|intransitive|length-biased] [--seeds 1] [--first-seed 0]
         [--iterations 10] [--methods sppo sppo_pair dpo ipo inpo dno trl_online_dpo trl_grpo] [--val 200]
-        [--length-bias 0.25]
+        [--length-bias 0.5]
 
 The task is the toy addition with the shipped tiny model, as in ``benchmarks/vs_trl.py`` (same prompts, K = 4
 samples of 64 prompts per round, 16 new tokens, lr 1e-4, 64 completions per optimizer step, one pass). The oracle is
@@ -61,7 +61,7 @@ OURS = ("sppo", "sppo_pair", "dpo", "ipo", "inpo", "dno")  # the paper's loss, i
 TRL = ("trl_online_dpo", "trl_grpo")
 SETTINGS = {"graded": 0.0, "intransitive": 1.0, "length-biased": 0.0}  # the judge's cycle weight
 SCALE = 2.0
-LENGTH_BIAS = 0.25  # logits per character the length-biased training judge adds for the longer answer
+LENGTH_BIAS = 0.5  # logits per character the length-biased training judge adds for the longer answer
 
 
 def make_judge(setting: str, length_bias: float = LENGTH_BIAS):
