@@ -144,7 +144,7 @@ def inpo_loss(
     eta: float,
     tau: float,
 ) -> torch.Tensor:
-    """INPO (Zhang et al. 2024, arXiv 2407.00617, §4) on a prompt's K responses, ``[G, K]`` each and the preference
+    """INPO (Zhang et al. 2024, arXiv 2407.00617) on a prompt's K responses, ``[G, K]`` each and the preference
     matrix ``[G, K, K]`` → ``[G]``, no reduction.
 
     INPO runs online mirror descent on the KL-regularised preference game, whose step is
@@ -156,8 +156,8 @@ def inpo_loss(
         h(y, y') = log π_θ(y)/π_θ(y') − ητ · log π_ref(y)/π_ref(y') − (1 − ητ) · log π_t(y)/π_t(y'),
 
     the minimiser of E_{y, y' ~ π_t}[ ( h(y, y') − η · (I(y ≻ y') − ½) )² ] (I ~ Bernoulli(P(y ≻ y'))) is that step,
-    because a regression onto functions of the form f(y) − f(y') recovers f(y) = η · E_{y'} P(y ≻ y') + const (their
-    Lemma; with a winner and a loser it reads ( h(y_w, y_l) − η/2 )², an IPO-style loss). Here the judge's
+    because a regression onto functions of the form f(y) − f(y') recovers f(y) = η · E_{y'} P(y ≻ y') + const (the
+    paper's key step; with a winner and a loser it reads ( h(y_w, y_l) − η/2 )², an IPO-style loss). Here the judge's
     probability P(y_i ≻ y_j) from the K × K matrix stands in for the sampled I (same minimiser, less variance), and
     the mean runs over every ordered pair i ≠ j of the group:
 
