@@ -171,9 +171,8 @@ class SPPOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["accuracy_fn", "val_judge"])
         self.policy = None
         self.tokenizer = self._load_tokenizer()
-        self.validation = Validation(
-            accuracy_fn, self.tokenizer, val_judge
-        )  # accuracy, win rate, reference (evaluation.py)
+        # accuracy, the win rate by model.val_judge (else data.oracle), the reference (evaluation.py)
+        self.validation = Validation(accuracy_fn, self.tokenizer, val_judge)
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
@@ -312,7 +311,7 @@ class SPPOModule(L.LightningModule):
         initial = self.initial_logps(batch) if spec.needs_initial and spec.needs_initial(params) else None
         terms = (logps, ref, batch.targets, batch.response_mask.sum(-1).clamp(min=1), batch.win_rates)
         if spec.paired:
-            terms, initial = tuple(batch.pairs(v) for v in terms), None  # (B/2, 2): every (winner, loser)
+            terms = tuple(batch.pairs(v) for v in terms)  # (B/2, 2) each: every prompt's (winner, loser)
         elif spec.grouped:
             terms = tuple(batch.groups(v) for v in terms)  # (B/K, K) each: every prompt's K responses
             initial = None if initial is None else batch.groups(initial)
