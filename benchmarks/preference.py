@@ -1,18 +1,26 @@
-"""SPPO where it was made for: a graded, and then partly intransitive, pairwise judge. Our loss types against TRL's
-online DPO and GRPO given the same judge, at equal numbers of completions.
+"""SPPO where it was made for: a graded, then partly intransitive, then length-biased pairwise judge. Our loss types
+(the Nash-learning ones on the same K x K matrix included) against TRL's online DPO and GRPO given the same judge, at
+equal numbers of completions.
 
     pip install -e ".[bench]"
-    python benchmarks/preference.py [--setting graded|intransitive] [--seeds 1] [--first-seed 0] [--iterations 10]
-        [--prompts 64] [--methods sppo sppo_pair dpo ipo trl_online_dpo trl_grpo] [--val 200]
+    python benchmarks/preference.py [--setting graded|intransitive|length-biased] [--seeds 1] [--first-seed 0]
+        [--iterations 10] [--prompts 64] [--methods sppo sppo_pair dpo ipo inpo dno trl_online_dpo trl_grpo]
+        [--val 200] [--length-bias 0.5]
 
 The task is the toy addition with the shipped tiny model, as in ``benchmarks/vs_trl.py`` (same prompts, K = 4
 samples of 64 prompts per round, 16 new tokens, lr 1e-4, 64 completions per optimizer step, one pass). The oracle is
 ``sppo_lightning.toy.judge.ClosenessJudge`` (its docstring has the formula): ``graded`` is σ((d(b) − d(a)) / 2), d
 the distance of the answer to the sum, so a response one closer wins 62 %; ``intransitive`` adds a rock-paper-scissors
-cycle of weight 1 logit on the answer's residue mod 3 (0 ≻ 1 ≻ 2 ≻ 0), so near the truth there is no best answer.
+cycle of weight 1 logit on the answer's residue mod 3 (0 ≻ 1 ≻ 2 ≻ 0), so near the truth there is no best answer;
+``length-biased`` adds ``--length-bias`` logits per character of length difference to the graded judge (it prefers
+longer answers whatever they say, as PairRM and GPT-4 judges do) and trains every method on it, while a separate,
+unbiased graded judge evaluates: a method that wins by the training judge and not by the held-out one learned the
+bias. The table then reports both judges' win rates, the held-out judge's length-controlled win rate (AlpacaEval 2's,
+``sppo_lightning.lc_win_rate``) and the answers' length.
 
-- Ours (``sppo`` all K, ``sppo_pair``, ``dpo``, ``ipo``): the same iteration loop, the judge as ``data.oracle``
-  (win-rates from the symmetrised K × K matrix), η = 2, DPO β = 0.1, IPO τ = 0.1: the demo's settings.
+- Ours (``sppo`` all K, ``sppo_pair``, ``dpo``, ``ipo``, ``inpo``, ``dno``): the same iteration loop, the judge as
+  ``data.oracle`` (win-rates from the symmetrised K × K matrix, which INPO regresses on directly), η = 2, DPO and DNO
+  β = 0.1, IPO τ = 0.1, INPO τ = 0.1 (ητ = 0.2 towards the starting policy): the demo's settings.
 - ``trl_grpo``: TRL 1.16's GRPOTrainer with vs_trl's matched settings (β = 0, no reference model) and, as reward,
   each completion's mean preference over its group of K (itself counted ½): exactly our P̂(y ≻ π_t), which GRPO then
   centres and divides by the group's standard deviation.
@@ -20,9 +28,10 @@ cycle of weight 1 logit on the answer's residue mod 3 (0 ≻ 1 ≻ 2 ≻ 0), so 
   as ours), β = 0.1, its fixed initial-model reference, and as reward of each of the two samples the judge's
   symmetrised probability that it beats the other (TRL picks the higher as chosen).
 
-After training, each policy answers ``--val`` held-out problems greedily. Reported: the judge's win rate of those
-answers against the starting policy's greedy answers (mean over prompts, then mean ± s.e. over seeds; ½ = no
-change), exact accuracy (the boxed-answer checker), and seconds per 1,000 completions (median over seeds, all
+After training, each policy answers ``--val`` held-out problems greedily. Reported: the evaluation judge's win rate of
+those answers against the starting policy's greedy answers (mean over prompts, then mean ± s.e. over seeds; ½ = no
+change), and with ``length-biased`` the training judge's too, the length-controlled win rate and the mean answer length
+in characters; exact accuracy (the boxed-answer checker), and seconds per 1,000 completions (median over seeds, all
 methods in this one process, alternated within each seed). A graded judge of closeness need not raise exact
 accuracy, and the intransitive one rewards wrong answers of the winning style: both are measured.
 Last lines: ``time_ratio_sppo_over_trl_grpo=<x>`` and ``time_ratio_sppo_over_trl_online_dpo=<x>``.
@@ -48,16 +57,25 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from vs_trl import LR, MICRO, NEW_TOKENS, PROMPTS, K, greedy_texts, mean_and_se, run_ours, run_trl  # noqa: E402
 
-OURS = ("sppo", "sppo_pair", "dpo", "ipo")  # the paper's loss and its baselines (LOSSES holds every loss type)
+OURS = ("sppo", "sppo_pair", "dpo", "ipo", "inpo", "dno")  # the paper's loss, its baselines, the Nash learners
 TRL = ("trl_online_dpo", "trl_grpo")
-SETTINGS = {"graded": 0.0, "intransitive": 1.0}  # the judge's cycle weight
+SETTINGS = {"graded": 0.0, "intransitive": 1.0, "length-biased": 0.0}  # the judge's cycle weight
 SCALE = 2.0
+LENGTH_BIAS = 0.5  # logits per character the length-biased training judge adds for the longer answer
 
 
-def make_judge(setting: str):
+def make_judge(setting: str, length_bias: float = LENGTH_BIAS):
+    """The judge every method trains on."""
     from sppo_lightning.toy.judge import ClosenessJudge
 
-    return ClosenessJudge(scale=SCALE, cycle=SETTINGS[setting])
+    bias = length_bias if setting == "length-biased" else 0.0
+    return ClosenessJudge(scale=SCALE, cycle=SETTINGS[setting], length_bias=bias)
+
+
+def eval_judge(setting: str):
+    """The judge the table's win rate is by: the training judge, except for ``length-biased``, where it is the same
+    graded judge without the bias (held out from training)."""
+    return make_judge("graded" if setting == "length-biased" else setting)
 
 
 def prompt_record(messages):
@@ -134,15 +152,24 @@ def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float =
 
 
 def run_method(
-    method: str, setting: str, iterations: int, seed: int, out: Path, eta: float = 2.0, prompts: int = PROMPTS
+    method: str,
+    setting: str,
+    iterations: int,
+    seed: int,
+    out: Path,
+    eta: float = 2.0,
+    prompts: int = PROMPTS,
+    length_bias: float = LENGTH_BIAS,
 ) -> dict:
-    judge = make_judge(setting)
+    judge = make_judge(setting, length_bias)
     if method in OURS:
         overrides = (
             f"--model.loss_type={method}",
+            f"--data.loss_type={method}",  # run_ours builds a plain LightningCLI: no link from model.* (train.py's)
             "--data.oracle=sppo_lightning.toy.judge.ClosenessJudge",
             f"--data.oracle.init_args.scale={SCALE}",
             f"--data.oracle.init_args.cycle={SETTINGS[setting]}",
+            f"--data.oracle.init_args.length_bias={judge.length_bias}",
             f"--model.eta={eta}",
         )
         return run_ours(iterations, seed, out, overrides=overrides, prompts=prompts)
@@ -151,14 +178,23 @@ def run_method(
     return run_trl_online_dpo(iterations, seed, out, judge, prompts=prompts)
 
 
-def evaluate(model, tokenizer, records, start_texts, judge) -> dict:
+def evaluate(model, tokenizer, records, start_texts, judge, train_judge) -> dict:
+    """The held-out ``judge``'s win rate against the starting answers, its length-controlled version (lengths in
+    characters, as AlpacaEval), the training judge's win rate, the answers' mean length and exact accuracy."""
     from sppo_lightning.evaluation import preference_over_reference
+    from sppo_lightning.lc_win_rate import length_controlled_win_rate
     from sppo_lightning.rewards.base import rule_scores
     from sppo_lightning.rewards.math import compute_score
 
     texts = greedy_texts(model, tokenizer, records)
+    preference = preference_over_reference(judge, records, texts, start_texts).flatten()
+    lengths = torch.tensor([len(g[0]) for g in texts], dtype=torch.float64)
+    start_lengths = torch.tensor([len(g[0]) for g in start_texts], dtype=torch.float64)
     return {
-        "win_rate": float(preference_over_reference(judge, records, texts, start_texts).mean()),
+        "win_rate": float(preference.mean()),
+        "win_rate_lc": length_controlled_win_rate(preference, lengths - start_lengths),
+        "win_rate_train_judge": float(preference_over_reference(train_judge, records, texts, start_texts).mean()),
+        "length": float(lengths.mean()),
         "accuracy": float(rule_scores(compute_score, texts, records).mean()),
     }
 
@@ -179,6 +215,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "preference")
     parser.add_argument("--eta", type=float, default=2.0, help="η of our loss types (the demo's 2 by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
+    parser.add_argument(
+        "--length-bias", type=float, default=LENGTH_BIAS, help="length-biased setting: the training judge's logits "
+        "per character of length difference"
+    )  # fmt: skip
     args = parser.parse_args()
     if args.prompts * K % MICRO:
         parser.error(f"--prompts: {args.prompts} x {K} samples is not a whole number of {MICRO}-completion steps")
@@ -190,32 +230,35 @@ def main() -> None:
 
     from sppo_lightning.toy import MODEL_DIR, AdditionPrompts
 
-    judge = make_judge(args.setting)
+    judge, train_judge = eval_judge(args.setting), make_judge(args.setting, args.length_bias)
     val = AdditionPrompts("val", num_prompts=args.val, seed=1).load()
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     start_texts = greedy_texts(AutoModelForCausalLM.from_pretrained(MODEL_DIR), tokenizer, val)
-    start = evaluate(AutoModelForCausalLM.from_pretrained(MODEL_DIR), tokenizer, val, start_texts, judge)
+    start = evaluate(AutoModelForCausalLM.from_pretrained(MODEL_DIR), tokenizer, val, start_texts, judge, train_judge)
 
     results: dict[str, list[dict]] = {label(m, args.eta): [] for m in args.methods}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         for method in args.methods:
             with tempfile.TemporaryDirectory() as tmp:
-                got = run_method(method, args.setting, args.iterations, seed, Path(tmp), args.eta, args.prompts)
-            got.update(evaluate(got.pop("model"), got.pop("tokenizer"), val, start_texts, judge))
+                got = run_method(
+                    method, args.setting, args.iterations, seed, Path(tmp), args.eta, args.prompts, args.length_bias
+                )
+            got.update(evaluate(got.pop("model"), got.pop("tokenizer"), val, start_texts, judge, train_judge))
             got["s_per_1000"] = 1000 * got["seconds"] / got["completions"]
             got["seed"] = seed
             results[label(method, args.eta)].append(got)
             save(args, seeds, start, results)  # after every run: a run cut short keeps what it finished
             print(f"seed {seed} {method:>14}: {got['seconds']:.1f} s for {got['completions']} completions, "
-                  f"{got['steps']} steps, win rate vs start {got['win_rate']:.1%}, "
+                  f"{got['steps']} steps, win rate vs start {got['win_rate']:.1%} (LC {got['win_rate_lc']:.1%}, "
+                  f"training judge {got['win_rate_train_judge']:.1%}), length {got['length']:.1f}, "
                   f"accuracy {got['accuracy']:.1%}", flush=True)  # fmt: skip
 
     median = {m: statistics.median(r["s_per_1000"] for r in runs) for m, runs in results.items()}
     for trl in TRL:  # from this invocation only: absolute times drift between runs on a shared machine
         if "sppo" in median and trl in median:
             print(f"time_ratio_sppo_over_{trl}={median['sppo'] / median[trl]:.3f}")
-    print_table(args.out, args.setting, args.iterations, args.val, start, args.prompts)
+    print_table(args.out, args.setting, args.iterations, args.val, start, args.prompts, args.length_bias)
 
 
 def label(method: str, eta: float) -> str:
@@ -231,32 +274,58 @@ def save(args, seeds: range, start: dict, results: dict) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"setting": args.setting, "iterations": args.iterations, "val": args.val, "prompts": args.prompts,
               "start": start, "runs": results}  # fmt: skip
+    if args.setting == "length-biased":
+        record["length_bias"] = args.length_bias
     eta = "" if args.eta == 2.0 else f"_eta{args.eta:g}"
+    if args.setting == "length-biased" and args.length_bias != LENGTH_BIAS:
+        eta += f"_bias{args.length_bias:g}"
     name = f"{args.setting}_r{args.iterations}_seeds{seeds[0]}-{seeds[-1]}_{'+'.join(args.methods)}{eta}.json"
     (args.out / name).write_text(json.dumps(record, indent=2))
 
 
-def print_table(out: Path, setting: str, iterations: int, val: int, start: dict, prompts: int = PROMPTS) -> None:
+def print_table(
+    out: Path, setting: str, iterations: int, val: int, start: dict, prompts: int = PROMPTS,
+    length_bias: float = LENGTH_BIAS,
+) -> None:  # fmt: skip
     """The table over every seed run so far for this setting, rounds and validation size (one JSON per invocation)."""
     merged: dict[str, list[dict]] = {label(m, 2.0): [] for m in (*OURS, *TRL)}  # the table's order
     seen: dict[str, set[int]] = {}  # a method and seed run twice counts once
+    biased = setting == "length-biased"
     for path in sorted(out.glob(f"{setting}_r{iterations}_seeds*.json")):
         record = json.loads(path.read_text())
-        if record.get("val") == val and record.get("prompts", PROMPTS) == prompts:
+        if (
+            record.get("val") == val
+            and record.get("prompts", PROMPTS) == prompts
+            and (not biased or record.get("length_bias") == length_bias)
+        ):
             for method, runs in record["runs"].items():
                 merged.setdefault(method, []).extend(r for r in runs if r["seed"] not in seen.get(method, set()))
                 seen.setdefault(method, set()).update(r["seed"] for r in runs)
     merged = {m: runs for m, runs in merged.items() if runs}
     seeds = max(len(runs) for runs in merged.values())
-    print(f"\nsetting {setting} (judge scale {SCALE}, cycle {SETTINGS[setting]}); {iterations} rounds of {prompts}x{K} "
-          f"completions; {val} held-out problems, starting greedy accuracy {start['accuracy']:.1%}")  # fmt: skip
-    print("| method | seeds | win rate vs start (mean ± s.e.) | exact accuracy (mean ± s.e.) | s / 1,000 completions |")
-    print("|---|---|---|---|---|")
+    judge = f"judge scale {SCALE}, cycle {SETTINGS[setting]}" + (f", length bias {length_bias:g}/char" * biased)
+    print(f"\nsetting {setting} ({judge}); {iterations} rounds of {prompts}x{K} completions; {val} held-out problems, "
+          f"starting greedy accuracy {start['accuracy']:.1%}, length {start.get('length', 0):.1f} chars")  # fmt: skip
+    columns = [("win_rate", "win rate vs start" + (" (held-out judge)" if biased else "")),
+               ("win_rate_lc", "LC win rate" + (" (held-out judge)" if biased else ""))]  # fmt: skip
+    if biased:
+        columns.append(("win_rate_train_judge", "win rate (training judge)"))
+    columns += [("length", "length (chars)"), ("accuracy", "exact accuracy")]
+    header = " | ".join(f"{name} (mean ± s.e.)" for _, name in columns)
+    print(f"| method | seeds | {header} | s / 1,000 completions |")
+    print("|---|---|" + "---|" * len(columns) + "---|")
     for method in merged:
         runs = merged[method]
-        (w, w_se), (a, a_se) = (mean_and_se([r[key] for r in runs]) for key in ("win_rate", "accuracy"))
+        cells = []
+        for key, _ in columns:
+            values = [r[key] for r in runs if key in r]  # runs saved before a column existed have none: "–"
+            if not values:
+                cells.append("–")
+                continue
+            mean, se = mean_and_se(values)
+            cells.append(f"{mean:.1f} ± {se:.1f}" if key == "length" else f"{mean:.1%} ± {se:.1%}")
         s_1000 = statistics.median(r["s_per_1000"] for r in runs)
-        print(f"| `{method}` | {len(runs)} | {w:.1%} ± {w_se:.1%} | {a:.1%} ± {a_se:.1%} | {s_1000:.2f} |")
+        print(f"| `{method}` | {len(runs)} | " + " | ".join(cells) + f" | {s_1000:.2f} |")
     if seeds < 2:
         print("(one seed: no standard error)")
 

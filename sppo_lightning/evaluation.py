@@ -17,8 +17,10 @@ from typing import Any, Protocol
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from sppo_lightning.errors import ConfigError, DataError
+from sppo_lightning.lc_win_rate import length_controlled_win_rate
 from sppo_lightning.records import PromptRecord, Rollout, SamplingParams, ValBatch
 from sppo_lightning.rewards.base import RuleOracle, rule_scores
 
@@ -109,7 +111,8 @@ def preference_over_reference(
 
 
 class WinRate(Metric):
-    """Mean preference over the reference, mean response length and mean reference length, summed over ranks."""
+    """Mean preference over the reference, its length-controlled version (``lc_win_rate``, AlpacaEval 2's), mean
+    response length and mean reference length, gathered over ranks."""
 
     full_state_update = False
 
@@ -117,6 +120,8 @@ class WinRate(Metric):
         super().__init__()
         for name in ("preference", "length", "reference_length", "count"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        # every pair's preference and length difference: the length-controlled fit needs them all, not their sums
+        self.add_state("pairs", default=[], dist_reduce_fx="cat")
 
     def update(self, preference: torch.Tensor, lengths: torch.Tensor, reference_lengths: torch.Tensor) -> None:
         """Three tensors of the same shape, one value per (response, reference) pair."""
@@ -124,14 +129,19 @@ class WinRate(Metric):
         self.length += lengths.double().sum()
         self.reference_length += reference_lengths.double().sum()
         self.count += preference.numel()
+        pairs = torch.stack([preference.double().flatten(), (lengths - reference_lengths).double().flatten()], 1)
+        self.pairs.append(pairs)  # (n, 2): preference, length difference
 
     def compute(self) -> dict[str, float]:
-        """``{"win_rate": …, "response_length": …, "reference_length": …}`` (lengths in tokens); empty if no pair."""
+        """``{"win_rate": …, "win_rate_lc": …, "response_length": …, "reference_length": …}`` (lengths in tokens);
+        empty if no pair."""
         n = float(self.count)
         if n == 0:
             return {}
+        pairs = dim_zero_cat(self.pairs)  # (N, 2)
         return {
             "win_rate": float(self.preference) / n,
+            "win_rate_lc": length_controlled_win_rate(pairs[:, 0], pairs[:, 1]),
             "response_length": float(self.length) / n,
             "reference_length": float(self.reference_length) / n,
         }
@@ -216,7 +226,8 @@ class ValidationSource(Protocol):
     engine: Any
     """Generates the responses (``RolloutEngine``); None: HF generate."""
     oracle: Any
-    """Judges the win rate (``Oracle``); None: no win rate."""
+    """The training oracle (``Oracle``): judges the win rate unless ``model.val_judge`` is set, then
+    ``win_rate_train_judge``; None: no training judge."""
     val_prompts: list[PromptRecord]
     """The whole validation set, identical on every rank."""
 
@@ -227,14 +238,31 @@ Generate = Callable[[list[list[int]], SamplingParams, int], list[list[list[int]]
 """``generate(prompt_ids, params, seed) -> [P][K]`` response ids of the policy being validated."""
 
 
-def win_rate_enabled(setting: bool | None, oracle) -> bool:
-    """Whether ``val/win_rate`` is measured: ``model.val_win_rate``, or when None, whenever the oracle is a preference
-    oracle (pairwise judge or reward model); the rule oracle's verdict is already ``val/accuracy``."""
+def win_rate_enabled(setting: bool | None, oracle, judge=None) -> bool:
+    """Whether ``val/win_rate`` is measured: ``model.val_win_rate``, or when None, whenever a validation judge
+    (``model.val_judge``) is set or the training oracle is a preference oracle (pairwise judge or reward model); the
+    rule oracle's verdict is already ``val/accuracy``."""
     if setting is None:
-        return oracle is not None and not isinstance(oracle, RuleOracle)
-    if setting and oracle is None:
-        raise ConfigError("model.val_win_rate needs the datamodule's oracle (data.oracle) to judge responses")
+        return judge is not None or (oracle is not None and not isinstance(oracle, RuleOracle))
+    if setting and oracle is None and judge is None:
+        raise ConfigError("model.val_win_rate needs a judge: model.val_judge, or the datamodule's oracle (data.oracle)")
     return setting
+
+
+TRAIN_JUDGE = "_train_judge"
+"""Suffix of the win rates judged by the training oracle when ``model.val_judge`` is another judge."""
+
+
+def judges(val_judge, oracle) -> dict[str, Any]:
+    """Who judges the win rate, by the suffix of its metrics: ``model.val_judge`` (default: the training oracle)
+    for ``win_rate``/``win_rate_lc``, and the training oracle for ``win_rate_train_judge``/``win_rate_lc_train_judge``
+    when both are set, so that the gap between the judge trained on and a held-out one is on every plot."""
+    if val_judge is None:
+        return {"": oracle} if oracle is not None else {}
+    out = {"": val_judge}
+    if oracle is not None and oracle is not val_judge:
+        out[TRAIN_JUDGE] = oracle
+    return out
 
 
 class Validation:
@@ -248,14 +276,16 @@ class Validation:
     submodule, so nothing enters the state dict or the FSDP wrapping.
     """
 
-    def __init__(self, accuracy_fn: Callable[[str, str], float], tokenizer):
+    def __init__(self, accuracy_fn: Callable[[str, str], float], tokenizer, judge=None):
         self.accuracy_fn, self.tokenizer = accuracy_fn, tokenizer
+        self.judge = judge
+        """``model.val_judge``: judges ``win_rate``; None: the training oracle does."""
         self.reference: ReferenceResponses | None = None
         """The starting policy's responses; None: no win rate."""
         self._accuracy: GroupedAccuracy | None = None
-        self._win_rate: WinRate | None = None
+        self._win_rates: dict[str, tuple[Any, WinRate]] = {}  # suffix -> (judge, its metric)
         self._collecting = False
-        self._oracle, self._device, self._seed = None, None, 0
+        self._device, self._seed = None, 0
         self._started = 0.0
         self.seconds = 0.0
         """How long the last pass took, ``start`` to ``finish`` (generation, scoring, the engine's release): the
@@ -273,13 +303,16 @@ class Validation:
 
     def start(self, prompts: Sequence[PromptRecord], oracle, device, seed: int, reference: Path | None = None) -> None:
         """A new pass over the validation set ``prompts`` (all of it, every rank: the accuracy's groups), sampling
-        with ``seed``; the win rate is judged by ``oracle`` when there is a reference, or ``reference`` is given:
-        then this pass's responses are the reference (written there by ``finish``)."""
+        with ``seed``; the win rate is judged by ``judge`` (else the training ``oracle``; by both when both are set,
+        see ``judges``) when there is a reference, or ``reference`` is given: then this pass's responses are the
+        reference (written there by ``finish``)."""
         if reference is not None:
             self.reference, self._collecting = ReferenceResponses(reference), True
         self._accuracy = GroupedAccuracy([k for rec in prompts for k in group_keys(rec)]).to(device)
-        self._win_rate = WinRate().to(device) if self.reference is not None else None
-        self._oracle, self._device, self._seed = oracle, device, seed
+        self._win_rates = {}
+        if self.reference is not None:
+            self._win_rates = {k: (j, WinRate().to(device)) for k, j in judges(self.judge, oracle).items()}
+        self._device, self._seed = device, seed
         self._started = time.perf_counter()
 
     def score(self, batch: ValBatch, generate: Generate) -> None:
@@ -288,21 +321,25 @@ class Validation:
         responses = generate(batch.prompt_ids, params, self._seed)  # [P'][n] ids
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in group] for group in responses]
         responses, texts = responses[: len(records)], texts[: len(records)]  # past the records: padding, not scored
-        if self._win_rate is not None:
-            if self._collecting:
-                self.reference.add(records, responses, texts)
-            update_win_rate(self._win_rate, self._oracle, self.reference, records, responses, texts, self._device)
+        if self._collecting:
+            self.reference.add(records, responses, texts)
+        for judge, metric in self._win_rates.values():
+            update_win_rate(metric, judge, self.reference, records, responses, texts, self._device)
         scores = rule_scores(self.accuracy_fn, texts, records).reshape(len(records), params.n)  # [P, n] in [0, 1]
         self._accuracy.update(scores, records)
 
     def finish(self) -> dict[str, float]:
         """The pass's results, the same on every rank (``accuracy``, ``accuracy/<group>``, ``pass@k``; ``win_rate``,
-        ``response_length``, ``reference_length``), empty without a scored prompt; the reference written if this
-        pass collected it."""
+        ``win_rate_lc``, ``response_length``, ``reference_length``; ``win_rate_train_judge`` and
+        ``win_rate_lc_train_judge`` with a separate validation judge), empty without a scored prompt; the reference
+        written if this pass collected it."""
         results = self._accuracy.compute()
-        if self._win_rate is not None:
-            results.update(self._win_rate.compute())
-        self._accuracy = self._win_rate = None
+        for suffix, (_, metric) in self._win_rates.items():
+            got = metric.compute()
+            if suffix:  # the lengths are the same whoever judges: once, with the main judge's figures
+                got = {f"{k}{suffix}": v for k, v in got.items() if k.startswith("win_rate")}
+            results.update(got)
+        self._accuracy, self._win_rates = None, {}
         if self._collecting:
             self._collecting = False
             self._save_reference()

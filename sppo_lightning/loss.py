@@ -129,11 +129,76 @@ def ipo_loss(
     return (margin - 1 / (2 * tau)) ** 2
 
 
-def loss_weights(row_weight: torch.Tensor, paired: bool) -> torch.Tensor:
+def off_diagonal_mean(values: torch.Tensor) -> torch.Tensor:
+    """``[G, K, K] -> [G]``: the mean over the K(K − 1) ordered pairs i ≠ j of each group."""
+    k = values.shape[-1]
+    eye = torch.eye(k, dtype=torch.bool, device=values.device)
+    return values.masked_fill(eye, 0).sum((-2, -1)) / (k * (k - 1))
+
+
+def inpo_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    initial_logps: torch.Tensor | None,
+    preferences: torch.Tensor,
+    eta: float,
+    tau: float,
+) -> torch.Tensor:
+    """INPO (Zhang et al. 2024, arXiv 2407.00617) on a prompt's K responses, ``[G, K]`` each and the preference
+    matrix ``[G, K, K]`` → ``[G]``, no reduction.
+
+    INPO runs online mirror descent on the KL-regularised preference game, whose step is
+
+        π_{t+1}(y|x) ∝ π_t(y|x)^{1−ητ} · π_ref(y|x)^{ητ} · exp( η · P(y ≻ π_t | x) ),
+
+    and reaches it without estimating P(y ≻ π_t): with
+
+        h(y, y') = log π_θ(y)/π_θ(y') − ητ · log π_ref(y)/π_ref(y') − (1 − ητ) · log π_t(y)/π_t(y'),
+
+    the minimiser of E_{y, y' ~ π_t}[ ( h(y, y') − η · (I(y ≻ y') − ½) )² ] (I ~ Bernoulli(P(y ≻ y'))) is that step,
+    because a regression onto functions of the form f(y) − f(y') recovers f(y) = η · E_{y'} P(y ≻ y') + const (the
+    paper's key step; with a winner and a loser it reads ( h(y_w, y_l) − η/2 )², an IPO-style loss). Here the judge's
+    probability P(y_i ≻ y_j) from the K × K matrix stands in for the sampled I (same minimiser, less variance), and
+    the mean runs over every ordered pair i ≠ j of the group:
+
+        ℓ = mean_{i≠j} ( h(y_i, y_j) − η · (P(y_i ≻ y_j) − ½) )².
+
+    ``initial_logps`` is log π_ref, the starting policy (see ``LossParams.inpo_tau``); with τ = 0 it is unused (None
+    is allowed) and the step is the plain multiplicative-weights step SPPO approximates, without SPPO's ½ standing in
+    for log Z (it cancels in the pairwise differences).
+    """
+    mix = eta * tau
+    g = policy_logps - ref_logps  # log π_θ − log π_t; the ref-mixing below adds ητ · (log π_t − log π_ref)
+    if mix != 0:
+        g = g + mix * (ref_logps - initial_logps)
+    h = g[:, :, None] - g[:, None, :]  # (G, K, K): h(y_i, y_j)
+    return off_diagonal_mean((h - eta * (preferences - 0.5)) ** 2)
+
+
+def dno_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, win_rates: torch.Tensor, beta: float) -> torch.Tensor:
+    """DNO (Rosset et al. 2024, arXiv 2404.03715, Algorithm 1) on a prompt's K responses, ``[G, K]`` each → ``[G]``,
+    no reduction: with r(y) = P(y ≻ π_t | x), the win-rate against the policy that sampled them (the row means of the
+    preference matrix), every pair (y_i, y_j) is a soft-labelled DPO term against π_t,
+
+        ℓ_ij = −σ(r_i − r_j) · log σ(β·[ log π_θ/π_t(y_i) − log π_θ/π_t(y_j) ])
+               −σ(r_j − r_i) · log σ(β·[ log π_θ/π_t(y_j) − log π_θ/π_t(y_i) ]),
+
+    averaged over the K(K − 1)/2 pairs i < j. Its minimiser moves the policy by the regression
+    log π_θ/π_t(y_i) − log π_θ/π_t(y_j) = (r_i − r_j)/β, DNO's step towards the Nash policy.
+    """
+    m = beta * (policy_logps - ref_logps)  # (G, K)
+    delta = m[:, :, None] - m[:, None, :]  # (G, K, K): β·(log-ratio of i − log-ratio of j)
+    label = torch.sigmoid(win_rates[:, :, None] - win_rates[:, None, :])  # σ(r_i − r_j)
+    # over ordered pairs each unordered pair appears twice, once per direction: twice their mean is the pairs' mean
+    return 2 * off_diagonal_mean(-label * F.logsigmoid(delta))
+
+
+def loss_weights(row_weight: torch.Tensor, paired: bool, rows_per_term: int | None = None) -> torch.Tensor:
     """Which loss terms count in a step's mean, ``[B] -> [B]``, or ``[B/2]`` for a paired batch (rows in (winner,
-    loser) pairs): a row's term when its ``row_weight`` is 1 (0 for an empty response, as verl masks them, and for
-    filler rows), a pair's when both of its rows count."""
-    return row_weight.reshape(-1, 2).prod(-1) if paired else row_weight  # (B/2, 2) -> (B/2,)
+    loser) pairs), ``[B/K]`` for a grouped one (``rows_per_term`` = K): a row's term when its ``row_weight`` is 1 (0
+    for an empty response, as verl masks them, and for filler rows), a pair's or group's when all of its rows count."""
+    n = rows_per_term or (2 if paired else 1)
+    return row_weight.reshape(-1, n).prod(-1)  # (B/n, n) -> (B/n,)
 
 
 # ------------------------------------------------------------------------------------------------ loss types
@@ -150,6 +215,12 @@ class LossTerms:
     """The batch's targets (what the entry's ``target`` computed in the pipeline; 0 without one)."""
     n_tokens: torch.Tensor
     """Response tokens of each row (at least 1)."""
+    win_rates: torch.Tensor | None = None
+    """P̂(y ≻ π_t | x) of each row."""
+    preferences: torch.Tensor | None = None
+    """For a grouped loss: ``[G, K, K]`` P(y_i ≻ y_j | x) within each group."""
+    initial_logps: torch.Tensor | None = None
+    """log π_ref(y|x) of the starting policy, when the loss type asks for it (``LossSpec.needs_initial``)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +230,10 @@ class LossParams:
 
     dpo_beta: float = 0.1
     ipo_tau: float = 0.1
+    eta: float = 1.0
+    """η, for the losses that regress on the preference matrix rather than on the targets (``inpo``)."""
+    inpo_tau: float = 0.1
+    """τ of INPO's KL regularisation towards the starting policy (the log π_ref weight is ητ)."""
 
 
 Target = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None], torch.Tensor]
@@ -194,6 +269,12 @@ class LossSpec:
     """Prompts whose K responses all tie are left out (no preference to learn from)."""
     clip: bool = False
     """``model.clip_ratio`` (the per-token trust region on a regression onto the targets) applies."""
+    grouped: bool = False
+    """One term per prompt from all its K responses: they arrive as ``[G, K]`` (``TrainBatch.groups``)."""
+    needs_preferences: bool = False
+    """It regresses on the K × K preference matrix (``Scores.preferences``), which the oracle must give."""
+    needs_initial: Callable[[LossParams], bool] | None = None
+    """Whether, with these settings, it needs log π_ref of the starting policy (``LossTerms.initial_logps``)."""
 
 
 def _sppo(x: LossTerms, p: LossParams) -> torch.Tensor:
@@ -214,7 +295,16 @@ def _ipo(x: LossTerms, p: LossParams) -> torch.Tensor:
     return ipo_loss(avg[:, 0], avg[:, 1], avg_ref[:, 0], avg_ref[:, 1], p.ipo_tau)
 
 
+def _inpo(x: LossTerms, p: LossParams) -> torch.Tensor:
+    return inpo_loss(x.logps, x.ref_logps, x.initial_logps, x.preferences, p.eta, p.inpo_tau)  # (G,)
+
+
+def _dno(x: LossTerms, p: LossParams) -> torch.Tensor:
+    return dno_loss(x.logps, x.ref_logps, x.win_rates, p.dpo_beta)  # (G,)
+
+
 _WIN_RATES_WITHIN = "it estimates win-rates within a prompt's samples; use sppo_softmean for 1"
+_PAIRS_WITHIN = "it compares the responses of a prompt with each other"
 _WINNER_AND_LOSER = "a winner and a loser"
 
 LOSSES: dict[str, LossSpec] = {
@@ -231,6 +321,19 @@ LOSSES: dict[str, LossSpec] = {
     # iterative DPO and IPO with π_t as reference: the SPPO paper's baselines
     "dpo": LossSpec(_dpo, paired=True, target=None, min_samples=2, min_samples_why=_WINNER_AND_LOSER, skips_ties=True),
     "ipo": LossSpec(_ipo, paired=True, target=None, min_samples=2, min_samples_why=_WINNER_AND_LOSER, skips_ties=True),
+    # Nash learning on the same K x K matrix: INPO's pairwise regression, with its mixing towards the starting policy
+    "inpo": LossSpec(
+        _inpo,
+        paired=False,
+        target=None,
+        min_samples=2,
+        min_samples_why=_PAIRS_WITHIN,
+        grouped=True,
+        needs_preferences=True,
+        needs_initial=lambda p: p.eta * p.inpo_tau != 0,
+    ),  # fmt: skip
+    # DNO: every pair of the K, a DPO term against π_t with the soft label σ(r_i − r_j) of their win-rates
+    "dno": LossSpec(_dno, paired=False, target=None, min_samples=2, min_samples_why=_PAIRS_WITHIN, grouped=True),
 }
 """Every ``model.loss_type``: adding a loss type is adding an entry here."""
 

@@ -41,6 +41,7 @@ from sppo_lightning.logprobs import (
 from sppo_lightning.lora import LoRA
 from sppo_lightning.loss import LOSS_TYPES, LOSSES, LossParams, LossTerms, loss_weights, trust_region_logps
 from sppo_lightning.records import SamplingParams, TrainBatch
+from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rewards.math import compute_score
 from sppo_lightning.rollout.base import PolicyHandle, RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
@@ -77,6 +78,7 @@ class SPPOModule(L.LightningModule):
         clip_ratio: float | None = None,
         dpo_beta: float = 0.1,
         ipo_tau: float = 0.1,
+        inpo_tau: float = 0.1,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.01,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -97,6 +99,7 @@ class SPPOModule(L.LightningModule):
         val_win_rate: bool | None = None,
         lora: LoRA | None = None,
         base_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        val_judge: Oracle | None = None,
     ):
         """
         Args:
@@ -111,9 +114,13 @@ class SPPOModule(L.LightningModule):
                 ratio π_θ/π_t has left [1 − ε, 1 + ε] in the direction its row is pushed stops receiving gradient,
                 as in PPO. None = the paper's loss. It lets a large η and several passes over a rollout
                 (``data.passes_per_rollout``) pay off; not used by ``dpo`` and ``ipo``.
-            dpo_beta: β of the DPO baseline (only for ``loss_type: dpo``).
+            dpo_beta: β of the DPO baseline and of DNO's soft-labelled pairs (``loss_type: dpo``, ``dno``).
             ipo_tau: τ of the IPO baseline (only for ``loss_type: ipo``): the winner-minus-loser log-ratio, averaged
                 over each response's tokens as in TRL, is regressed onto 1/(2τ).
+            inpo_tau: τ of ``loss_type: inpo``: the KL regularisation towards the starting policy π_ref (the model as
+                loaded), whose log-ratio enters INPO's h with weight ητ (≤ 1), π_t's with 1 − ητ (``loss.inpo_loss``).
+                π_ref needs a frozen copy of the starting weights (one process, or DDP; not under FSDP); 0 = no
+                regularisation and no copy.
             learning_rate: Peak AdamW learning rate, reached after ``warmup_steps``.
             weight_decay: AdamW weight decay, on the parameters ``weight_decay_on`` names.
             adam_betas: AdamW betas.
@@ -161,6 +168,12 @@ class SPPOModule(L.LightningModule):
                 engines and ``hf_model/`` get the merged weights, ``hf_adapter/`` the PEFT adapter.
             base_dtype: With ``lora``: the dtype the frozen base weights are kept in (``bfloat16`` halves their memory)
                 while the adapters train in ``dtype``. None = ``dtype``.
+                reward model), off for the rule oracle. Beside it ``val/win_rate_lc``, AlpacaEval 2's length-controlled
+                win rate (``lc_win_rate``): the same preferences read at zero length difference.
+            val_judge: The judge of ``val/win_rate`` (any oracle: pairwise, PairRM, reward model, rule), held out from
+                training so that a policy cannot raise it by exploiting the training judge; None = the training
+                oracle (``data.oracle``). When both are set, the training oracle's figures are logged too
+                (``val/win_rate_train_judge``, ``val/win_rate_lc_train_judge``).
         """
         super().__init__()
         if eta <= 0:
@@ -169,6 +182,8 @@ class SPPOModule(L.LightningModule):
             raise ConfigError(f"model.clip_ratio must be in (0, 1) or null, got {clip_ratio}")
         if ipo_tau <= 0:
             raise ConfigError(f"model.ipo_tau must be > 0, got {ipo_tau}")
+        if loss_type == "inpo" and not 0 <= eta * inpo_tau <= 1:
+            raise ConfigError(f"model.eta * model.inpo_tau must be in [0, 1] (INPO's π_ref weight): {eta * inpo_tau}")
         if loss_type not in LOSSES:
             raise ConfigError(f"model.loss_type must be one of {', '.join(LOSSES)}, got {loss_type!r}")
         if clip_ratio is not None and not LOSSES[loss_type].clip:
@@ -177,18 +192,20 @@ class SPPOModule(L.LightningModule):
             )
         if base_dtype is not None and lora is None:
             raise ConfigError("model.base_dtype is for the frozen base of a LoRA run: set model.lora or leave it out")
-        self.save_hyperparameters(ignore=["accuracy_fn"])
+        self.save_hyperparameters(ignore=["accuracy_fn", "val_judge"])
         self.hparams["lora"] = lora_lib.as_record(lora)  # plain data: a checkpoint loads with weights_only
         self.lora = lora_lib.as_lora(lora)
         self.strict_loading = self.lora is None  # a LoRA checkpoint holds the adapters only (see ``state_dict``)
         self.policy = None
         self.tokenizer = self._load_tokenizer()
-        self.validation = Validation(accuracy_fn, self.tokenizer)  # accuracy, win rate, reference (evaluation.py)
+        # accuracy, the win rate by model.val_judge (else data.oracle), the reference (evaluation.py)
+        self.validation = Validation(accuracy_fn, self.tokenizer, val_judge)
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
         self.health = health.IterationHealth()  # train/entropy, train/kl_pi_t, train/kl_initial (health.py)
         self._nonfinite_in_step = False  # a micro-batch of the current optimizer step had a non-finite loss
+        self._initial: tuple[torch.nn.Module, ...] = ()  # π_ref for INPO, kept out of the state dict (a tuple)
 
     @property
     def accuracy_fn(self) -> Callable[[str, str], float]:
@@ -376,11 +393,17 @@ class SPPOModule(L.LightningModule):
             share = held.sum() / batch.response_mask.sum()  # of the response tokens
             self.log("train/clipped_tokens", share, batch_size=len(logps), sync_dist=True)
         ref = ref_tokens.sum(-1)
-        terms = (logps, ref, batch.targets, batch.response_mask.sum(-1).clamp(min=1))  # (B,) each
+        params = LossParams(**{f.name: self.hparams[f.name] for f in fields(LossParams)})  # same-named model.* keys
+        initial = self.initial_logps(batch) if spec.needs_initial and spec.needs_initial(params) else None
+        terms = (logps, ref, batch.targets, batch.response_mask.sum(-1).clamp(min=1), batch.win_rates)
         if spec.paired:
             terms = tuple(batch.pairs(v) for v in terms)  # (B/2, 2) each: every prompt's (winner, loser)
-        params = LossParams(**{f.name: self.hparams[f.name] for f in fields(LossParams)})  # same-named model.* keys
-        losses = spec.compute(LossTerms(*terms), params)  # (B,), or (B/2,) for pairs
+        elif spec.grouped:
+            terms = tuple(batch.groups(v) for v in terms)  # (B/K, K) each: every prompt's K responses
+            initial = None if initial is None else batch.groups(initial)
+        preferences = batch.groups(batch.preferences) if spec.needs_preferences else None  # (B/K, K, K)
+        x = LossTerms(*terms, preferences=preferences, initial_logps=initial)
+        losses = spec.compute(x, params)  # (B,), (B/2,) or (B/K,)
         loss, mean, n = self._step_share(losses, batch)
         if not self.guard.all_finite(loss):  # the same verdict on every rank
             self._nonfinite_in_step = True  # the whole optimizer step is dropped (on_before_optimizer_step)
@@ -413,6 +436,22 @@ class SPPOModule(L.LightningModule):
         finally:
             self.policy.train(was_training)
         return self.health.metrics(self._sum_over_ranks, scored)
+    @torch.no_grad()
+    def initial_logps(self, batch: TrainBatch) -> torch.Tensor:
+        """log π_ref(y|x) of the starting policy (the model as loaded, frozen), ``[B]``: INPO's reference. A copy of the
+        starting weights, loaded once; not under FSDP, where it would need its own sharding."""
+        if not self._initial:
+            if self.device_mesh is not None or isinstance(self._trainer and self.trainer.strategy, FSDPStrategy):
+                raise ConfigError(
+                    "model.loss_type=inpo with model.inpo_tau > 0 keeps a copy of the starting policy, not supported "
+                    "under FSDP: set model.inpo_tau=0, or train on one process or with DDP"
+                )
+            h, backend = self.hparams, self.resolve_attention()
+            implementation = attention.load_implementation(backend)
+            initial = loading.PolicySource(h.model_name_or_path, h.dtype, implementation, h.trust_remote_code).load()
+            self._initial = (initial.eval().requires_grad_(False).to(self.device),)
+        rows = (batch.input_ids, batch.attention_mask, batch.response_mask)
+        return response_token_logps(self._initial[0], *rows).sum(-1).float()
 
     def _step_share(self, losses: torch.Tensor, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This micro-batch's part of its optimizer step's loss, such that the step's gradient is the mean over every
@@ -423,7 +462,7 @@ class SPPOModule(L.LightningModule):
         Lightning divides what ``training_step`` returns by ``accumulate_grad_batches`` and the gradient reduction
         averages over ranks: both are multiplied back. A batch without ``step_units`` is its own mean, as before.
         """
-        weights = loss_weights(batch.row_weight.to(losses.dtype), batch.paired)  # (B,) or (B/2,) for pairs
+        weights = loss_weights(batch.row_weight.to(losses.dtype), batch.paired, batch.rows_per_term)  # one per term
         total, n = (losses * weights).sum(), weights.sum()
         mean = total / n.clamp(min=1)
         if batch.step_units is None:
@@ -484,7 +523,7 @@ class SPPOModule(L.LightningModule):
         """The first point of the learning curve: the policy before any update. With the win rate on, its responses
         are the reference every later validation is judged against (written once; a resumed run reads it back)."""
         data, path = self._validation_source(), Path(self.trainer.default_root_dir) / REFERENCE_FILE
-        win_rate = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None))
+        win_rate = win_rate_enabled(self.hparams.val_win_rate, getattr(data, "oracle", None), self.validation.judge)
         self.validation.reference = None
         if self.global_step > 0:  # resumed: the reference of the run's start, if it had one
             if win_rate:

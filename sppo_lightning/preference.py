@@ -11,6 +11,26 @@ from __future__ import annotations
 import torch
 
 
+def symmetrized(probs: torch.Tensor) -> torch.Tensor:
+    """``[P, K, K] -> [P, K, K]``: P(i ≻ j) ← (P(i ≻ j) + 1 − P(j ≻ i)) / 2, ½ on the diagonal, so that an oracle's
+    position bias cancels and P(i ≻ j) + P(j ≻ i) = 1 (the matrix the Nash-learning losses regress on)."""
+    if probs.dim() != 3 or probs.shape[1] != probs.shape[2]:
+        raise ValueError(f"expected probs of shape [P, K, K], got {tuple(probs.shape)}")
+    sym = (probs + 1 - probs.transpose(1, 2)) / 2
+    return sym.masked_fill(torch.eye(probs.shape[-1], dtype=torch.bool, device=probs.device), 0.5)
+
+
+def pairwise_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``[P, K] -> [P, K, K]``: P(y_i ≻ y_j) = σ(s_i − s_j), Bradley-Terry on scalar scores."""
+    return symmetrized(torch.sigmoid(scores[:, :, None] - scores[:, None, :]))
+
+
+def pairwise_from_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    """``[P, K] -> [P, K, K]``: 1 when r_i > r_j, ½ on a tie, 0 otherwise."""
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    return symmetrized((diff > 0).to(rewards.dtype) + 0.5 * (diff == 0).to(rewards.dtype))
+
+
 def win_rates_from_pairwise(probs: torch.Tensor, include_self: bool = True) -> torch.Tensor:
     """From a matrix ``probs[p, i, j] = P(y_i ≻ y_j | x_p)``: P̂_i = mean_j probs[i, j].
 
@@ -18,12 +38,9 @@ def win_rates_from_pairwise(probs: torch.Tensor, include_self: bool = True) -> t
     cancels, and its diagonal is set to ½. Intransitive preferences need nothing special: each response's
     win-rate is its average over the actual opponents.
     """
-    if probs.dim() != 3 or probs.shape[1] != probs.shape[2]:
-        raise ValueError(f"expected probs of shape [P, K, K], got {tuple(probs.shape)}")
+    sym = symmetrized(probs)
     k = probs.shape[-1]
-    sym = (probs + 1 - probs.transpose(1, 2)) / 2
     eye = torch.eye(k, dtype=torch.bool, device=probs.device)
-    sym = sym.masked_fill(eye, 0.5)
     if include_self:
         return sym.mean(dim=-1)
     if k < 2:
@@ -33,7 +50,7 @@ def win_rates_from_pairwise(probs: torch.Tensor, include_self: bool = True) -> t
 
 def win_rates_from_scores(scores: torch.Tensor, include_self: bool = True) -> torch.Tensor:
     """From scalar scores under the Bradley-Terry model: P(y_k ≻ y_j) = σ(s_k − s_j); P̂_k = mean_j of that."""
-    return win_rates_from_pairwise(torch.sigmoid(scores[:, :, None] - scores[:, None, :]), include_self)
+    return win_rates_from_pairwise(pairwise_from_scores(scores), include_self)
 
 
 def win_rates_from_rewards(rewards: torch.Tensor, include_self: bool = True) -> torch.Tensor:
@@ -41,5 +58,4 @@ def win_rates_from_rewards(rewards: torch.Tensor, include_self: bool = True) -> 
 
     P̂_k = mean_j ( 1[r_k > r_j] + ½ · 1[r_k = r_j] ).
     """
-    diff = rewards[:, :, None] - rewards[:, None, :]
-    return win_rates_from_pairwise((diff > 0).to(rewards.dtype) + 0.5 * (diff == 0).to(rewards.dtype), include_self)
+    return win_rates_from_pairwise(pairwise_from_rewards(rewards), include_self)

@@ -72,6 +72,9 @@ class Scores:
     """[P, K] P̂(y_k ≻ π_t | x)."""
     unscored: int = 0
     """Responses the oracle could not score (a rule that raised or gave a value outside [0, 1]): scored as losses."""
+    preferences: torch.Tensor | None = None
+    """[P, K, K] P(y_i ≻ y_j | x), symmetrised (P(i ≻ j) + P(j ≻ i) = 1), ½ on the diagonal: the matrix the win-rates
+    are row means of, which the Nash-learning losses (``inpo``) regress on; None when an oracle gives none."""
 
 
 @dataclass
@@ -100,9 +103,17 @@ class Rollout:
     """[P, K] P̂(y_k ≻ π_t | x)."""
     unscored: int = 0
     """Responses the oracle could not score."""
+    preferences: torch.Tensor | None = None
+    """[P, K, K] P(y_i ≻ y_j | x) (``Scores.preferences``)."""
 
     def with_scores(self, scores: Scores) -> Rollout:
-        return replace(self, rewards=scores.rewards, win_rates=scores.win_rates, unscored=scores.unscored)
+        return replace(
+            self,
+            rewards=scores.rewards,
+            win_rates=scores.win_rates,
+            unscored=scores.unscored,
+            preferences=scores.preferences,
+        )
 
     @property
     def num_prompts(self) -> int:
@@ -150,6 +161,11 @@ class TrainBatch:
     """[B] 1 = the row's loss term counts in its step's mean; 0 for an empty response and in a filler."""
     paired: bool = False
     """Groups are (winner, loser) pairs."""
+    grouped: bool = False
+    """Groups are a prompt's K responses, all of them, and the loss is one term per group (``LossSpec.grouped``)."""
+    preferences: torch.Tensor | None = None
+    """[B, K] P(y ≻ y_j | x) of each row's response against each response j of its group (its row of
+    ``Scores.preferences``)."""
     ref_logps: torch.Tensor | None = None
     """[B, R] log π_t(y_t | x, y_<t) of each response token, response-aligned and zero-padded."""
     sampler_logps: torch.Tensor | None = None
@@ -161,6 +177,22 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def rows_per_term(self) -> int:
+        """Rows that make one loss term: 2 in a paired batch, K in a grouped one, else 1."""
+        if self.grouped:
+            if self.preferences is None:
+                raise ValueError("a grouped batch carries each row's preferences, [B, K]")
+            return self.preferences.shape[1]
+        return 2 if self.paired else 1
+
+    def groups(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, ...] -> [B/K, K, ...]``: each group's K responses; only for a grouped batch."""
+        if not self.grouped:
+            raise ValueError("groups() of a batch that is not laid out in whole groups")
+        k = self.rows_per_term
+        return values.reshape(len(values) // k, k, *values.shape[1:])
 
     def pairs(self, values: torch.Tensor) -> torch.Tensor:
         """``[B, ...] -> [B/2, 2, ...]``: each group's (winner, loser); only for a paired batch."""

@@ -140,7 +140,11 @@ def test_win_rate_metric_means_over_pairs():
     metric = WinRate()
     metric.update(torch.tensor([[1.0, 0.5]]), torch.tensor([[4.0, 6.0]]), torch.tensor([[5.0, 5.0]]))
     metric.update(torch.tensor([[0.0, 0.5]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
-    assert metric.compute() == {"win_rate": 0.5, "response_length": 3.0, "reference_length": 3.0}
+    # length-controlled, by hand: the differences (−1, +1, +1, −1) are ±t after tanh(Δ / std Δ); the shorter ones
+    # won 1 and ½, the longer ½ and 0, so θ − φt = logit ¾ and θ + φt = logit ¼: θ = 0, an even match at equal length
+    assert metric.compute() == {
+        "win_rate": 0.5, "win_rate_lc": pytest.approx(0.5), "response_length": 3.0, "reference_length": 3.0
+    }  # fmt: skip
     assert WinRate().compute() == {}
 
 
@@ -235,7 +239,7 @@ def test_validation_scores_batches_and_judges_against_the_reference_of_its_first
     first, second = results
     assert first == {
         "accuracy": 0.75, "pass@2": 1.0, "accuracy/level_1": 0.5, "accuracy/level_2": 1.0,  # (1 + 0)/2 and (1 + 1)/2
-        "win_rate": 0.5, "response_length": 1.0, "reference_length": 1.0,
+        "win_rate": 0.5, "win_rate_lc": 0.5, "response_length": 1.0, "reference_length": 1.0,
     }  # fmt: skip
     saved = ReferenceResponses.load(tmp_path / "ref.jsonl").entries
     assert saved == {
@@ -245,6 +249,39 @@ def test_validation_scores_batches_and_judges_against_the_reference_of_its_first
     assert second["accuracy"] == 0.5 and second["accuracy/level_1"] == 0.0  # "1 1 1" and "2" are wrong
     assert second["win_rate"] == pytest.approx((sigmoid(4 / 4) + 3 * 0.5) / 4)  # "1 1 1" has 5 characters, "1" 1
     assert second["response_length"] == 1.5 and second["reference_length"] == 1.0  # (3 + 1 + 1 + 1) / 4 tokens
+    # the one win is the one longer response (3 tokens against 1; the others tie at equal length): at equal length
+    # the GLM's θ fits the ties, logit ½ = 0 (up to the ridge on the length slope)
+    assert second["win_rate_lc"] == pytest.approx(0.5, abs=0.01)
+
+
+class ShorterIsBetter(LongerIsBetter):
+    def prefer(self, prompts, first, second, device):
+        return 1 - super().prefer(prompts, first, second, device)
+
+
+def test_a_validation_judge_judges_the_win_rate_and_the_training_oracle_is_logged_beside_it(tmp_path):
+    """``model.val_judge`` decides ``win_rate``; the training oracle's verdict is ``win_rate_train_judge``: a policy
+    that grew longer wins by the length-loving training judge and loses by the held-out judge that prefers brevity."""
+    from sppo_lightning.evaluation import Validation, judges
+    from sppo_lightning.records import SamplingParams, ValBatch
+
+    records = [PromptRecord([{"role": "user", "content": "a"}], "1")]
+    batch = ValBatch([[10]], records, SamplingParams(n=1, temperature=0))
+    validation = Validation(lambda text, truth: 0.0, SpacedDigits(), judge=ShorterIsBetter())
+    results = []
+    for i, response in enumerate(([[1]], [[1, 1, 1]])):  # "1", then "1 1 1"
+        validation.start(records, LongerIsBetter(), "cpu", seed=i, reference=tmp_path / "ref.jsonl" if i == 0 else None)
+        validation.score(batch, lambda prompt_ids, params, seed, r=response: [r])
+        results.append(validation.finish())
+    assert results[0]["win_rate"] == results[0]["win_rate_train_judge"] == 0.5
+    assert results[1]["win_rate"] == pytest.approx(sigmoid(-4 / 4))  # 5 characters against 1
+    assert results[1]["win_rate_train_judge"] == pytest.approx(sigmoid(4 / 4))
+    assert results[1]["win_rate_lc"] == pytest.approx(results[1]["win_rate"])  # one pair: nothing to control for
+    assert set(results[1]) >= {"win_rate_lc_train_judge", "response_length", "reference_length"}
+    assert "response_length_train_judge" not in results[1]
+    oracle = LongerIsBetter()
+    assert judges(None, oracle) == {"": oracle} and judges(None, None) == {}
+    assert judges(oracle, oracle) == {"": oracle}  # the same judge twice is one
 
 
 def test_validation_resumes_against_the_saved_reference_or_goes_without(tmp_path):
@@ -269,13 +306,14 @@ def test_win_rate_is_on_for_preference_oracles_unless_set(setting, oracle, enabl
     from sppo_lightning.evaluation import win_rate_enabled
 
     assert win_rate_enabled(setting, oracle) is enabled
+    assert win_rate_enabled(setting, oracle, judge=LongerIsBetter()) is (setting is not False)  # a judge: on
 
 
 def test_a_forced_win_rate_without_an_oracle_is_refused():
     from sppo_lightning.errors import ConfigError
     from sppo_lightning.evaluation import win_rate_enabled
 
-    with pytest.raises(ConfigError, match="model.val_win_rate needs the datamodule's oracle"):
+    with pytest.raises(ConfigError, match="model.val_win_rate needs a judge: model.val_judge, or the datamodule's"):
         win_rate_enabled(True, None)
 
 
@@ -297,3 +335,24 @@ def test_the_reference_merges_every_ranks_share_under_fsdp(tmp_path):
     assert sorted(reference) == sorted({reference_key(r) for r in val}) and len(reference) == 41
     win = [float(r["val/win_rate"]) for r in read_metrics(tmp_path) if r.get("val/win_rate")]
     assert len(win) == 2 and win[0] == 0.5
+
+
+@pytest.mark.slow
+def test_a_fit_with_a_held_out_judge_logs_both_win_rates_and_the_lc_one_every_iteration(tmp_path):
+    """``train.py fit`` with INPO on a length-biased pairwise judge and the unbiased one as ``model.val_judge``: every
+    validation (the one before training included) logs ``val/win_rate``, ``val/win_rate_lc`` and
+    ``val/win_rate_train_judge``, all ½ before any update."""
+    from tests.test_cli import DEMO, read_metrics, run
+
+    run(
+        "fit", "--config", DEMO, "--trainer.max_epochs=2", "--data.prompts_per_epoch=8",
+        "--data.val.init_args.num_prompts=16", "--data.val_batch_size=16", "--model.loss_type=inpo",
+        "--data.oracle=sppo_lightning.toy.judge.ClosenessJudge", "--data.oracle.init_args.length_bias=0.25",
+        "--model.val_judge=sppo_lightning.toy.judge.ClosenessJudge", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}",
+    )  # fmt: skip
+    keys = ("val/win_rate", "val/win_rate_lc", "val/win_rate_train_judge", "val/response_length")
+    rows = [r for r in read_metrics(tmp_path) if r.get("val/win_rate")]
+    assert len(rows) == 3 and all(r.get(k) for r in rows for k in keys)
+    assert all(float(rows[0][k]) == 0.5 for k in keys[:3])
+    assert all(0 <= float(r[k]) <= 1 for r in rows for k in keys[:3])

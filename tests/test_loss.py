@@ -157,14 +157,14 @@ def terms(logps, ref, targets=(0.0, 0.0), n_tokens=(1.0, 1.0), paired=False):
 def test_every_loss_type_has_an_entry_and_the_lists_are_read_off_it():
     from sppo_lightning.loss import LOSS_TYPES, LOSSES, PAIR_LOSSES
 
-    assert LOSS_TYPES == ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo") == tuple(LOSSES)
+    assert LOSS_TYPES == ("sppo", "sppo_pair", "sppo_softmean", "dpo", "ipo", "inpo", "dno") == tuple(LOSSES)
     assert PAIR_LOSSES == ("sppo_pair", "dpo", "ipo")
     assert {n: s.min_samples for n, s in LOSSES.items()} == {
-        "sppo": 2, "sppo_pair": 2, "sppo_softmean": 1, "dpo": 2, "ipo": 2
+        "sppo": 2, "sppo_pair": 2, "sppo_softmean": 1, "dpo": 2, "ipo": 2, "inpo": 2, "dno": 2
     }  # fmt: skip
     assert [n for n, s in LOSSES.items() if s.skips_ties] == ["dpo", "ipo"]
     assert [n for n, s in LOSSES.items() if s.clip] == ["sppo", "sppo_pair", "sppo_softmean"]
-    assert [n for n, s in LOSSES.items() if s.target is None] == ["dpo", "ipo"]
+    assert [n for n, s in LOSSES.items() if s.target is None] == ["dpo", "ipo", "inpo", "dno"]
 
 
 def test_targets_of_the_entries_by_hand():

@@ -68,3 +68,21 @@ def test_binary_rewards_give_the_group_mean_baseline_advantage():
     (GRPO's, without its division by the group's standard deviation), scaled by η/2. Checked on every group of 4."""
     groups = torch.tensor([[(m >> b) & 1 for b in range(4)] for m in range(16)], dtype=torch.float32)
     torch.testing.assert_close(win_rates_from_rewards(groups) - 0.5, (groups - groups.mean(1, keepdim=True)) / 2)
+
+
+def test_the_preference_matrices_are_the_win_rates_rows():
+    from sppo_lightning.preference import pairwise_from_rewards, pairwise_from_scores, win_rates_from_pairwise
+    from sppo_lightning.records import PromptRecord, Rollout
+    from sppo_lightning.rewards.base import RuleOracle
+
+    rewards = torch.tensor([[1.0, 0.0, 1.0]])
+    torch.testing.assert_close(
+        pairwise_from_rewards(rewards), torch.tensor([[[0.5, 1.0, 0.5], [0.0, 0.5, 0.0], [0.5, 1.0, 0.5]]])
+    )
+    scores = torch.tensor([[0.0, math.log(3)]])  # σ(log 3) = 3/4
+    torch.testing.assert_close(pairwise_from_scores(scores), torch.tensor([[[0.5, 0.25], [0.75, 0.5]]]))
+    # the rule oracle returns the matrix its win-rates are the row means of
+    rollout = Rollout([PromptRecord([{"role": "user", "content": "q"}], "2")], [[]], [[[], [], []]], [["2", "3", "2"]])
+    got = RuleOracle(lambda text, truth: float(text == truth)).score(rollout)
+    torch.testing.assert_close(got.preferences, pairwise_from_rewards(rewards))
+    torch.testing.assert_close(got.win_rates, win_rates_from_pairwise(got.preferences))

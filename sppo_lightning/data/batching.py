@@ -23,11 +23,12 @@ from sppo_lightning.loss import loss_weights
 from sppo_lightning.records import Rollout, TrainBatch
 
 
-def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatch:
+def collate(rows: list[Example], pad_id: int, paired: bool = False, grouped: bool = False) -> TrainBatch:
     """Prompt + response ids right-padded to one width; ``response_mask`` marks the response tokens.
 
     ``paired``: the rows are (winner, loser) pairs, each pair one group, winner first (``build_groups``' layout for a
-    paired loss type); the batch then hands them out as ``[B/2, 2]`` (``TrainBatch.pairs``).
+    paired loss type); the batch then hands them out as ``[B/2, 2]`` (``TrainBatch.pairs``). ``grouped``: the rows
+    are whole groups of K (a grouped loss type), handed out as ``[B/K, K]`` (``TrainBatch.groups``).
     """
     if paired and (len(rows) % 2 or any(rows[i].group != rows[i + 1].group for i in range(0, len(rows), 2))):
         raise ValueError("a paired batch needs its rows in (winner, loser) pairs of one group each")
@@ -49,6 +50,11 @@ def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatc
     sampler = None
     if rows and all(r.sampler_logps is not None for r in rows):  # what the engine reported, for the gap check
         sampler = logprob_rows([r.sampler_logps for r in rows], max(len(r.response_ids) for r in rows))
+    preferences = None
+    if rows and all(r.preferences is not None for r in rows):
+        preferences = torch.tensor([r.preferences for r in rows], dtype=torch.float32)  # (B, K)
+    if grouped and (preferences is None or len(rows) % preferences.shape[1]):
+        raise ValueError("a grouped batch needs whole groups of K rows, each with its K preferences")
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -62,6 +68,8 @@ def collate(rows: list[Example], pad_id: int, paired: bool = False) -> TrainBatc
         paired=paired,
         ref_logps=ref,
         sampler_logps=sampler,
+        grouped=grouped,
+        preferences=preferences,
     )
 
 
@@ -78,6 +86,7 @@ def micro_batches(
     balance_tokens: bool = False,
     max_tokens: int | None = None,
     paired: bool = False,
+    grouped: bool = False,
 ) -> list[TrainBatch]:
     """Pack whole groups (never splitting one) into micro-batches of ``micro_batch_size`` rows, or, with
     ``max_tokens``, of at most that many tokens (verl's ``use_dynamic_bsz``; a group longer than the budget goes
@@ -87,7 +96,7 @@ def micro_batches(
     micro-batch holds its i-th longest groups and ranks that step together carry similar token counts (less waiting
     in the gradient reduction, less padding); the micro-batches are then shuffled with ``seed``, the same order on
     every rank. A token budget always fills first-fit by decreasing length (fewest micro-batches), then shuffles.
-    ``paired``: the groups are (winner, loser) pairs (see ``collate``).
+    ``paired``: the groups are (winner, loser) pairs; ``grouped``: one loss term per group (see ``collate``).
     """
     rng = random.Random(seed)
     order = list(range(len(groups)))
@@ -107,17 +116,17 @@ def micro_batches(
                 fit = len(bins) - 1
             bins[fit].append(g)
             room[fit] -= need
-        batches = [collate([r for g in sorted(b) for r in groups[g]], pad_id, paired) for b in bins]
+        batches = [collate([r for g in sorted(b) for r in groups[g]], pad_id, paired, grouped) for b in bins]
         rng.shuffle(batches)
         return batches
     batches, current = [], []
     for g in order:
         current.extend(groups[g])
         if len(current) >= micro_batch_size:
-            batches.append(collate(current, pad_id, paired))
+            batches.append(collate(current, pad_id, paired, grouped))
             current = []
     if current:
-        batches.append(collate(current, pad_id, paired))
+        batches.append(collate(current, pad_id, paired, grouped))
     if balance_tokens:
         rng.shuffle(batches)
     return batches
@@ -141,11 +150,13 @@ def placeholder(rollout: Rollout, pad_id: int, paired: bool = False) -> TrainBat
 def attach_step_units(
     batches: list[TrainBatch], window: int, all_ranks_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> None:
-    """Give every micro-batch ``step_units``: the loss terms (rows, or pairs in a paired batch) that count in its
+    """Give every micro-batch ``step_units``: the loss terms (rows, pairs or groups) that count in its
     optimizer step, summed over all ranks. Steps are Lightning's accumulation windows of ``window`` micro-batches,
     the last one possibly short; ``all_ranks_sum`` sums a tensor over ranks (None: a single process)."""
     steps = [batches[i : i + window] for i in range(0, len(batches), window)]
-    units = torch.tensor([sum(float(loss_weights(b.row_weight, b.paired).sum()) for b in step) for step in steps])
+    units = torch.tensor(
+        [sum(float(loss_weights(b.row_weight, b.paired, b.rows_per_term).sum()) for b in step) for step in steps]
+    )
     if all_ranks_sum is not None:
         units = all_ranks_sum(units)
     for step, n in zip(steps, units.tolist(), strict=True):

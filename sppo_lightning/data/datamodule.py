@@ -330,7 +330,7 @@ class RolloutDataModule(L.LightningDataModule):
         steps = steps_per_rollout(num_prompts * trainer.world_size * self.group_rows, self.rows_per_step)
         cut = partial(micro_batches, micro_batch_size=h.micro_batch_size, pad_id=module.tokenizer.pad_token_id,
                       seed=seed, balance_tokens=h.balance_tokens, max_tokens=h.max_tokens_per_micro_batch,
-                      paired=spec.paired)  # fmt: skip
+                      paired=spec.paired, grouped=spec.grouped)  # fmt: skip
         metrics["rollout/dropped_groups"] = float(num_prompts - len(groups))
         if not int(self.all_ranks_sum(torch.tensor([float(len(groups))]))[0]):  # nothing to learn on any rank
             rank_zero_warn(

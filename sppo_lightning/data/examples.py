@@ -32,6 +32,8 @@ class Example:
     """log π_t(y_t | x, y_<t) of each response token when the rollout supplied them."""
     sampler_logps: list[float] | None = None
     """The sampler's own log-probs of the response tokens, when the engine reported them (for the gap check)."""
+    preferences: list[float] | None = None
+    """P(y ≻ y_j | x) against each of the prompt's K responses (its row of ``Rollout.preferences``), when known."""
 
 
 def build_groups(
@@ -45,6 +47,14 @@ def build_groups(
         raise ValueError(f"loss_type must be one of {tuple(LOSSES)}, got {loss_type!r}")
     spec = LOSSES[loss_type]
     rewards, win_rates = rollout.rewards, rollout.win_rates
+    if spec.needs_preferences and rollout.preferences is None:
+        from sppo_lightning.errors import ConfigError
+
+        raise ConfigError(
+            f"model.loss_type={loss_type} regresses on the oracle's K x K preference matrix, and data.oracle gave none "
+            "(an oracle returns it as Scores.preferences; the shipped ones all do)"
+        )
+    preferences = None if rollout.preferences is None else rollout.preferences.cpu()
     if spec.target is None:
         targets = torch.zeros_like(win_rates)
     else:
@@ -72,6 +82,7 @@ def build_groups(
                     group=p,
                     ref_logps=None if rollout.response_logprobs is None else rollout.response_logprobs[p][k],
                     sampler_logps=None if rollout.sampler_logprobs is None else rollout.sampler_logprobs[p][k],
+                    preferences=None if preferences is None else preferences[p, k].tolist(),
                 )
                 for k in keep
             ]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from sppo_lightning.errors import DataError
-from sppo_lightning.preference import win_rates_from_rewards
+from sppo_lightning.preference import pairwise_from_rewards, win_rates_from_rewards
 from sppo_lightning.records import PromptRecord, Rollout, Scores
 from sppo_lightning.rewards.math import compute_score
 
@@ -103,4 +103,5 @@ class RuleOracle(Oracle):
 
             rank_zero_warn(f"{where} and score 0 (first: {problems[0]})")
         win_rates = win_rates_from_rewards(rewards, include_self=self.include_self)
-        return Scores(rewards=rewards, win_rates=win_rates, unscored=len(problems))
+        preferences = pairwise_from_rewards(rewards)
+        return Scores(rewards=rewards, win_rates=win_rates, unscored=len(problems), preferences=preferences)

@@ -17,7 +17,7 @@ from abc import abstractmethod
 
 import torch
 
-from sppo_lightning.preference import win_rates_from_pairwise
+from sppo_lightning.preference import symmetrized, win_rates_from_pairwise
 from sppo_lightning.records import Rollout, Scores
 from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rewards.classifier import SequenceClassifier
@@ -66,8 +66,9 @@ class PairwiseOracle(Oracle):
         return probs
 
     def score(self, rollout: Rollout, device: torch.device | None = None) -> Scores:
-        win_rates = win_rates_from_pairwise(self.preference_matrix(rollout, device), self.include_self)
-        return Scores(rewards=win_rates.clone(), win_rates=win_rates)
+        probs = self.preference_matrix(rollout, device)
+        win_rates = win_rates_from_pairwise(probs, self.include_self)
+        return Scores(rewards=win_rates.clone(), win_rates=win_rates, preferences=symmetrized(probs))
 
 
 class PairClassifierOracle(PairwiseOracle):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from sppo_lightning.preference import win_rates_from_scores
+from sppo_lightning.preference import pairwise_from_scores, win_rates_from_scores
 from sppo_lightning.records import Rollout, Scores
 from sppo_lightning.rewards.base import Oracle
 from sppo_lightning.rewards.classifier import SequenceClassifier
@@ -53,4 +53,5 @@ class RewardModelOracle(Oracle):
     def score(self, rollout: Rollout, device: torch.device | None = None) -> Scores:
         rewards = self.classifier.logits(self.conversation_texts(rollout), device)
         rewards = rewards.view(rollout.num_prompts, rollout.group_size)  # [P, K] the reward model's logits
-        return Scores(rewards=rewards, win_rates=win_rates_from_scores(rewards, include_self=self.include_self))
+        win_rates = win_rates_from_scores(rewards, include_self=self.include_self)
+        return Scores(rewards=rewards, win_rates=win_rates, preferences=pairwise_from_scores(rewards.float()))

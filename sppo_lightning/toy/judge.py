@@ -3,7 +3,7 @@
 SPPO is made for a preference oracle that gives probabilities rather than a 0/1 verdict and need not be
 transitive. This judge is both, at no cost, so that ``benchmarks/preference.py`` can compare methods on it here:
 
-    P(a ≻ b | x) = σ( (d(b) − d(a)) / scale  +  cycle · C(a, b) )
+    P(a ≻ b | x) = σ( (d(b) − d(a)) / scale  +  cycle · C(a, b)  +  length_bias · (len(a) − len(b)) )
 
 - d(y) = min(|answer(y) − truth|, miss), the distance of the last ``\\boxed{}`` number (or the last number) to the
   sum; a response without a number is ``miss`` away. The truth is read from the question ("What is 93+78?"), as a
@@ -14,6 +14,9 @@ transitive. This judge is both, at no cost, so that ``benchmarks/preference.py``
   grows with the gap. With ``cycle`` above 1/scale, an answer one off the truth beats the truth when its style wins:
   for 93+78, 170 (residue 2) ≻ 171 (residue 0) ≻ 172 (residue 1) ≻ 170 is a cycle with no best response, the
   general preferences SPPO's Nash equilibrium is defined for, while far-off answers still lose to close ones.
+- ``length_bias`` (0 by default) is a logit per character of length difference: a judge that, like PairRM and GPT-4
+  judges, prefers the longer answer whatever it says, by a tunable margin. A policy can then win by growing longer;
+  ``benchmarks/preference.py --setting length-biased`` trains on such a judge and evaluates with an unbiased one.
 
 Example: ``ClosenessJudge(cycle=1).probability("What is 93+78?", r"\\boxed{170}", r"\\boxed{171}")`` is
 σ(−1/2 + 1) = 0.622 (one off, but its style wins); with ``cycle=0`` it is σ(−1/2) = 0.378.
@@ -60,6 +63,7 @@ class ClosenessJudge(PairwiseOracle):
         scale: float = 2.0,
         cycle: float = 0.0,
         miss: float = 100.0,
+        length_bias: float = 0.0,
         batch_size: int = 4096,
         include_self: bool = True,
     ):
@@ -69,6 +73,8 @@ class ClosenessJudge(PairwiseOracle):
             cycle: Logit added for a style that wins the rock-paper-scissors cycle (subtracted when it loses);
                 0 = transitive.
             miss: Distance of a response without a number, and the cap on any distance.
+            length_bias: Logit added per character the first response is longer than the second (a length-biased
+                judge); 0 = length does not matter.
             batch_size: Ordered pairs per ``prefer`` call.
             include_self: Count each response against itself (½) in its win-rate.
         """
@@ -77,7 +83,7 @@ class ClosenessJudge(PairwiseOracle):
             from sppo_lightning.errors import ConfigError
 
             raise ConfigError(f"ClosenessJudge needs scale > 0, miss > 0, cycle >= 0; got {scale}, {miss}, {cycle}")
-        self.scale, self.cycle, self.miss = scale, cycle, miss
+        self.scale, self.cycle, self.miss, self.length_bias = scale, cycle, miss, length_bias
 
     def distance(self, truth: int | None, answer: int | None) -> float:
         if truth is None or answer is None:
@@ -88,6 +94,7 @@ class ClosenessJudge(PairwiseOracle):
         """P(first ≻ second | prompt)."""
         truth, a, b = parse_truth(prompt), parse_answer(first), parse_answer(second)
         logit = (self.distance(truth, b) - self.distance(truth, a)) / self.scale + self.cycle * cycle_sign(a, b)
+        logit += self.length_bias * (len(first) - len(second))
         return 1 / (1 + math.exp(-logit))
 
     def prefer(self, prompts, first, second, device=None) -> torch.Tensor:

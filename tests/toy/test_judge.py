@@ -55,3 +55,12 @@ def test_judge_as_an_oracle_gives_win_rates_by_hand():
     scores = ClosenessJudge(scale=2.0).score(rollout)
     win = sigmoid(1.0)  # distance 0 against 2
     torch.testing.assert_close(scores.win_rates, torch.tensor([[(0.5 + win) / 2, (0.5 + 1 - win) / 2]]))
+
+
+def test_length_bias_is_a_logit_per_character():
+    # "\boxed{171}" (11 characters) against "so \boxed{171}" (14): equally close, the longer wins σ(3 · 0.25)
+    judge = ClosenessJudge(scale=2.0, length_bias=0.25)
+    q = "What is 93+78?"
+    assert judge.probability(q, r"so \boxed{171}", r"\boxed{171}") == pytest.approx(1 / (1 + math.exp(-0.75)))
+    # one off but 3 characters longer: σ(−1/2 + 3/4)
+    assert judge.probability(q, r"so \boxed{170}", r"\boxed{171}") == pytest.approx(1 / (1 + math.exp(-0.25)))
