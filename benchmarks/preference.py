@@ -165,7 +165,6 @@ def run_method(
     if method in OURS:
         overrides = (
             f"--model.loss_type={method}",
-            f"--data.loss_type={method}",  # run_ours builds a plain LightningCLI: no link from model.* (train.py's)
             "--data.oracle=sppo_lightning.toy.judge.ClosenessJudge",
             f"--data.oracle.init_args.scale={SCALE}",
             f"--data.oracle.init_args.cycle={SETTINGS[setting]}",
