@@ -117,7 +117,8 @@ def test_typo_in_a_suffixless_path_is_file_not_found_not_a_hub_lookup(tmp_path):
         (["--data.train.init_args.splt=val"], "AdditionPrompts takes no init_args.splt; did you mean split?"),
         (
             ["--model.loss_type=spo"],
-            "model.loss_type: 'spo' is not one of sppo, sppo_pair, sppo_softmean, dpo, ipo, inpo, dno; did you mean sppo?",
+            "model.loss_type: 'spo' is not one of sppo, sppo_pair, sppo_softmean, dpo, ipo, inpo, dno; "
+            "did you mean sppo?",
         ),
     ],
     ids=["option", "class_path", "init_arg", "choice"],
