@@ -436,6 +436,7 @@ class SPPOModule(L.LightningModule):
         finally:
             self.policy.train(was_training)
         return self.health.metrics(self._sum_over_ranks, scored)
+
     @torch.no_grad()
     def initial_logps(self, batch: TrainBatch) -> torch.Tensor:
         """log π_ref(y|x) of the starting policy (the model as loaded, frozen), ``[B]``: INPO's reference. A copy of the
