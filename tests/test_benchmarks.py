@@ -79,7 +79,7 @@ def test_vs_trl_our_half_runs_without_trl(tmp_path, monkeypatch):
 def test_preference_prints_its_table_twice(run_script, tmp_path):
     """Every method once, then one again into the same folder: the second table merges the first run's JSON (each
     method and seed counted once), as the README's split invocations rely on."""
-    methods = ("sppo", "sppo_pair", "dpo", "ipo", "trl_online_dpo", "trl_grpo")
+    methods = ("sppo", "sppo_pair", "dpo", "ipo", "inpo", "dno", "trl_online_dpo", "trl_grpo")
     args = ("--iterations", "1", "--prompts", "16", "--val", "8", "--out", str(tmp_path), "--methods")
     out = run_script("preference.py", *args, *methods)
     for trl in ("trl_grpo", "trl_online_dpo"):
@@ -87,7 +87,8 @@ def test_preference_prints_its_table_twice(run_script, tmp_path):
     again = run_script("preference.py", *args, "sppo")
     for printed in (out, again):
         for method in methods:
-            row = rf"^\| `{method}` \| 1 \| [\d.]+% ± [\d.]+% \| [\d.]+% ± [\d.]+% \| [\d.]+ \|$"
+            pct = r"[\d.]+% ± [\d.]+%"  # win rate, LC win rate, (length), accuracy, then s / 1,000 completions
+            row = rf"^\| `{method}` \| 1 \| {pct} \| {pct} \| [\d.]+ ± [\d.]+ \| {pct} \| [\d.]+ \|$"
             assert figures(printed, row), printed
 
 
