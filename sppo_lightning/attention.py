@@ -183,7 +183,10 @@ def _model_eager(module) -> Callable:
         fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
         if fn is not None:
             return fn
-    raise NotImplementedError(f"{type(module).__name__}: no eager_attention_forward in its model file")
+    raise ConfigError(
+        f"{type(module).__name__}'s model file has no eager_attention_forward, which eager attention and packed rows "
+        "with soft-capping or sinks run: use model.attn_implementation=sdpa, or model.packed=false"
+    )
 
 
 def _segment_attention(
