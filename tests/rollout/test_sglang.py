@@ -43,18 +43,6 @@ from sppo_lightning.rollout.sglang.requests import per_request_sampling_params
 from sppo_lightning.rollout.sglang.weights import hf_name, named_full_tensors
 from sppo_lightning.toy import AdditionPrompts
 from tests.rollout import sglang_standin
-from tests.rollout.sglang_source import released
-
-
-@pytest.fixture(scope="module")
-def release():
-    return released()
-
-
-@pytest.fixture
-def standin(monkeypatch, release):
-    """``import sglang`` gives the stand-in of the pinned release; returns its engine class."""
-    return sglang_standin.install(monkeypatch, release)
 
 
 # ------------------------------------------------------------------------------------- request and response

@@ -9,19 +9,7 @@ from sppo_lightning import lora
 from sppo_lightning.module import SPPOModule
 from sppo_lightning.rollout.base import SamplingParams
 from sppo_lightning.rollout.sglang import SGLangEngine, SGLangServerEngine
-from tests.rollout import sglang_standin
-from tests.rollout.sglang_source import released
 from tests.rollout.test_sglang import StandInServer, fit, greedy, names
-
-
-@pytest.fixture(scope="module")
-def release():
-    return released()
-
-
-@pytest.fixture
-def standin(monkeypatch, release):
-    return sglang_standin.install(monkeypatch, release)
 
 
 def lora_module(model_dir, **kwargs) -> SPPOModule:
