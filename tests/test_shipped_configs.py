@@ -55,6 +55,14 @@ SEVEN_B_SIZES = ["--trainer.max_epochs=2", "--data.prompts_per_epoch=4", "--data
                  "--data.val_batch_size=2"]  # fmt: skip
 PAIRRM_SIZES = ["--trainer.max_epochs=2", "--data.prompts_per_epoch=2", "--data.max_response_length=16",
                 "--data.micro_batch_size=2", "--data.rows_per_step=4"]  # fmt: skip
+
+
+def pairrm_case(config: str, family: str) -> Case:
+    """The authors' PairRM runs: UltraFeedback and the tiny PairRM, 2 processes, the stand-in; validation turned on."""
+    validation = ["--trainer.limit_val_batches=1.0", "--data.val_batch_size=2"]
+    return Case([config], family, "ultrafeedback", SHARDED, PAIRRM_SIZES, validation, sglang=True, wandb=True)
+
+
 CASES = {
     "qwen2.5-7b-math.yaml": Case(SEVEN_B, "qwen2", "math", SHARDED, SEVEN_B_SIZES, sglang=True, wandb=True),
     "qwen2.5-7b-math-sppo.yaml": Case(
@@ -75,26 +83,8 @@ CASES = {
     "qwen2.5-7b-math-our-scorer.yaml": Case(
         SEVEN_B + ["qwen2.5-7b-math-our-scorer.yaml"], "qwen2", "math", SHARDED, SEVEN_B_SIZES, sglang=True, wandb=True
     ),
-    "mistral-7b-sppo-pairrm.yaml": Case(
-        ["mistral-7b-sppo-pairrm.yaml"],
-        "mistral",
-        "ultrafeedback",
-        SHARDED,
-        PAIRRM_SIZES,
-        ["--trainer.limit_val_batches=1.0", "--data.val_batch_size=2"],
-        sglang=True,
-        wandb=True,
-    ),  # fmt: skip
-    "llama-3-8b-sppo-pairrm.yaml": Case(
-        ["llama-3-8b-sppo-pairrm.yaml"],
-        "llama",
-        "ultrafeedback",
-        SHARDED,
-        PAIRRM_SIZES,
-        ["--trainer.limit_val_batches=1.0", "--data.val_batch_size=2"],
-        sglang=True,
-        wandb=True,
-    ),  # fmt: skip
+    "mistral-7b-sppo-pairrm.yaml": pairrm_case("mistral-7b-sppo-pairrm.yaml", "mistral"),
+    "llama-3-8b-sppo-pairrm.yaml": pairrm_case("llama-3-8b-sppo-pairrm.yaml", "llama"),
     "qwen2.5-7b-math-lora.yaml": Case(
         ["qwen2.5-7b-math-lora.yaml"],
         "qwen2",
