@@ -65,8 +65,8 @@ def test_a_resume_reads_the_earlier_parts_of_its_own_run_only(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_gets_the_curves_image_once_per_iteration(tmp_path):
-    """3 iterations, 3 `curves` images in wandb's offline record: one per validation, none more at the end of fit
-    (which redraws the last one into curves.png)."""
+    """3 iterations, 3 `curves` images in wandb's offline record: one per validation (with `every_s: 0`; the demo's
+    default draws at most every 30 s), none more at the end of fit (which redraws the last one into curves.png)."""
     import os
     import time
 
@@ -77,6 +77,7 @@ def test_wandb_gets_the_curves_image_once_per_iteration(tmp_path):
 
     overlay = yaml.safe_load((REPO / "configs" / "wandb.yaml").read_text())
     overlay["trainer"]["logger"][1]["init_args"]["offline"] = True
+    overlay["trainer"]["callbacks"] = [{"class_path": "callbacks.LearningCurves", "init_args": {"every_s": 0}}]
     (tmp_path / "wandb_offline.yaml").write_text(yaml.safe_dump(overlay))
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
     run("fit", "--config", DEMO, "--config", str(tmp_path / "wandb_offline.yaml"), *SHORT, "--trainer.max_epochs=3",
