@@ -233,6 +233,10 @@ class ValidationSource(Protocol):
 
     def val_dataloader(self) -> Iterable[dict]: ...
 
+    def check_validation_sampler(self, module, prompt_ids: list[list[int]], samples: Any, when: str) -> None:
+        """The log-prob gap guard on a validation batch's ``Samples`` (with ``sampler_logprobs``), ``when`` naming
+        the pass: raises ``health.LogprobGapError`` above ``data.logprob_gap_stop``."""
+
 
 Generate = Callable[[list[list[int]], SamplingParams, int], list[list[list[int]]]]
 """``generate(prompt_ids, params, seed) -> [P][K]`` response ids of the policy being validated."""

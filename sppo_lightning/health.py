@@ -117,9 +117,10 @@ class GapGuard:
     def __init__(self, warn: float = GAP_WARN, stop: float = GAP_STOP):
         self.warn, self.stop = warn, stop
 
-    def check(self, mean: float, largest: float, iteration: int, engine: str) -> None:
-        """Raise ``LogprobGapError`` (one line) above ``stop``; warn once above ``warn``; nothing below."""
-        where = f"iteration {iteration}: the {engine} sampler's log-probs differ from the trainer's by {mean:.3g} nats"
+    def check(self, mean: float, largest: float, when: str, engine: str) -> None:
+        """Raise ``LogprobGapError`` (one line) above ``stop``; warn once above ``warn``; nothing below. ``when``
+        names the pass ("iteration 3", "iteration 3's validation")."""
+        where = f"{when}: the {engine} sampler's log-probs differ from the trainer's by {mean:.3g} nats"
         if self.stop and mean > self.stop:
             raise LogprobGapError(
                 f"{where} per token on average (max {largest:.3g}) > data.logprob_gap_stop={self.stop}: the engine "

@@ -200,6 +200,7 @@ class SPPOModule(L.LightningModule):
         self.tokenizer = self._load_tokenizer()
         # accuracy, the win rate by model.val_judge (else data.oracle), the reference (evaluation.py)
         self.validation = Validation(accuracy_fn, self.tokenizer, val_judge)
+        self._gap_probe_due: str | None = None  # the validation pass whose first batch the gap guard checks
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
@@ -532,7 +533,7 @@ class SPPOModule(L.LightningModule):
             return
         if data is None or self.trainer.limit_val_batches == 0:
             return
-        self._start_validation(reference=path if win_rate else None)
+        self._start_validation(reference=path if win_rate else None, when="the validation before the first update")
         with torch.no_grad():
             for batch in data.val_dataloader():
                 self.validation.score(batch, self._generate)
@@ -569,13 +570,24 @@ class SPPOModule(L.LightningModule):
         return engine if engine is not None else HFEngine()
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> list[list[list[int]]]:
-        """``[P][K]`` response ids of the policy for a validation batch."""
-        return self._engine().generate(self.policy_handle(), prompt_ids, params, seed=seed).response_ids
+        """``[P][K]`` response ids of the policy for a validation batch. An engine with its own copy of the weights
+        reports its log-probs for a pass's first batch, which the datamodule's gap guard checks: that copy is what
+        the pass samples from, before any rollout of the iteration has checked it."""
+        engine, data = self._engine(), self._validation_source()
+        probe = self._gap_probe_due is not None and getattr(engine, "holds_own_weights", False) and data is not None
+        when, self._gap_probe_due = self._gap_probe_due, None
+        params = replace(params, logprobs=True) if probe else params
+        samples = engine.generate(self.policy_handle(), prompt_ids, params, seed=seed)
+        if probe and samples.sampler_logprobs is not None:
+            data.check_validation_sampler(self, prompt_ids, samples, when)
+        return samples.response_ids
 
-    def _start_validation(self, reference: Path | None = None) -> None:
+    def _start_validation(self, reference: Path | None = None, when: str | None = None) -> None:
+        """A validation pass starts; ``when`` names it in the gap guard's message (default: this iteration's)."""
         data = self._validation_source()
         prompts, oracle = getattr(data, "val_prompts", None) or [], getattr(data, "oracle", None)
         self.validation.start(prompts, oracle, self.device, seed=self.current_epoch, reference=reference)
+        self._gap_probe_due = when or f"iteration {self.current_epoch}'s validation"
 
     def _finish_validation(self) -> dict[str, float]:
         self._engine().after_rollout(self.policy_handle())

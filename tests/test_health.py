@@ -59,14 +59,14 @@ def test_the_guard_warns_once_above_warn_and_stops_above_stop():
     guard = GapGuard(warn=0.1, stop=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        guard.check(0.05, 3.0, 0, "X")  # a large max alone (one rare token in bf16) is no alarm
+        guard.check(0.05, 3.0, "iteration 0", "X")  # a large max alone (one rare token in bf16) is no alarm
     with pytest.warns(UserWarning, match=r"0.2 nats.*weights were not pushed") as record:
-        guard.check(0.2, 3.0, 0, "X")
+        guard.check(0.2, 3.0, "iteration 0", "X")
     assert len(record) == 1
     with pytest.raises(LogprobGapError, match=r"iteration 3: .* 0.8 nats .*logprob_gap_stop=0.5.*--ckpt_path") as e:
-        guard.check(0.8, 7.0, 3, "SGLangEngine")
+        guard.check(0.8, 7.0, "iteration 3", "SGLangEngine")
     assert "\n" not in str(e.value)
-    GapGuard(warn=0, stop=0).check(100.0, 100.0, 0, "X")  # 0 = off
+    GapGuard(warn=0, stop=0).check(100.0, 100.0, "iteration 0", "X")  # 0 = off
 
 
 def test_entropy_is_collected_from_the_forward_that_computes_the_log_probs(tiny_model_dir):
@@ -142,12 +142,14 @@ def standin(monkeypatch):
 
 def test_colocated_sglang_reports_log_probs_the_trainer_agrees_with(standin, tmp_path, toy_model_dir):
     """SGLang in float32 sampling the pushed policy: the gap is float rounding; SGLang is asked for the
-    untempered log-probs (SGLANG_RETURN_ORIGINAL_LOGPROB) and for each sampled token's log-prob."""
+    untempered log-probs (SGLANG_RETURN_ORIGINAL_LOGPROB) and for each sampled token's log-prob, by every rollout and
+    by the first batch of every validation pass (one batch each here)."""
     rows = fit(tmp_path, toy_model_dir, SGLangEngine(dtype="float32"), epochs=2)
     assert max(per_iteration(rows, "rollout/logprob_gap_max")) < 1e-4
     (sgl,) = standin.instances
     generate = [c for c in sgl.calls if c.name == "generate"]
-    assert [c.kwargs["return_logprob"] for c in generate] == [True, False, False, True, False]  # rollout, val, ...
+    # rollout 0, the validation before the first update, iteration 0's validation, rollout 1, iteration 1's
+    assert [c.kwargs["return_logprob"] for c in generate] == [True] * 5
     assert sgl.original_logprob
 
 
@@ -161,20 +163,21 @@ def test_bf16_sglang_gap_is_bf16_rounding(standin, tmp_path, toy_model_dir):
     assert 1e-4 < gap < health.GAP_WARN, gap
 
 
-def test_a_skipped_push_after_a_release_stops_the_next_rollout(standin, monkeypatch, tmp_path, toy_model_dir):
+def test_a_skipped_push_after_a_release_stops_the_first_iteration(standin, monkeypatch, tmp_path, toy_model_dir):
     """The bug this project once had: after a memory release SGLang's weights come back undefined and must be pushed
     again. Skipping that push (a fresh engine still gets its first one, for the first rollout) makes every generation
-    after the first release sample noise: the first rollout after one (the second iteration's, which follows the
-    evaluations' releases) stops the run before any step is taken on it."""
+    after the first release sample noise: the validation before the first update, which follows the first rollout's
+    release, stops the run before any step is taken."""
     push = SGLangEngine.push_weights
     monkeypatch.setattr(
         SGLangEngine, "push_weights", lambda self, policy: None if self._released else push(self, policy)
     )
-    with pytest.raises(LogprobGapError, match=r"iteration 1: the SGLangEngine sampler's .* > data.logprob_gap_stop"):
+    stop = r"^the validation before the first update: the SGLangEngine sampler's .* > data.logprob_gap_stop"
+    with pytest.raises(LogprobGapError, match=stop):
         fit(tmp_path, toy_model_dir, SGLangEngine(dtype="float32"), epochs=3)
     calls = [c.name for c in standin.instances[0].calls]
     assert calls.count("end_weight_update") == 1  # the fresh engine's push only
-    assert calls.count("generate") == 4  # rollout 0, the two evaluations, rollout 1: the run stopped there
+    assert calls.count("generate") == 2  # rollout 0, then the first validation's batch: the run stopped there
 
 
 def test_a_lower_stop_threshold_stops_a_correct_bf16_run(standin, tmp_path, toy_model_dir):
@@ -200,7 +203,7 @@ def test_a_server_holding_other_weights_at_step_0(tmp_path, toy_model_dir, tiny_
             assert per_iteration(rows, "rollout/logprob_gap_max")[0] < 1e-4
             assert server.requests[0][0] == "/update_weights_from_disk"
             asked = [body.get("return_logprob", False) for path, body in server.requests if path == "/generate"]
-            assert asked[0] is True and False in asked  # the rollout asks (it comes first), validation does not
+            assert asked == [True] * 3  # rollout 0, the validation before the first update, iteration 0's (1 batch)
         else:
             with pytest.raises(LogprobGapError, match="iteration 0"):
                 fit(tmp_path, toy_model_dir, engine, epochs=1)
@@ -211,25 +214,29 @@ def test_a_server_holding_other_weights_at_step_0(tmp_path, toy_model_dir, tiny_
 
 @pytest.mark.slow
 def test_the_cli_stops_with_one_line_exit_2_and_last_ckpt_intact(standin, monkeypatch, tmp_path, capsys):
-    """The demo through the colocated engine with the re-push after a release skipped: the first iteration trains on
-    the fresh engine's samples and is checkpointed; the next rollout (after the evaluations' releases) stops the run
-    with one line and exit 2, leaving last.ckpt at the finished iteration and no exported model."""
+    """The demo through the colocated engine: one sound iteration, then a resume with the re-push after a release
+    skipped. The resumed process's fresh engine gets its first push; its next generation after a release samples from
+    the released, never re-pushed copy and stops iteration 1 before any step, with one line and exit 2, leaving
+    last.ckpt at the finished iteration 0 and the first run's exported model as it was. (A fresh run with the bug
+    stops at the validation before the first update: the test above.)"""
     from sppo_lightning.cli import main
     from tests.test_cli import DEMO
 
+    args = ["fit", "--config", DEMO, "--data.engine=sppo_lightning.rollout.sglang.SGLangEngine",
+            "--data.engine.init_args.mem_fraction_static=0.3", "--data.prompts_per_epoch=16",
+            "--data.val.init_args.num_prompts=16", "--data.val_batch_size=16", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false"]  # fmt: skip
+    main([*args, "--trainer.max_epochs=1"])
+    exported = (tmp_path / "hf_model" / "model.safetensors").read_bytes()
     push = SGLangEngine.push_weights
     monkeypatch.setattr(SGLangEngine, "push_weights", lambda self, p: None if self._released else push(self, p))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
-        main([
-            "fit", "--config", DEMO, "--data.engine=sppo_lightning.rollout.sglang.SGLangEngine",
-            "--data.engine.init_args.mem_fraction_static=0.3", "--data.prompts_per_epoch=16",
-            "--data.val.init_args.num_prompts=16", "--data.val_batch_size=16", "--trainer.max_epochs=3",
-            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-        ])  # fmt: skip
+        main([*args, "--trainer.max_epochs=3", "--ckpt_path=last"])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "Traceback" not in err
     (line,) = [x for x in err.splitlines() if "logprob_gap_stop" in x]
-    assert line.startswith("error: iteration 1: ") and "--ckpt_path" in line
+    assert line.startswith("error: iteration 1") and "--ckpt_path" in line
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 0 and last["global_step"] == 1  # 16 prompts x 4 samples = one micro-batch of 64
-    assert not (tmp_path / "hf_model").exists()
+    assert (tmp_path / "hf_model" / "model.safetensors").read_bytes() == exported

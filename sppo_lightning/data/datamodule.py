@@ -22,9 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from sppo_lightning import health, sharding
-from sppo_lightning.data.batching import attach_step_units, filler, micro_batches, placeholder
+from sppo_lightning.data.batching import attach_step_units, collate, filler, micro_batches, placeholder
 from sppo_lightning.data.draw import draw_indices, shard
-from sppo_lightning.data.examples import build_groups
+from sppo_lightning.data.examples import Example, build_groups
 from sppo_lightning.data.prompts import PromptSource
 from sppo_lightning.data.steps import (
     cut_into_steps,
@@ -36,7 +36,7 @@ from sppo_lightning.data.steps import (
 )
 from sppo_lightning.errors import ConfigError, DataError
 from sppo_lightning.loss import LOSSES
-from sppo_lightning.records import PromptRecord, Rollout, SamplingParams, Scores, TrainBatch, ValBatch
+from sppo_lightning.records import PromptRecord, Rollout, Samples, SamplingParams, Scores, TrainBatch, ValBatch
 from sppo_lightning.rewards.base import Oracle, RuleOracle
 from sppo_lightning.rollout.base import RolloutEngine
 from sppo_lightning.rollout.hf import HFEngine
@@ -303,7 +303,7 @@ class RolloutDataModule(L.LightningDataModule):
         groups = build_groups(rollout, self.loss_type, self.eta, rewards_all=rewards_all)
         batches = self.plan_steps(rollout, groups, len(indices), seed + epoch, metrics)
         if rollout.sampler_logprobs is not None:  # the engine reported its own: does it sample from the policy?
-            metrics.update(self.logprob_gap(batches, epoch))
+            metrics.update(self.logprob_gap(batches, f"iteration {epoch}"))
         h = self.hparams
         metrics.update(rollout_metrics(rollout))
         metrics["rollout/unscored"] = float(rollout.unscored)  # responses the oracle could not score (scored 0)
@@ -371,7 +371,7 @@ class RolloutDataModule(L.LightningDataModule):
             )
         return scores
 
-    def logprob_gap(self, batches: list[TrainBatch], epoch: int) -> dict[str, float]:
+    def logprob_gap(self, batches: list[TrainBatch], when: str) -> dict[str, float]:
         """Stage: mean and max per-token |log π_sampler − log π_t| over the real rows of every rank (the same on all of
         them, so that the guard stops every rank or none), checked against ``data.logprob_gap_warn``/``_stop``."""
         parts = [
@@ -386,9 +386,23 @@ class RolloutDataModule(L.LightningDataModule):
             mine = strategy.all_gather(mine.to(strategy.root_device)).cpu()
         mean, largest = health.combine_gap(mine)
         health.GapGuard(self.hparams.logprob_gap_warn, self.hparams.logprob_gap_stop).check(
-            mean, largest, epoch, type(self.engine).__name__
+            mean, largest, when, type(self.engine).__name__
         )
         return {"rollout/logprob_gap_mean": mean, "rollout/logprob_gap_max": largest}
+
+    def check_validation_sampler(self, module, prompt_ids: list[list[int]], samples: Samples, when: str) -> None:
+        """Stage (validation): the log-prob gap guard on the first ``micro_batch_size`` responses of a pass's first
+        batch, for an engine that holds its own copy of the weights. The rollout's check comes only after the
+        validation before the first update, whose samples would otherwise go unchecked; one no-grad forward of one
+        micro-batch per pass, the same on every rank (under FSDP the forwards must match)."""
+        rows = [
+            Example(p, r, 0.0, 0.5, 0.0, group=i, sampler_logps=lp)
+            for i, (p, group, lps) in enumerate(zip(prompt_ids, samples.response_ids, samples.sampler_logprobs))
+            for r, lp in zip(group, lps, strict=True)
+        ][: self.hparams.micro_batch_size]
+        batch = collate(rows, module.tokenizer.pad_token_id)
+        self.attach_ref_logps(module, [batch])
+        self.logprob_gap([batch], when)
 
     def most_and_fewest_on_any_rank(self, count: int) -> tuple[int, int]:
         if self.trainer.world_size > 1:

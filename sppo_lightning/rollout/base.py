@@ -68,6 +68,11 @@ class RolloutEngine(ABC):
 
     on_progress: Callable[[int, int], None] | None = None
     """Set by the pipeline: an engine that works in chunks calls it with (sequences done, tokens generated)."""
+    holds_own_weights: bool = False
+    """The engine samples from a copy of the weights it keeps (pushed after each step, loaded by a server) rather
+    than from the live policy: validation then asks it for the sampled tokens' log-probs too, and the log-prob gap
+    guard checks its first batch, so a copy that went stale (a push skipped after a memory release) stops the run at
+    the first pass that samples from it, the validation before any update included."""
 
     @abstractmethod
     def generate(self, policy: PolicyHandle, prompt_ids: list[list[int]], params: SamplingParams, seed: int) -> Samples:

@@ -48,6 +48,8 @@ def torch_dtype(dtype: str, model_dtype: torch.dtype) -> torch.dtype:
 class SGLangEngine(RolloutEngine):
     """``sglang.Engine`` in the training process, sharing its GPU (one engine per training rank)."""
 
+    holds_own_weights = True
+
     def __init__(
         self,
         mem_fraction_static: float = 0.5,

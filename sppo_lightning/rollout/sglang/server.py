@@ -27,6 +27,8 @@ from sppo_lightning.rollout.sglang.retries import post_json
 class SGLangServerEngine(RolloutEngine):
     """A client of a running SGLang server or router."""
 
+    holds_own_weights = True
+
     def __init__(
         self,
         url: str = "http://localhost:30000",
