@@ -215,10 +215,10 @@ def test_a_server_holding_other_weights_at_step_0(tmp_path, toy_model_dir, tiny_
 @pytest.mark.slow
 def test_the_cli_stops_with_one_line_exit_2_and_last_ckpt_intact(standin, monkeypatch, tmp_path, capsys):
     """The demo through the colocated engine: one sound iteration, then a resume with the re-push after a release
-    skipped. The resumed process's fresh engine gets its first push; its next generation after a release samples from
-    the released, never re-pushed copy and stops iteration 1 before any step, with one line and exit 2, leaving
-    last.ckpt at the finished iteration 0 and the first run's exported model as it was. (A fresh run with the bug
-    stops at the validation before the first update: the test above.)"""
+    skipped. The resumed process's fresh engine gets its first push for iteration 1's rollout, which trains; the
+    validation after it samples from the released, never re-pushed copy and stops the run with one line and exit 2,
+    leaving last.ckpt at the finished iteration 0 and the first run's exported model as it was. (A fresh run with
+    the bug stops at the validation before the first update: the test above.)"""
     from sppo_lightning.cli import main
     from tests.test_cli import DEMO
 
@@ -236,7 +236,10 @@ def test_the_cli_stops_with_one_line_exit_2_and_last_ckpt_intact(standin, monkey
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "Traceback" not in err
     (line,) = [x for x in err.splitlines() if "logprob_gap_stop" in x]
-    assert line.startswith("error: iteration 1") and "--ckpt_path" in line
+    assert line.startswith("error: iteration 1's validation: ") and "--ckpt_path" in line
+    # iteration 1's rollout, then its validation: Lightning's request for the finished iteration 0's data on resume
+    # gets no rollout
+    assert [c.name for c in standin.instances[-1].calls].count("generate") == 2
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 0 and last["global_step"] == 1  # 16 prompts x 4 samples = one micro-batch of 64
     assert (tmp_path / "hf_model" / "model.safetensors").read_bytes() == exported

@@ -282,6 +282,12 @@ class RolloutDataModule(L.LightningDataModule):
                 "trainer.reload_dataloaders_every_n_epochs=1 (it is "
                 f"{trainer.reload_dataloaders_every_n_epochs})"
             )
+        progress = trainer.fit_loop.epoch_progress.current
+        if progress.processed > progress.completed:
+            # Resumed from a checkpoint saved at an iteration's end: Lightning restores that iteration's loop still
+            # open and asks for its data, then closes it and asks again for the next iteration's without training a
+            # batch of the first. Its rollout (minutes on a GPU recipe) would be generated and thrown away.
+            return DataLoader(_MicroBatches([None]), batch_size=None)
         module = trainer.lightning_module
         epoch, seed = trainer.current_epoch, self.hparams.seed
         metrics: dict[str, float] = {}
