@@ -403,7 +403,9 @@ class RolloutDataModule(L.LightningDataModule):
         micro-batch per pass, the same on every rank (under FSDP the forwards must match)."""
         rows = [
             Example(p, r, 0.0, 0.5, 0.0, group=i, sampler_logps=lp)
-            for i, (p, group, lps) in enumerate(zip(prompt_ids, samples.response_ids, samples.sampler_logprobs))
+            for i, (p, group, lps) in enumerate(
+                zip(prompt_ids, samples.response_ids, samples.sampler_logprobs, strict=True)
+            )
             for r, lp in zip(group, lps, strict=True)
         ][: self.hparams.micro_batch_size]
         batch = collate(rows, module.tokenizer.pad_token_id)
