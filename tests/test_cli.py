@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import forked
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
 SHORT = [
@@ -20,9 +22,8 @@ SHORT = [
 
 
 def run(*args, cwd=REPO, check=True, env=None):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
-    )
+    """``python train.py ARGS`` in its own process (a fork of the worker's preloaded zygote: tests/forked.py)."""
+    proc = forked.run([str(REPO / "train.py"), *args], cwd=cwd, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

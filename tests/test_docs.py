@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import forked
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted(p for p in (REPO / "docs").rglob("*.md") if "incoming" not in p.parts)]
 RUN_BY_CI = {'pip install -e ".[dev]"', "pytest"}
@@ -93,6 +95,17 @@ def _reduced(command: str) -> str:
     return command
 
 
+def _run(command: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """A documented command as the shell runs it; ``python ARGS [> FILE]`` as a fork of the suite's preloaded
+    interpreter (tests/forked.py), which runs the same ``python ARGS`` without paying its imports again."""
+    words = shlex.split(command)
+    operators = [w for w in words if w in ("|", "||", "&&", ";", "<", ">>", "2>", "&")]
+    if words[0] == "python" and not operators and words.count(">") <= 1 and (">" not in words or words[-2] == ">"):
+        argv, out = (words[1:-2], cwd / words[-1]) if ">" in words else (words[1:], None)
+        return forked.run(argv, cwd=cwd, env=env, stdout=out)
+    return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_every_command_is_classified_and_the_suite_ones_exist():
     """Every command is run here, named as run by a test (which exists and names it), or marked GPU / not run."""
     problems = []
@@ -122,7 +135,7 @@ def test_cpu_commands_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     for page, command in _cpu_commands():
         run = _reduced(command)
-        result = subprocess.run(run, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        result = _run(run, tmp_path, env)
         assert result.returncode == 0, f"{page}: {run}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     documented, columns = _documented(), set()
     for path in tmp_path.glob("runs/**/metrics.csv"):

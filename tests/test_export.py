@@ -1,14 +1,12 @@
 """The Hugging Face export: what the demo leaves loads with from_pretrained and computes the trained logits."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sppo_lightning.export import export_checkpoint
 from sppo_lightning.module import SPPOModule
+from tests import forked
 from tests.test_cli import DEMO, REPO, SHORT, run
 
 
@@ -49,12 +47,7 @@ def test_demo_exports_a_folder_with_the_trained_logits(tmp_path):
 
 
 def test_export_command_reports_a_missing_checkpoint(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "sppo_lightning.export", str(tmp_path / "nope.ckpt"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    proc = forked.run(["-m", "sppo_lightning.export", str(tmp_path / "nope.ckpt"), str(tmp_path / "out")])
     assert proc.returncode == 2
     assert "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -5,13 +5,11 @@ per rank). Not exercised here: NCCL and bf16 mixed precision, which only exist o
 (tests/test_gpu.py).
 """
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from sppo_lightning.toy import MODEL_DIR
+from tests import forked
 from tests.test_cli import DEMO, REPO, read_metrics, run, val_accuracies
 
 FSDP = str(REPO / "configs" / "fsdp_cpu.yaml")
@@ -19,21 +17,7 @@ FSDP = str(REPO / "configs" / "fsdp_cpu.yaml")
 
 def one_step(tmp_path, devices: int, *flags: str) -> dict:
     out = tmp_path / f"step_{devices}{''.join(flags)}.pt"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tests" / "fsdp_one_step.py"),
-            "--devices",
-            str(devices),
-            "--out",
-            str(out),
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    proc = forked.run([str(REPO / "tests" / "fsdp_one_step.py"), "--devices", str(devices), "--out", str(out), *flags])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

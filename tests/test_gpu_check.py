@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests import forked
 from tests.test_cli import REPO
 
 _spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
@@ -21,8 +22,7 @@ CUDA_ONLY = ["peak GiB", "plan GiB", "MFU"]
 
 
 def check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    return forked.run([str(REPO / "benchmarks" / "gpu_check.py"), *args], timeout=1200)
 
 
 def table(stdout: str) -> list[list[str]]:

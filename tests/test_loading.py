@@ -2,12 +2,11 @@
 model, and a non-zero rank's host memory stays far below the model's size. 2 CPU processes over gloo."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests import forked
 from tests.test_cli import REPO
 
 
@@ -26,13 +25,7 @@ def build_qwen2(out, **sizes) -> int:
 
 
 def run_script(*args: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "fsdp_loading.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=900,
-    )
+    proc = forked.run([str(REPO / "tests" / "fsdp_loading.py"), *args], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

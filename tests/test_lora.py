@@ -2,8 +2,6 @@
 checkpoint's contents, export, resume and the refusals, end to end on the demo."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from sppo_lightning import lora
 from sppo_lightning.checkpoints import check_lora
 from sppo_lightning.errors import ConfigError
 from sppo_lightning.module import SPPOModule
+from tests import forked
 from tests.test_cli import DEMO, REPO, SHORT, read_metrics, run, val_accuracies
 
 
@@ -158,10 +157,7 @@ def test_lora_demo_exports_resumes_exactly_and_refuses_a_full_resume(tmp_path, t
     assert len(state["state"]) == len(weights)  # AdamW moments of the adapters, nothing else
 
     # the export command gives the same two folders from the checkpoint
-    proc = subprocess.run(
-        [sys.executable, "-m", "sppo_lightning.export", str(full / "checkpoints" / "last.ckpt"), str(tmp_path / "e")],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
-    )  # fmt: skip
+    proc = forked.run(["-m", "sppo_lightning.export", str(full / "checkpoints" / "last.ckpt"), str(tmp_path / "e")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert greedy_answers(AutoModelForCausalLM.from_pretrained(tmp_path / "e"), tok, prompts) == expected
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model_dir), tmp_path / "e_adapter")
@@ -245,10 +241,7 @@ def test_plan_says_the_lora_recipe_fits_one_80_gib_gpu_with_the_breakdown(capsys
 def test_lora_vs_full_benchmark_smoke():
     """``benchmarks/lora_vs_full.py --smoke``: both setups run the module's step in their own process; LoRA's
     trainable parameters and AdamW state are a fraction of full fine-tuning's."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "lora_vs_full.py"), "--smoke", "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=900,
-    )  # fmt: skip
+    proc = forked.run([str(REPO / "benchmarks" / "lora_vs_full.py"), "--smoke", "--json"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, adapters = json.loads(proc.stdout[proc.stdout.index("[") :])
     assert (full["mode"], adapters["mode"]) == ("full", "lora")

@@ -3,21 +3,19 @@ same steps as one process under a token budget, a rank whose groups all tie stil
 in an accumulated step skips it whole under FSDP2 and FSDP1."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from tests import forked
 from tests.test_cli import REPO
 
 
 def fit(tmp_path, devices: int, *flags: str) -> list[dict]:
     """Each rank's record (``steps_fit.py``), rank 0 first."""
     out = tmp_path / "result"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "steps_fit.py"), "--devices", str(devices), "--out", str(out), *flags],
-        capture_output=True, text=True, cwd=REPO, timeout=900,
-    )  # fmt: skip
+    proc = forked.run(
+        [str(REPO / "tests" / "steps_fit.py"), "--devices", str(devices), "--out", str(out), *flags], timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in range(devices)]
 

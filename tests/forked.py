@@ -1,0 +1,174 @@
+"""``python SCRIPT ARGS`` and ``python -m MODULE ARGS`` for the suite, each a fork of one process per pytest worker
+that has imported the heavy packages once (torch, lightning, transformers, the project).
+
+Every run is still its own process, with its own argv, working folder, environment, stdin (empty), captured
+stdout/stderr and exit code, running the script as ``__main__`` exactly as ``python SCRIPT`` would; what it does not
+pay is the ~5 s of CPU that importing torch, lightning and transformers costs every ``python train.py``, which was
+a third of the suite's time. The forking process (the zygote) only imports: it never computes, so no thread pool
+exists when it forks. A run whose environment differs from the zygote's (packages read some variables when they
+are imported) starts a fresh interpreter instead (``run`` does it by itself), as do runs a test must signal (they
+use ``subprocess`` directly).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PRELOAD = (
+    "torch",
+    "lightning.pytorch.cli",
+    "transformers",
+    "transformers.models.qwen2.modeling_qwen2",
+    "sppo_lightning.cli",
+    "sppo_lightning.module",
+    "sppo_lightning.data.datamodule",
+    "callbacks",
+)
+
+
+def run(
+    argv: list[str], cwd: Path | str = REPO, env: dict | None = None, timeout: float = 600, stdout: Path | None = None
+):
+    """``subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)``
+    as a fork of a zygote started with that environment (one per distinct ``env``, the last ``KEEP`` kept per worker);
+    ``stdout``: write the run's standard output to that file instead (a shell's ``> file``)."""
+    env = dict(os.environ if env is None else env)
+    if os.environ.get("SPPO_TESTS_NO_FORK"):  # the fresh-interpreter path, to compare or to debug
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if stdout is not None:
+            Path(stdout).write_text(proc.stdout)
+        return proc
+    return _zygote(env).run(argv, str(cwd), env, timeout, stdout)
+
+
+KEEP = 3
+_zygotes: dict[tuple, _Zygote] = {}
+
+
+VOLATILE = {"PYTEST_CURRENT_TEST"}
+"""Variables that change from test to test and that nothing reads at import: the run gets their values, they do not
+call for a zygote of their own."""
+
+
+def _zygote(env: dict) -> _Zygote:
+    key = tuple(sorted((k, v) for k, v in env.items() if k not in VOLATILE))
+    if key not in _zygotes:
+        while len(_zygotes) >= KEEP:
+            _zygotes.pop(next(iter(_zygotes))).close()
+        _zygotes[key] = _Zygote(env)
+    return _zygotes[key]
+
+
+class _Zygote:
+    def __init__(self, env: dict):
+        self.env = env
+        to_child, from_parent = os.pipe()  # requests: parent writes, zygote reads
+        from_child, to_parent = os.pipe()  # replies
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.forked", str(to_child), str(to_parent)],
+            pass_fds=(to_child, to_parent), cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(to_child)
+        os.close(to_parent)
+        self.requests, self.replies, self.buffer = from_parent, from_child, b""
+        atexit.register(self.close)
+
+    def _line(self, timeout: float | None) -> str | None:
+        while b"\n" not in self.buffer:
+            if timeout is not None and not select.select([self.replies], [], [], timeout)[0]:
+                return None
+            chunk = os.read(self.replies, 4096)
+            if not chunk:
+                raise RuntimeError("the suite's zygote (tests/forked.py) exited")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode()
+
+    def run(self, argv, cwd, env, timeout, stdout=None):
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(stdout or Path(tmp) / "stdout"), Path(tmp) / "stderr"
+            request = {"argv": argv, "cwd": cwd, "env": env, "stdout": str(out), "stderr": str(err)}
+            os.write(self.requests, (json.dumps(request) + "\n").encode())
+            pid = int(self._line(None))
+            status = self._line(timeout)
+            if status is None:
+                os.kill(pid, signal.SIGKILL)
+                self._line(None)
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(
+                [sys.executable, *argv], int(status), "" if stdout else out.read_text(errors="replace"),
+                err.read_text(errors="replace"),
+            )  # fmt: skip
+
+    def close(self):
+        if self.requests is not None:
+            os.close(self.requests)  # the zygote's loop ends at end of file
+            self.requests = None
+            self.proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------- the zygote itself
+def _serve(requests_fd: int, replies_fd: int) -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    requests = os.fdopen(requests_fd, "r")
+    for line in requests:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            requests.close()
+            os.close(replies_fd)
+            _child(request)  # ends the process
+        os.write(replies_fd, f"{pid}\n".encode())
+        _, status = os.waitpid(pid, 0)
+        os.write(replies_fd, f"{os.waitstatus_to_exitcode(status)}\n".encode())
+
+
+def _child(request: dict) -> None:
+    """Become ``python ARGV`` in ``cwd`` with ``env``; exits through ``SystemExit`` like the interpreter's own run."""
+    import runpy
+
+    for fd, path, flags in (
+        (0, os.devnull, os.O_RDONLY),
+        (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    ):
+        opened = os.open(path, flags, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = request["argv"]
+    if argv[0] == "-c":
+        sys.argv = ["-c", *argv[2:]]
+        sys.path[0] = ""
+        exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    elif argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        script = os.path.abspath(argv[0])
+        sys.argv = [argv[0], *argv[1:]]
+        sys.path[0] = os.path.dirname(script)
+        runpy.run_path(script, run_name="__main__")
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
