@@ -5,9 +5,9 @@ Every run is still its own process, with its own argv, working folder, environme
 stdout/stderr and exit code, running the script as ``__main__`` exactly as ``python SCRIPT`` would; what it does not
 pay is the ~5 s of CPU that importing torch, lightning and transformers costs every ``python train.py``, which was
 a third of the suite's time. The forking process (the zygote) only imports: it never computes, so no thread pool
-exists when it forks. A run whose environment differs from the zygote's (packages read some variables when they
-are imported) starts a fresh interpreter instead (``run`` does it by itself), as do runs a test must signal (they
-use ``subprocess`` directly).
+exists when it forks. Runs whose import-time variables (``IMPORT_TIME``: sys.path, thread pools, hub settings)
+differ get a zygote of their own; runs a test must signal (SIGTERM, a kill during a save) start a fresh interpreter
+with ``subprocess``, and so still cover ``python train.py`` from its first import.
 """
 
 from __future__ import annotations
@@ -57,13 +57,28 @@ KEEP = 3
 _zygotes: dict[tuple, _Zygote] = {}
 
 
-VOLATILE = {"PYTEST_CURRENT_TEST"}
-"""Variables that change from test to test and that nothing reads at import: the run gets their values, they do not
-call for a zygote of their own."""
+IMPORT_TIME = (
+    "PYTHON",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "TORCH",
+    "PYTORCH_",
+    "TOKENIZERS_",
+    "CUDA_",
+    "LD_",
+)
+"""Prefixes of the variables a package may read when it is imported (sys.path, thread pools, hub and cache
+settings, library paths): runs that differ in one of them get a zygote of their own. Every other variable (a seed
+Lightning exported, a rank, a test's flag) only reaches the run's environment, at the fork, as it would in
+``python ARGS``."""
 
 
 def _zygote(env: dict) -> _Zygote:
-    key = tuple(sorted((k, v) for k, v in env.items() if k not in VOLATILE))
+    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME)))
     if key not in _zygotes:
         while len(_zygotes) >= KEEP:
             _zygotes.pop(next(iter(_zygotes))).close()

@@ -51,8 +51,8 @@ def test_resume_from_last_with_no_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_skips_a_truncated_checkpoint_or_says_none_is_complete(tmp_path):
-    run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1")
+def test_resume_skips_a_truncated_checkpoint_or_says_none_is_complete(one_iteration, tmp_path):
+    shutil.copytree(one_iteration, tmp_path, dirs_exist_ok=True)
     ckpts = tmp_path / "checkpoints"
     [done] = [p for p in ckpts.glob("epoch=*.ckpt")]
     # what a kill during the next save left with an older Lightning: a newer, truncated file, and last.ckpt on it
@@ -72,8 +72,8 @@ def test_resume_skips_a_truncated_checkpoint_or_says_none_is_complete(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_names_changed_settings_and_refuses_another_model(tmp_path, toy_model_dir):
-    run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1")
+def test_resume_names_changed_settings_and_refuses_another_model(one_iteration, tmp_path, toy_model_dir):
+    shutil.copytree(one_iteration, tmp_path, dirs_exist_ok=True)
     proc = run(
         "fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--ckpt_path=last",
         "--model.eta=0.5", "--data.temperature=0.9",
