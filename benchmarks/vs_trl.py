@@ -205,9 +205,9 @@ def main() -> None:
             got["accuracy"] = accuracy(got.pop("model"), got.pop("tokenizer"), val)
             got["s_per_1000"] = 1000 * got["seconds"] / got["completions"]
             results[name].append(got)
-            print(f"round {r} {name:>4}: {got['seconds']:.1f} s ({got['cpu_seconds']:.1f} s CPU) for "
-                  f"{got['completions']} completions, "
-                  f"{got['steps']} optimizer steps, greedy accuracy {got['accuracy']:.1%}", flush=True)  # fmt: skip
+            print(f"round {r} {name:>4}: {got['seconds']:.1f} s for {got['completions']} completions, "
+                  f"{got['steps']} optimizer steps, greedy accuracy {got['accuracy']:.1%} "
+                  f"({got['cpu_seconds']:.1f} s CPU)", flush=True)  # fmt: skip
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
