@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"
     python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1] [--prompts 64] [--val 400]
-        [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
+        [--threads 1] [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
 
 Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
 K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions
@@ -11,7 +11,9 @@ TRL: beta 0 (no reference model; SPPO needs none either), fp32, no gradient chec
 on bf16 and checkpointing; both are off to match our demo), dropout as in the model. The two are alternated in this
 one process, ``--rounds`` times with seeds 0, 1, ...: time is the median of the rounds, accuracy (greedy, on the
 same 400 held-out problems, same scorer) their mean and standard error, since it varies by about 3 points from seed
-to seed. Last line: ``time_ratio_ours_over_trl=<x>``.
+to seed. torch runs on ``--threads`` threads, 1 by default (on a shared machine two threads of this tiny model wait on
+each other). Last lines: ``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time), ``time_ratio_ours_over_trl=<x>``
+(wall time).
 """
 
 from __future__ import annotations
@@ -78,11 +80,11 @@ def run_ours(
             f"--data.micro_batch_size={MICRO}", f"--model.learning_rate={lr}", f"--data.seed={seed}",
             f"--data.passes_per_rollout={passes}", *overrides]  # fmt: skip
     cli = build_run(args)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fit(cli)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "completions": iterations * prompts * K, "steps": cli.trainer.global_step,
-            "model": cli.model.policy, "tokenizer": cli.model.tokenizer}  # fmt: skip
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "completions": iterations * prompts * K,
+            "steps": cli.trainer.global_step, "model": cli.model.policy, "tokenizer": cli.model.tokenizer}  # fmt: skip
 
 
 def run_trl(
@@ -125,11 +127,11 @@ def run_trl(
         model=model, reward_funcs=reward_fn or reward, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )  # fmt: skip
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "completions": iterations * prompts * K, "steps": trainer.state.global_step,
-            "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "completions": iterations * prompts * K,
+            "steps": trainer.state.global_step, "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
 
 
 def trl_option(text: str) -> tuple[str, object]:
@@ -162,6 +164,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per round (x 4 samples), both sides")
     parser.add_argument("--val", type=int, default=400, help="held-out problems answered greedily")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads, both sides (1: fair on a shared machine)"
+    )
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
     args.trl_option = dict(args.trl_option)
@@ -175,6 +180,9 @@ def main() -> None:
         unknown = sorted(set(args.trl_option) - {f.name for f in fields(GRPOConfig)})
         if unknown:
             parser.error(f"--trl-option: GRPOConfig has no field {', '.join(unknown)}")
+    # One thread by default: on a machine other jobs share, two threads wait on each other for every small op of this
+    # 0.6M-parameter model (a 10-iteration run took 30 times as long), whatever the code does.
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "disabled")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
@@ -198,7 +206,8 @@ def main() -> None:
             got["s_per_1000"] = 1000 * got["seconds"] / got["completions"]
             results[name].append(got)
             print(f"round {r} {name:>4}: {got['seconds']:.1f} s for {got['completions']} completions, "
-                  f"{got['steps']} optimizer steps, greedy accuracy {got['accuracy']:.1%}", flush=True)  # fmt: skip
+                  f"{got['steps']} optimizer steps, greedy accuracy {got['accuracy']:.1%} "
+                  f"({got['cpu_seconds']:.1f} s CPU)", flush=True)  # fmt: skip
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,11 +237,13 @@ def main() -> None:
         f"accuracy gap ours - trl: {100 * gap:+.1f} ± {100 * gap_se:.1f} points "
         f"({100_000 * gap / completions:+.2f} ± {100_000 * gap_se / completions:.2f} per 1,000 completions)"
     )
-    settings = {"iterations": args.iterations, "lr": args.lr, "passes": args.passes,
+    settings = {"iterations": args.iterations, "lr": args.lr, "passes": args.passes, "threads": args.threads,
                 "trl_options": args.trl_option, "our_overrides": args.overrides}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"settings": settings, "start_accuracy": start_acc, "runs": results}
     (args.out / "vs_trl.json").write_text(json.dumps(record, indent=2))
+    cpu = {n: statistics.median(x["cpu_seconds"] for x in v) for n, v in results.items()}
+    print(f"cpu_time_ratio_ours_over_trl={cpu['ours'] / cpu['trl']:.3f} (medians of the process CPU time)")
     print(f"time_ratio_ours_over_trl={median['ours'] / median['trl']:.3f}")
 
 
