@@ -98,3 +98,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in TWO_PROCESS_FILES:
             item.add_marker(pytest.mark.xdist_group("two_processes"))
+    # The end-to-end runs first, the quick tests after them: the workers then finish together instead of one of them
+    # running the last long test alone (longest first is the classic rule for packing jobs onto a few machines).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
