@@ -171,19 +171,21 @@ def test_validate_reports_the_starting_accuracy(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("loss_type", "min_gain"), [("sppo", 0.15), ("sppo_pair", 0.10), ("sppo_softmean", 0.10), ("ipo", 0.10)]
+    ("loss_type", "iterations"), [("sppo", 20), ("sppo_pair", 10), ("sppo_softmean", 10), ("ipo", 10)]
 )
-def test_demo_learns(tmp_path, loss_type, min_gain):
-    """The README's promise: the demo raises greedy accuracy by at least 15 points (measured: 31.5% -> 58%), and
-    every SPPO variant by at least 10 through --model.loss_type alone."""
+def test_demo_learns(tmp_path, loss_type, iterations):
+    """The README's promise: the demo as shipped raises greedy accuracy by at least 15 points (measured: 31.5% ->
+    58%), and every other SPPO variant by at least 10 through --model.loss_type alone, already in 10 of the 20
+    iterations (measured with one torch thread, as the suite runs: sppo_pair +20.0, sppo_softmean +12.5, ipo +17.3;
+    after 20: +28.0, +24.8, +16.5)."""
     out = run(
         "fit", "--config", DEMO, f"--model.loss_type={loss_type}", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false",
+        f"--trainer.max_epochs={iterations}", "--trainer.enable_progress_bar=false",
     ).stdout  # fmt: skip
     acc = val_accuracies(tmp_path)
-    assert len(acc) == 21
+    assert len(acc) == iterations + 1
     assert 0.15 <= acc[0] <= 0.60
-    assert acc[-1] - acc[0] >= min_gain, acc
+    assert acc[-1] - acc[0] >= (0.15 if loss_type == "sppo" else 0.10), acc
     assert f"{acc[0]:.1%} -> {acc[-1]:.1%}" in out  # the end-of-fit summary table reports the same numbers
 
 
