@@ -8,8 +8,9 @@ clipping through the wrapper, sharded checkpoints, the export) the way it runs o
 
 from unittest import mock
 
+import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 
@@ -22,3 +23,22 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model):
         with mock.patch("torch.distributed.fsdp.FullyShardedDataParallel", _FSDPOnCPU):
             return super()._setup_model(model)
+
+
+def cpu_strategy(devices: int, fsdp1: bool = False):
+    """What the subprocess test scripts train under: FSDP1 (``CPUFSDPStrategy``), FSDP2 over ``devices``
+    processes (Lightning's ModelParallelStrategy re-launches the script per rank), or one process."""
+    if fsdp1:
+        return CPUFSDPStrategy()
+    if devices > 1:
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    return "auto"
+
+
+def cpu_trainer(devices: int, strategy, callbacks: list, **settings) -> L.Trainer:
+    """The scripts' Trainer: CPU, no logger, checkpoint, progress bar, summary or validation; ``settings`` add the
+    script's own (steps, epochs, precision, accumulation)."""
+    return L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks, **settings,
+    )  # fmt: skip

@@ -20,7 +20,7 @@ from sppo_lightning.module import SPPOModule
 from sppo_lightning.toy import MODEL_DIR
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_fsdp1 import CPUFSDPStrategy  # noqa: E402  (beside this script)
+from cpu_fsdp1 import CPUFSDPStrategy, cpu_trainer  # noqa: E402  (beside this script)
 from fsdp_one_step import FixedBatch  # noqa: E402
 
 reduced_dtypes: set[str] = set()
@@ -61,19 +61,7 @@ def main():
     L.seed_everything(0)
     module = SPPOModule(str(MODEL_DIR), loss_type="sppo", eta=2.0, learning_rate=1e-3)
     record = Record()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=CPUFSDPStrategy(),
-        precision="bf16-mixed",  # configs/fsdp1.yaml's
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[record],
-    )
+    trainer = cpu_trainer(2, CPUFSDPStrategy(), [record], precision="bf16-mixed", max_steps=1)  # fsdp1.yaml's
     trainer.fit(module, datamodule=FixedBatch())
     rotary = module.policy.model.rotary_emb
     result = {

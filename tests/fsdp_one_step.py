@@ -20,7 +20,6 @@ import random
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from sppo_lightning.data.batching import attach_step_units, collate
 from sppo_lightning.data.datamodule import RolloutDataModule
@@ -100,27 +99,10 @@ def main():
         fsdp_cpu_offload=args.cpu_offload, packed=args.packed, gradient_checkpointing=args.checkpointing,
         share_prompt=not args.no_share_prompt,
     )  # fmt: skip
-    if args.fsdp1:
-        from cpu_fsdp1 import CPUFSDPStrategy  # beside this script, whose folder is on sys.path
+    from cpu_fsdp1 import cpu_strategy, cpu_trainer  # beside this script, whose folder is on sys.path
 
-        strategy = CPUFSDPStrategy()
-    elif args.devices > 1:
-        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-    else:
-        strategy = "auto"
     record = Record(whole_grads=not args.fsdp1)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy=strategy,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[record],
-    )
+    trainer = cpu_trainer(args.devices, cpu_strategy(args.devices, args.fsdp1), [record], max_steps=1)
     trainer.fit(module, datamodule=FixedBatch(args.uneven))
     groups = {"decay_names": module.decay_names, "loss": record.losses[0]}
     if args.fsdp1:

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from sppo_lightning.module import SPPOModule  # noqa: E402
 from sppo_lightning.preference import win_rates_from_rewards  # noqa: E402
@@ -86,19 +85,12 @@ def main():
 
     L.seed_everything(0)
     module = SPPOModule(str(MODEL_DIR), loss_type=args.loss_type, eta=2.0, learning_rate=1e-3, weight_decay=0.0)
-    if args.fsdp1:
-        from cpu_fsdp1 import CPUFSDPStrategy  # beside this script
+    from cpu_fsdp1 import cpu_strategy, cpu_trainer  # beside this script
 
-        strategy = CPUFSDPStrategy()
-    elif args.devices > 1:
-        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-    else:
-        strategy = "auto"
     steps = Steps(args.nan_at)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        reload_dataloaders_every_n_epochs=1, accumulate_grad_batches=args.accumulate, callbacks=[steps],
+    trainer = cpu_trainer(
+        args.devices, cpu_strategy(args.devices, args.fsdp1), [steps], max_epochs=1,
+        reload_dataloaders_every_n_epochs=1, accumulate_grad_batches=args.accumulate,
     )  # fmt: skip
     groups = fixed_groups(args.groups)
     step = {} if args.rows_per_step is None else {"rows_per_step": args.rows_per_step}  # None: as before the setting
