@@ -1,6 +1,7 @@
 """Reading prompt files: verl's parquet schema as is, plain jsonl, and clear errors naming file and row."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -94,3 +95,23 @@ def test_corrupt_parquet(tmp_path):
     path.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="bad.parquet: not a readable parquet file"):
         read_prompts(str(path))
+
+
+def test_token_ids_are_the_tokenizer_calls_and_leave_its_padding_as_it_was():
+    """The fast batch path gives ``tok(texts)``'s ids for a tokenizer that carries padding of its own (the toy
+    model's) and one that truncates (which takes ``tok(...)`` itself), and leaves the tokenizer's settings as found."""
+    from transformers import AutoTokenizer
+
+    from sppo_lightning.data.datamodule import token_ids
+
+    toy = Path(__file__).resolve().parents[2] / "sppo_lightning" / "toy" / "model"
+    texts = ["<|im_start|>user\nWhat is 7+49?<|im_end|>\n<|im_start|>assistant\n", "x", ""]
+    tok = AutoTokenizer.from_pretrained(toy)
+    padding = tok.backend_tokenizer.padding
+    assert padding is not None  # the case the fast path must switch off for the call
+    fresh = AutoTokenizer.from_pretrained(toy)
+    assert token_ids(tok, texts) == fresh(texts, add_special_tokens=False)["input_ids"]
+    assert [len(ids) for ids in token_ids(tok, texts)][1:] == [1, 0]  # not padded to the longest
+    assert tok.backend_tokenizer.padding == padding
+    tok.backend_tokenizer.enable_truncation(max_length=5)
+    assert token_ids(tok, texts) == fresh(texts, add_special_tokens=False)["input_ids"]
