@@ -79,11 +79,9 @@ def dropout_model_dir(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- parallel workers
-# pyproject's addopts run the suite on 2 pytest-xdist workers. Each worker (and every train.py it starts, through
-# the environment) then uses one torch thread: two workers of two threads each on two cores spend their time
-# waiting on each other's threads (OpenMP spins), and the toy model's matrices are too small for a second thread
-# to pay. Tests that start 2 processes of their own run one after another on one worker ("two_processes").
-TWO_PROCESS_FILES = {"test_fsdp.py", "test_sglang_fsdp.py"}
+# pyproject's addopts run the suite on 3 pytest-xdist workers. Each worker (and every train.py it starts, through
+# the environment) then uses one torch thread: workers of two threads each on two cores spend their time waiting on
+# each other's threads (OpenMP spins), and the toy model's matrices are too small for a second thread to pay.
 
 
 def pytest_configure(config):
@@ -95,9 +93,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in TWO_PROCESS_FILES:
-            item.add_marker(pytest.mark.xdist_group("two_processes"))
     # The end-to-end runs first, the quick tests after them: the workers then finish together instead of one of them
     # running the last long test alone (longest first is the classic rule for packing jobs onto a few machines).
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

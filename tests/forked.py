@@ -8,6 +8,12 @@ a third of the suite's time. The forking process (the zygote) only imports: it n
 exists when it forks. Runs whose import-time variables (``IMPORT_TIME``: sys.path, thread pools, hub settings)
 differ get a zygote of their own; runs a test must signal (SIGTERM, a kill during a save) start a fresh interpreter
 with ``subprocess``, and so still cover ``python train.py`` from its first import.
+
+``ranks=N`` runs a multi-process script as N forks at once, each given the variables Lightning's launcher gives the
+processes it starts (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), as torchrun or
+SLURM start ranks outside the script: Lightning then starts no process of its own. Without it, rank 0 is a fork and
+Lightning's launcher starts the other ranks as fresh interpreters (``sys.executable`` + the script), the way
+``python train.py fit --trainer.devices=2`` runs for a user; the tests that check that path leave ``ranks`` at 1.
 """
 
 from __future__ import annotations
@@ -33,24 +39,44 @@ PRELOAD = (
     "sppo_lightning.module",
     "sppo_lightning.data.datamodule",
     "callbacks",
+    "matplotlib.pyplot",  # callbacks.LearningCurves draws at the end of every demo run
 )
 
 
 def run(
-    argv: list[str], cwd: Path | str = REPO, env: dict | None = None, timeout: float = 600, stdout: Path | None = None
+    argv: list[str],
+    cwd: Path | str = REPO,
+    env: dict | None = None,
+    timeout: float = 600,
+    stdout: Path | None = None,
+    ranks: int = 1,
 ):
     """``subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)``
     as a fork of a zygote started with that environment (one per distinct ``env``, the last ``KEEP`` kept per worker);
-    ``stdout``: write the run's standard output to that file instead (a shell's ``> file``)."""
+    ``stdout``: write the run's standard output to that file instead (a shell's ``> file``); ``ranks``: start that
+    many ranks of the script at once, sharing the streams (see the module's docstring). A failing rank stops the
+    others, as Lightning's launcher does; the exit code is the first failing rank's."""
     env = dict(os.environ if env is None else env)
-    if os.environ.get("SPPO_TESTS_NO_FORK"):  # the fresh-interpreter path, to compare or to debug
+    if ranks > 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", WORLD_SIZE=str(ranks))
+        env.pop("LOCAL_RANK", None)
+    if os.environ.get("SPPO_TESTS_NO_FORK") and ranks == 1:  # the fresh-interpreter path, to compare or to debug
         proc = subprocess.run(
             [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
         )
         if stdout is not None:
             Path(stdout).write_text(proc.stdout)
         return proc
-    return _zygote(env).run(argv, str(cwd), env, timeout, stdout)
+    return _zygote(env).run(argv, str(cwd), env, timeout, stdout, ranks)
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (Lightning's launcher picks its ``MASTER_PORT`` the same way)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 KEEP = 3
@@ -111,15 +137,15 @@ class _Zygote:
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line.decode()
 
-    def run(self, argv, cwd, env, timeout, stdout=None):
+    def run(self, argv, cwd, env, timeout, stdout=None, ranks=1):
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(stdout or Path(tmp) / "stdout"), Path(tmp) / "stderr"
-            request = {"argv": argv, "cwd": cwd, "env": env, "stdout": str(out), "stderr": str(err)}
+            request = {"argv": argv, "cwd": cwd, "env": env, "stdout": str(out), "stderr": str(err), "ranks": ranks}
             os.write(self.requests, (json.dumps(request) + "\n").encode())
             pid = int(self._line(None))
             status = self._line(timeout)
             if status is None:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)  # the run and every process it started (its own group)
                 self._line(None)
                 raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
             return subprocess.CompletedProcess(
@@ -154,9 +180,9 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
 
 
 def _child(request: dict) -> None:
-    """Become ``python ARGV`` in ``cwd`` with ``env``; exits through ``SystemExit`` like the interpreter's own run."""
-    import runpy
-
+    """Become ``python ARGV`` in ``cwd`` with ``env`` (or the parent of ``ranks`` such processes); exits through
+    ``SystemExit`` like the interpreter's own run."""
+    os.setpgid(0, 0)  # a timeout kills the group: the ranks, and the processes Lightning's launcher starts
     for fd, path, flags in (
         (0, os.devnull, os.O_RDONLY),
         (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
@@ -168,7 +194,40 @@ def _child(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    argv = request["argv"]
+    if request.get("ranks", 1) > 1:
+        os._exit(_ranks(request))
+    _become(request["argv"])
+
+
+def _ranks(request: dict) -> int:
+    """Fork one process per rank with its ``LOCAL_RANK``; wait for them all. A rank that fails gets the others
+    killed (SIGKILL, as Lightning's launcher does: SIGTERM does not stop a rank waiting in a collective); returns the
+    first failing rank's exit code, 0 when none failed."""
+    pids = {}
+    for rank in range(request["ranks"]):
+        pid = os.fork()
+        if pid == 0:  # ends like the interpreter's own run: SystemExit or an error unwinds to its exit
+            os.environ["LOCAL_RANK"] = str(rank)
+            _become(request["argv"])
+        pids[pid] = rank
+    codes = []
+    while len(codes) < len(pids):
+        pid, status = os.wait()
+        codes.append(os.waitstatus_to_exitcode(status))
+        if codes[-1] != 0 and len(codes) < len(pids):
+            for other in pids:
+                if other != pid:
+                    try:
+                        os.kill(other, signal.SIGKILL)
+                    except ProcessLookupError:  # already reaped
+                        pass
+    return next((code for code in codes if code != 0), 0)
+
+
+def _become(argv: list[str]) -> None:
+    """Run ``python ARGV`` in this process."""
+    import runpy
+
     if argv[0] == "-c":
         sys.argv = ["-c", *argv[2:]]
         sys.path[0] = ""

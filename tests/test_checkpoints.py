@@ -340,7 +340,7 @@ def test_sharded_checkpoints_are_refused_by_one_process(tmp_path):
     """FSDP2's shards (a folder) resumed by a single process: refused naming the layout, where Lightning raised
     IsADirectoryError; the folder's meta.pt holds the record the check reads."""
     run("fit", *TINY, "--config", str(REPO / "configs" / "fsdp_cpu.yaml"), f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.max_epochs=1")  # fmt: skip
+        "--trainer.max_epochs=1", ranks=2)  # fmt: skip
     assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
     proc = run("fit", *TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=2", "--ckpt_path=last",
                check=False)  # fmt: skip

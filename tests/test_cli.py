@@ -21,9 +21,10 @@ SHORT = [
 ]
 
 
-def run(*args, cwd=REPO, check=True, env=None):
-    """``python train.py ARGS`` in its own process (a fork of the worker's preloaded zygote: tests/forked.py)."""
-    proc = forked.run([str(REPO / "train.py"), *args], cwd=cwd, env=env, timeout=600)
+def run(*args, cwd=REPO, check=True, env=None, ranks=1):
+    """``python train.py ARGS`` in its own process (a fork of the worker's preloaded zygote: tests/forked.py);
+    ``ranks=2``: both ranks of a 2-process run started that way (``forked.run``), not by Lightning's launcher."""
+    proc = forked.run([str(REPO / "train.py"), *args], cwd=cwd, env=env, timeout=600, ranks=ranks)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -328,7 +328,7 @@ def test_the_reference_merges_every_ranks_share_under_fsdp(tmp_path):
         "fit", "--config", DEMO, "--config", str(REPO / "configs" / "fsdp_cpu.yaml"), "--trainer.max_epochs=1",
         "--data.prompts_per_epoch=16", "--data.val.init_args.num_prompts=41", "--data.val_batch_size=41",
         "--data.oracle=tests.test_evaluation.LongerIsBetter", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}", ranks=2,
     )  # fmt: skip
     reference = ReferenceResponses.load(tmp_path / "reference_responses.jsonl").entries
     val = AdditionPrompts("val", num_prompts=41, seed=1).load()  # the demo's validation prompts, 41 of them

@@ -34,3 +34,26 @@ def test_output_to_a_file_and_a_module_run(tmp_path):
     proc = forked.run(["-m", "json.tool", "--help"], cwd=tmp_path, stdout=tmp_path / "help.txt")
     assert proc.returncode == 0 and "json.tool" in (tmp_path / "help.txt").read_text()
     assert sys.executable in proc.args
+
+
+RANK = (
+    "import os, sys, time; e = os.environ; print(e['LOCAL_RANK'], e['NODE_RANK'], e['WORLD_SIZE'], e['MASTER_ADDR'], "
+    "e['MASTER_PORT'], flush=True); rank = int(e['LOCAL_RANK']); "
+    "time.sleep(60) if rank == 0 and sys.argv[1] == 'fail' else sys.exit(7 if sys.argv[1] == 'fail' else 0)"
+)
+
+
+def test_ranks_start_together_with_the_launchers_variables(tmp_path):
+    proc = forked.run(["-c", RANK, "ok"], cwd=tmp_path, ranks=2)
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(line.split() for line in proc.stdout.splitlines())  # both ranks write to the run's streams
+    assert [line[:4] for line in lines] == [["0", "0", "2", "127.0.0.1"], ["1", "0", "2", "127.0.0.1"]]
+    assert lines[0][4] == lines[1][4] and int(lines[0][4]) > 0  # one MASTER_PORT for both
+
+
+def test_a_failing_rank_stops_the_others_and_gives_its_exit_code(tmp_path):
+    import time
+
+    start = time.monotonic()
+    proc = forked.run(["-c", RANK, "fail"], cwd=tmp_path, ranks=2)  # rank 0 would sleep 60 s: killed
+    assert proc.returncode == 7 and time.monotonic() - start < 30

@@ -17,7 +17,8 @@ FSDP = str(REPO / "configs" / "fsdp_cpu.yaml")
 
 def one_step(tmp_path, devices: int, *flags: str) -> dict:
     out = tmp_path / f"step_{devices}{''.join(flags)}.pt"
-    proc = forked.run([str(REPO / "tests" / "fsdp_one_step.py"), "--devices", str(devices), "--out", str(out), *flags])
+    script = [str(REPO / "tests" / "fsdp_one_step.py"), "--devices", str(devices), "--out", str(out), *flags]
+    proc = forked.run(script, ranks=devices)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -90,7 +91,7 @@ def test_validation_on_two_processes_counts_each_prompt_once(tmp_path):
     """51 validation prompts over 2 ranks (26 + 25, batches of 10): accuracy overall and by level are one process's
     figures (18/51), not those of a set padded with a duplicate prompt (18/52)."""
     val = ["--data.val.init_args.num_prompts=51", "--data.val_batch_size=10"]
-    run("validate", "--config", DEMO, "--config", FSDP, *val, f"--trainer.default_root_dir={tmp_path / 'two'}")
+    run("validate", "--config", DEMO, "--config", FSDP, *val, f"--trainer.default_root_dir={tmp_path / 'two'}", ranks=2)
     run("validate", "--config", DEMO, *val, f"--trainer.default_root_dir={tmp_path / 'one'}")
     two, one = [
         {k: float(v) for k, v in row.items() if k.startswith("val/")}
@@ -154,7 +155,7 @@ def test_fsdp1_on_two_cpu_processes_learns_and_its_shards_export(tmp_path):
     overlay.write_text(FSDP1_ON_CPU)
     root = tmp_path / "fsdp1"
     configs = ["--config", DEMO, "--config", str(REPO / "configs" / "fsdp1.yaml"), "--config", str(overlay)]
-    proc = run("fit", *configs, "--trainer.max_epochs=2", f"--trainer.default_root_dir={root}")
+    proc = run("fit", *configs, "--trainer.max_epochs=2", f"--trainer.default_root_dir={root}", ranks=2)
     assert "FSDP1: one unit per Qwen2DecoderLayer" in proc.stdout + proc.stderr
     acc = val_accuracies(root)
     assert len(acc) == 3 and acc[-1] > acc[0]

@@ -25,7 +25,7 @@ def build_qwen2(out, **sizes) -> int:
 
 
 def run_script(*args: str) -> None:
-    proc = forked.run([str(REPO / "tests" / "fsdp_loading.py"), *args], timeout=900)
+    proc = forked.run([str(REPO / "tests" / "fsdp_loading.py"), *args], timeout=900, ranks=2)  # its Trainer: 2 devices
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -196,10 +196,10 @@ def test_lora_under_fsdp2_on_two_processes_trains_resumes_exactly_and_exports(tm
 
     fsdp = ["--config", str(REPO / "configs" / "fsdp_cpu.yaml"), *LORA_SHORT]
     full, part = tmp_path / "full", tmp_path / "part"
-    proc = run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={full}")
+    proc = run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={full}", ranks=2)
     assert "sharded over data_parallel=2" in proc.stdout + proc.stderr
-    run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={part}", "--trainer.max_epochs=1")
-    run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={part}", "--ckpt_path=last")
+    run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={part}", "--trainer.max_epochs=1", ranks=2)
+    run("fit", "--config", DEMO, *fsdp, f"--trainer.default_root_dir={part}", "--ckpt_path=last", ranks=2)
 
     def losses(root):
         return [(r["step"], r["train/loss"]) for r in read_metrics(root) if r.get("train/loss")]

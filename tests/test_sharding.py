@@ -40,7 +40,7 @@ def test_fsdp1_bf16_mixed_keeps_buffers_and_gradient_reduction_in_float32(tmp_pa
     the gradients go through the reduce-scatter in float32 and the rotary inv_freq stays float32 after a step, as
     under FSDP2. Lightning's own FSDPPrecision made all three bf16 (0.37 % error on the RoPE frequencies)."""
     out = tmp_path / "precision.json"
-    proc = forked.run([str(REPO / "tests" / "fsdp1_precision.py"), f"--out={out}"], timeout=900)
+    proc = forked.run([str(REPO / "tests" / "fsdp1_precision.py"), f"--out={out}"], timeout=900, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result == {"inv_freq": "torch.float32", "reduced": ["torch.float32"], "compute": ["torch.bfloat16"]}

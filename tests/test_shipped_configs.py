@@ -169,7 +169,7 @@ def fit(case: Case, root: Path, *overrides: str):
         env = {k: v for k, v in env.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
     start = time.monotonic()
     proc = run("fit", *configs, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-               *overrides, env=env)  # fmt: skip
+               *overrides, env=env, ranks=2 if case.devices == SHARDED else 1)  # fmt: skip
     return proc, time.monotonic() - start
 
 

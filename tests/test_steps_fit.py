@@ -14,7 +14,9 @@ def fit(tmp_path, devices: int, *flags: str) -> list[dict]:
     """Each rank's record (``steps_fit.py``), rank 0 first."""
     out = tmp_path / "result"
     proc = forked.run(
-        [str(REPO / "tests" / "steps_fit.py"), "--devices", str(devices), "--out", str(out), *flags], timeout=900
+        [str(REPO / "tests" / "steps_fit.py"), "--devices", str(devices), "--out", str(out), *flags],
+        timeout=900,
+        ranks=devices,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in range(devices)]

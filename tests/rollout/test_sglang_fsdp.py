@@ -21,7 +21,7 @@ SMALL = ["--trainer.max_epochs=1", "--data.prompts_per_epoch=16", "--data.val.in
          "--data.val_batch_size=50", "--trainer.enable_progress_bar=false"]  # fmt: skip
 
 
-def fit_with_standin(tmp_path, *configs, check=True):
+def fit_with_standin(tmp_path, *configs, check=True, ranks=1):
     dump = tmp_path / "engines"
     dump.mkdir()
     path = os.pathsep.join(p for p in [str(FAKE), str(REPO), os.environ.get("PYTHONPATH", "")] if p)
@@ -29,14 +29,14 @@ def fit_with_standin(tmp_path, *configs, check=True):
     proc = run(
         "fit", *configs, *SMALL, f"--trainer.default_root_dir={tmp_path / 'run'}",
         "--data.engine=sppo_lightning.rollout.sglang.SGLangEngine", "--data.engine.init_args.dtype=float32",
-        env=env, check=check,
+        env=env, check=check, ranks=ranks,
     )  # fmt: skip
     return proc, [torch.load(p, weights_only=False) for p in sorted(dump.glob("*.pt"))]
 
 
 @pytest.mark.slow
 def test_each_fsdp2_rank_engine_holds_the_trained_weights(tmp_path):
-    _, engines = fit_with_standin(tmp_path, "--config", DEMO, "--config", FSDP)
+    _, engines = fit_with_standin(tmp_path, "--config", DEMO, "--config", FSDP, ranks=2)
     root = tmp_path / "run"
     export_checkpoint(root / "checkpoints" / "last.ckpt", tmp_path / "hf")
     final = load_file(tmp_path / "hf" / "model.safetensors")
