@@ -40,6 +40,14 @@ PRELOAD = (
     "sppo_lightning.data.datamodule",
     "callbacks",
     "matplotlib.pyplot",  # callbacks.LearningCurves draws at the end of every demo run
+    # what a run imports on its way (the CLI's omegaconf, checkpoint saving, the toy task, the answer checker's
+    # math-verify: half a second at the first non-numeric answer)
+    "omegaconf",
+    "torch.distributed.checkpoint",
+    "PIL.Image",
+    "rich.console",
+    "sppo_lightning.toy",
+    "math_verify",
 )
 
 
