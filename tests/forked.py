@@ -9,11 +9,17 @@ exists when it forks. Runs whose import-time variables (``IMPORT_TIME``: sys.pat
 differ get a zygote of their own; runs a test must signal (SIGTERM, a kill during a save) start a fresh interpreter
 with ``subprocess``, and so still cover ``python train.py`` from its first import.
 
+Inside a run, ``sys.executable`` is a shim (``tests/forked_python.py``): the ``python ...`` a run starts itself
+(Lightning's launcher starting rank 1 as ``python train.py ...``, a benchmark starting ``train.py`` per row) is
+forked from the same zygote too, with the caller's streams, folder, environment, ``PYTHONPATH`` and process group;
+its exit code and the signals sent to it are the run's (one that needs other import-time variables gets the real
+interpreter).
+
 ``ranks=N`` runs a multi-process script as N forks at once, each given the variables Lightning's launcher gives the
 processes it starts (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), as torchrun or
 SLURM start ranks outside the script: Lightning then starts no process of its own. Without it, rank 0 is a fork and
-Lightning's launcher starts the other ranks as fresh interpreters (``sys.executable`` + the script), the way
-``python train.py fit --trainer.devices=2`` runs for a user; the tests that check that path leave ``ranks`` at 1.
+Lightning's launcher starts the other ranks (through the shim), the way ``python train.py fit --trainer.devices=2``
+runs for a user; the tests that check that path leave ``ranks`` at 1.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,24 +177,102 @@ class _Zygote:
 
 # ------------------------------------------------------------------------------------------- the zygote itself
 def _serve(requests_fd: int, replies_fd: int) -> None:
+    """Fork a run for each request of the worker (one at a time, on the pipe) and for each ``python`` a run starts
+    (through the shim, ``forked_python.py``, on a socket; any number at once), and report each exit code. No
+    ``finally`` here: a forked run unwinds through this frame on its way to the interpreter's exit."""
     import importlib
+    import selectors
+    import socket
 
+    imported_with = _import_time(os.environ)  # before the imports, which may set some (OMP, tokenizers)
     for name in PRELOAD:
         importlib.import_module(name)
-    requests = os.fdopen(requests_fd, "r")
-    for line in requests:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            requests.close()
-            os.close(replies_fd)
-            _child(request)  # ends the process
-        os.write(replies_fd, f"{pid}\n".encode())
-        _, status = os.waitpid(pid, 0)
-        os.write(replies_fd, f"{os.waitstatus_to_exitcode(status)}\n".encode())
+    folder = tempfile.mkdtemp(prefix="sppo-zygote-")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(os.path.join(folder, "socket"))
+    server.listen(16)
+    shim = Path(folder) / "python"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S -E "{REPO / "tests" / "forked_python.py"}" "$@"\n')
+    shim.chmod(0o755)
+    without_path = tuple(kv for kv in imported_with if kv[0] != "PYTHONPATH")  # a shim's run may add to it
+    links = {"SPPO_FORKED_SOCKET": server.getsockname(), "SPPO_FORKED_PYTHON": sys.executable}
+    selector = selectors.DefaultSelector()
+    selector.register(requests_fd, selectors.EVENT_READ)
+    selector.register(server, selectors.EVENT_READ)
+    waiting: dict[int, Callable[[int], None]] = {}  # pid -> what to do with its exit code
+    pending, open_requests = b"", True
+    while open_requests or waiting:
+        for key, _ in selector.select(timeout=0.05):
+            if key.fileobj == requests_fd:
+                chunk = os.read(requests_fd, 65536)
+                pending += chunk
+                if not chunk:  # the worker is gone: so are its runs
+                    open_requests = False
+                    selector.unregister(requests_fd)
+                    for pid in waiting:
+                        os.kill(pid, signal.SIGKILL)
+                while b"\n" in pending:
+                    line, _, pending = pending.partition(b"\n")
+                    request = json.loads(line)
+                    pid = os.fork()
+                    if pid == 0:
+                        server.close()
+                        os.close(requests_fd)
+                        os.close(replies_fd)
+                        _child(request, links, str(shim))  # ends the process
+                    os.write(replies_fd, f"{pid}\n".encode())
+                    waiting[pid] = lambda code: os.write(replies_fd, f"{code}\n".encode())
+            elif key.fileobj == server:
+                conn, _ = server.accept()
+                message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+                request = json.loads(message)
+                if _import_time(request["env"], but="PYTHONPATH") != without_path:
+                    conn.send(b"exec")  # other thread pools or hub settings: a fresh interpreter
+                    conn.close()
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    server.close()
+                    os.close(requests_fd)
+                    os.close(replies_fd)
+                    conn.close()
+                    _shim_child(request, fds, imported_with, str(shim))  # ends the process
+                for fd in fds:
+                    os.close(fd)
+                conn.send(f"{pid}".encode())
+                selector.register(conn, selectors.EVENT_READ, pid)
+
+                def answer(code: int, conn=conn) -> None:
+                    if conn in selector.get_map():
+                        selector.unregister(conn)
+                    try:
+                        conn.send(f"{code}".encode())
+                    except OSError:  # the shim is gone
+                        pass
+                    conn.close()
+
+                waiting[pid] = answer
+            elif key.data in waiting:  # the shim hung up before its run ended: it was killed (SIGKILL), so is the run
+                os.kill(key.data, signal.SIGKILL)
+                selector.unregister(key.fileobj)
+        while waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            waiting.pop(pid)(os.waitstatus_to_exitcode(status))
+    server.close()
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-def _child(request: dict) -> None:
+def _import_time(env, but: str = "") -> tuple:
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME) and k != but))
+
+
+def _child(request: dict, links: dict, shim: str) -> None:
     """Become ``python ARGV`` in ``cwd`` with ``env`` (or the parent of ``ranks`` such processes); exits through
     ``SystemExit`` like the interpreter's own run."""
     os.setpgid(0, 0)  # a timeout kills the group: the ranks, and the processes Lightning's launcher starts
@@ -201,9 +286,27 @@ def _child(request: dict) -> None:
         os.close(opened)
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update(request["env"], **links)
+    sys.executable = shim  # the run's own `python ...` (a launcher's rank, a benchmark's run) is forked too
     if request.get("ranks", 1) > 1:
         os._exit(_ranks(request))
+    _become(request["argv"])
+
+
+def _shim_child(request: dict, fds: list[int], imported_with: tuple, shim: str) -> None:
+    """Become the ``python ARGV`` a run started through the shim: its streams, folder, environment and process
+    group; the entries its ``PYTHONPATH`` adds go where the interpreter puts them, after the script's folder."""
+    os.setpgid(0, request["pgid"])  # the run's group: a timeout's kill reaches it
+    for target, fd in zip((0, 1, 2), fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    before = dict(imported_with).get("PYTHONPATH", "")
+    os.environ.clear()
+    os.environ.update(request["env"])
+    added = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in before.split(os.pathsep)]
+    sys.path[1:1] = [os.path.abspath(p) for p in added]
+    sys.executable = shim
     _become(request["argv"])
 
 

@@ -3,7 +3,8 @@ figures: a benchmark whose construction breaks (a setting linked by the CLI, a r
 instead of the README's tables going stale. Values are not checked (they are measurements); names and columns are.
 
 The scripts run in this process (``runpy``, as ``python benchmarks/X.py ARGS`` would, ``__main__`` included) to save
-an interpreter start and the imports per run; ``compare_losses.py`` starts ``train.py`` itself.
+an interpreter start and the imports per run; ``compare_losses.py`` starts ``train.py`` itself (both forked from the
+suite's preloaded process, ``tests/forked.py``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import importlib.util
 import json
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import forked
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -140,10 +142,10 @@ def test_packing_prints_every_setup_twice(run_script, tmp_path, workload):
 def test_compare_losses_prints_a_row_per_loss_type_twice(tmp_path):
     """Its runs are train.py processes (the demo config, shortened); twice into the same folder, whose "before" must
     come from the new run, not the first run's logs."""
-    cmd = [sys.executable, str(BENCH / "compare_losses.py"), "--epochs", "1", "--out", str(tmp_path), "--loss-types"]
+    cmd = [str(BENCH / "compare_losses.py"), "--epochs", "1", "--out", str(tmp_path), "--loss-types"]
     extra = ["--", "--data.prompts_per_epoch=8", "--data.val.init_args.num_prompts=16"]
     for losses in (["dpo"], ["dpo"]):
-        done = subprocess.run(cmd + losses + extra, capture_output=True, text=True, cwd=REPO, timeout=600)
+        done = forked.run(cmd + losses + extra, cwd=REPO, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         for loss in losses:
             row = rf"^\| `{loss}` \| [\d.]+% -> [\d.]+% \| [+-][\d.]+ pts \| \d+ s \|$"
@@ -159,8 +161,7 @@ def test_random_model_loads_as_a_qwen2(tmp_path, run_script):
     from transformers import AutoConfig, AutoTokenizer
 
     args = ["--out", str(tmp_path), "--hidden", "32", "--layers", "1", "--heads", "2"]
-    done = subprocess.run([sys.executable, str(BENCH / "random_model.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)  # fmt: skip
+    done = forked.run([str(BENCH / "random_model.py"), *args], cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for out in (done.stdout, run_script("random_model.py", *args)):
         assert re.search(rf"^\d+M parameters -> {re.escape(str(tmp_path))}$", out, flags=re.MULTILINE)

@@ -57,3 +57,45 @@ def test_a_failing_rank_stops_the_others_and_gives_its_exit_code(tmp_path):
     start = time.monotonic()
     proc = forked.run(["-c", RANK, "fail"], cwd=tmp_path, ranks=2)  # rank 0 would sleep 60 s: killed
     assert proc.returncode == 7 and time.monotonic() - start < 30
+
+
+STARTS_PYTHON = """
+import os, subprocess, sys, time
+os.makedirs("lib")
+open("lib/mod_x.py", "w").write("X = 7")
+CHILD = 'import os, sys, mod_x; print("child", os.getcwd(), os.environ["Y"], mod_x.X, "torch" in sys.modules)'
+env = {**os.environ, "Y": "y", "PYTHONPATH": os.pathsep.join(["lib", os.environ.get("PYTHONPATH", "")])}
+start = time.monotonic()
+code = subprocess.run([sys.executable, "-c", CHILD + "; sys.exit(5)"], env=env).returncode
+print("parent", code, time.monotonic() - start < 5)
+"""
+
+
+def test_a_python_that_a_run_starts_is_forked_too_with_its_streams_env_path_and_exit_code(tmp_path):
+    """A launcher's rank or a benchmark's run (``sys.executable ...`` inside a run): same streams, folder,
+    environment and ``PYTHONPATH``, its exit code, and torch already imported (no interpreter start to pay)."""
+    proc = forked.run(["-c", STARTS_PYTHON], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"child {tmp_path} y 7 True", "parent 5 True"]
+
+
+SIGNALS_PYTHON = """
+import signal, subprocess, sys, time
+WAITS = 'import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); print("up", flush=True)'
+WAITS += "; time.sleep(60)"
+child = subprocess.Popen([sys.executable, "-c", WAITS], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+child.send_signal(signal.SIGTERM)
+print(child.wait())
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+time.sleep(1)
+child.kill()
+print(child.wait())
+"""
+
+
+def test_signals_reach_the_forked_python_and_a_killed_one_ends_its_run(tmp_path):
+    """SIGTERM is passed on to the run (its handler exits 143); SIGKILL, which cannot be passed on, ends the run
+    too (the zygote sees the shim hang up), so nothing is left behind for the zygote to wait for."""
+    proc = forked.run(["-c", SIGNALS_PYTHON], cwd=tmp_path, timeout=60)
+    assert proc.stdout.split() == ["143", "-9"], proc.stderr
