@@ -79,7 +79,7 @@ def dropout_model_dir(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- parallel workers
-# pyproject's addopts run the suite on 3 pytest-xdist workers. Each worker (and every train.py it starts, through
+# pyproject's addopts run the suite on 4 pytest-xdist workers. Each worker (and every train.py it starts, through
 # the environment) then uses one torch thread: workers of two threads each on two cores spend their time waiting on
 # each other's threads (OpenMP spins), and the toy model's matrices are too small for a second thread to pay.
 

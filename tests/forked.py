@@ -5,9 +5,10 @@ Every run is still its own process, with its own argv, working folder, environme
 stdout/stderr and exit code, running the script as ``__main__`` exactly as ``python SCRIPT`` would; what it does not
 pay is the ~5 s of CPU that importing torch, lightning and transformers costs every ``python train.py``, which was
 a third of the suite's time. The forking process (the zygote) only imports: it never computes, so no thread pool
-exists when it forks. Runs whose import-time variables (``IMPORT_TIME``: sys.path, thread pools, hub settings)
-differ get a zygote of their own; runs a test must signal (SIGTERM, a kill during a save) start a fresh interpreter
-with ``subprocess``, and so still cover ``python train.py`` from its first import.
+exists when it forks. Runs whose import-time variables (``IMPORT_TIME``: thread pools, hub settings) differ get a
+zygote of their own (a run's ``PYTHONPATH`` is put on its ``sys.path`` at the fork); runs a test must signal
+(SIGTERM, a kill during a save) start a fresh interpreter with ``subprocess``, and so still cover ``python train.py``
+from its first import.
 
 Inside a run, ``sys.executable`` is a shim (``tests/forked_python.py``): the ``python ...`` a run starts itself
 (Lightning's launcher starting rank 1 as ``python train.py ...``, a benchmark starting ``train.py`` per row) is
@@ -119,7 +120,7 @@ Lightning exported, a rank, a test's flag) only reaches the run's environment, a
 
 
 def _zygote(env: dict) -> _Zygote:
-    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME)))
+    key = _import_time(env)
     if key not in _zygotes:
         while len(_zygotes) >= KEEP:
             _zygotes.pop(next(iter(_zygotes))).close()
@@ -134,7 +135,8 @@ class _Zygote:
         from_child, to_parent = os.pipe()  # replies
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.forked", str(to_child), str(to_parent)],
-            pass_fds=(to_child, to_parent), cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=(to_child, to_parent), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            env={k: v for k, v in self.env.items() if k != "PYTHONPATH"},  # each run puts its own on sys.path
         )  # fmt: skip
         os.close(to_child)
         os.close(to_parent)
@@ -194,7 +196,6 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
     shim = Path(folder) / "python"
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S -E "{REPO / "tests" / "forked_python.py"}" "$@"\n')
     shim.chmod(0o755)
-    without_path = tuple(kv for kv in imported_with if kv[0] != "PYTHONPATH")  # a shim's run may add to it
     links = {"SPPO_FORKED_SOCKET": server.getsockname(), "SPPO_FORKED_PYTHON": sys.executable}
     selector = selectors.DefaultSelector()
     selector.register(requests_fd, selectors.EVENT_READ)
@@ -226,7 +227,7 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
                 conn, _ = server.accept()
                 message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
                 request = json.loads(message)
-                if _import_time(request["env"], but="PYTHONPATH") != without_path:
+                if _import_time(request["env"]) != imported_with:
                     conn.send(b"exec")  # other thread pools or hub settings: a fresh interpreter
                     conn.close()
                     for fd in fds:
@@ -238,7 +239,7 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
                     os.close(requests_fd)
                     os.close(replies_fd)
                     conn.close()
-                    _shim_child(request, fds, imported_with, str(shim))  # ends the process
+                    _shim_child(request, fds, str(shim))  # ends the process
                 for fd in fds:
                     os.close(fd)
                 conn.send(f"{pid}".encode())
@@ -268,8 +269,17 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _import_time(env, but: str = "") -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME) and k != but))
+def _import_time(env) -> tuple:
+    """The variables a zygote's imports depend on; ``PYTHONPATH`` is not one of them: the zygote starts without it
+    and each run's entries go on its ``sys.path`` (``_use_pythonpath``)."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME) and k != "PYTHONPATH"))
+
+
+def _use_pythonpath() -> None:
+    """This run's ``PYTHONPATH`` on ``sys.path`` where the interpreter puts it: after the script's folder (index 0,
+    which ``_become`` sets), before the standard library."""
+    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[1:1] = [os.path.abspath(p) for p in entries]
 
 
 def _child(request: dict, links: dict, shim: str) -> None:
@@ -287,25 +297,24 @@ def _child(request: dict, links: dict, shim: str) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"], **links)
+    _use_pythonpath()
     sys.executable = shim  # the run's own `python ...` (a launcher's rank, a benchmark's run) is forked too
     if request.get("ranks", 1) > 1:
         os._exit(_ranks(request))
     _become(request["argv"])
 
 
-def _shim_child(request: dict, fds: list[int], imported_with: tuple, shim: str) -> None:
-    """Become the ``python ARGV`` a run started through the shim: its streams, folder, environment and process
-    group; the entries its ``PYTHONPATH`` adds go where the interpreter puts them, after the script's folder."""
+def _shim_child(request: dict, fds: list[int], shim: str) -> None:
+    """Become the ``python ARGV`` a run started through the shim: its streams, folder, environment (its
+    ``PYTHONPATH`` on ``sys.path``) and process group."""
     os.setpgid(0, request["pgid"])  # the run's group: a timeout's kill reaches it
     for target, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
-    before = dict(imported_with).get("PYTHONPATH", "")
     os.environ.clear()
     os.environ.update(request["env"])
-    added = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in before.split(os.pathsep)]
-    sys.path[1:1] = [os.path.abspath(p) for p in added]
+    _use_pythonpath()
     sys.executable = shim
     _become(request["argv"])
 
