@@ -222,7 +222,7 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
                         os.close(replies_fd)
                         _child(request, links, str(shim))  # ends the process
                     os.write(replies_fd, f"{pid}\n".encode())
-                    waiting[pid] = lambda code: os.write(replies_fd, f"{code}\n".encode())
+                    waiting[pid] = lambda code: _reply(replies_fd, code)
             elif key.fileobj == server:
                 conn, _ = server.accept()
                 message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
@@ -267,6 +267,13 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _reply(replies_fd: int, code: int) -> None:
+    try:
+        os.write(replies_fd, f"{code}\n".encode())
+    except OSError:  # the worker is gone (its runs were killed)
+        pass
 
 
 def _import_time(env) -> tuple:
