@@ -1,8 +1,8 @@
 """FSDP2 (Lightning's ModelParallelStrategy) and FSDP1 (FSDPStrategy) on 2 CPU processes over gloo.
 
 Each check runs the real script or CLI in its own processes (tests/forked.py): the README's demo through Lightning's
-launcher, which starts rank 1 itself, the others with both ranks started as torchrun would. Not exercised here: NCCL and bf16 mixed precision, which only exist on a GPU
-(tests/test_gpu.py).
+launcher, which starts rank 1 itself, the others with both ranks started as torchrun would. Not exercised here: NCCL
+and bf16 mixed precision, which only exist on a GPU (tests/test_gpu.py).
 """
 
 import pytest
