@@ -60,6 +60,13 @@ def test_unknown_loss_type_names_the_key_and_choices(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_subcommand_without_a_step_is_refused_naming_the_two_that_run():
+    """The module has no test or predict step: ``train.py test`` stops at the command line, before any loading."""
+    proc = run("test", "--config", DEMO, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "invalid choice: 'test' (choose from 'fit', 'validate')" in proc.stderr
+
+
 def test_remote_code_is_refused_unless_trusted(tmp_path, toy_model_dir):
     """A model folder that ships its own code: loading it would run that code, so it is refused by default."""
     import json
