@@ -73,16 +73,16 @@ def run(
     many ranks of the script at once, sharing the streams (see the module's docstring). A failing rank stops the
     others, as Lightning's launcher does; the exit code is the first failing rank's."""
     env = dict(os.environ if env is None else env)
-    if ranks > 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", WORLD_SIZE=str(ranks))
-        env.pop("LOCAL_RANK", None)
-    if os.environ.get("SPPO_TESTS_NO_FORK") and ranks == 1:  # the fresh-interpreter path, to compare or to debug
+    if os.environ.get("SPPO_TESTS_NO_FORK"):  # fresh interpreters, to compare or to debug: Lightning starts the ranks
         proc = subprocess.run(
             [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
         )
         if stdout is not None:
             Path(stdout).write_text(proc.stdout)
         return proc
+    if ranks > 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", WORLD_SIZE=str(ranks))
+        env.pop("LOCAL_RANK", None)
     return _zygote(env).run(argv, str(cwd), env, timeout, stdout, ranks)
 
 

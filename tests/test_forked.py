@@ -4,7 +4,13 @@ folder, environment, streams and exit code, and a real ``__main__``."""
 import os
 import sys
 
+import pytest
+
 from tests import forked
+
+FORKING = pytest.mark.skipif(
+    bool(os.environ.get("SPPO_TESTS_NO_FORK")), reason="SPPO_TESTS_NO_FORK: scripts run in fresh interpreters"
+)
 
 SHOW = "import json, os, sys; print(json.dumps([sys.argv, os.getcwd(), os.environ.get('FORKED_X')])); sys.exit(3)"
 
@@ -43,6 +49,7 @@ RANK = (
 )
 
 
+@FORKING
 def test_ranks_start_together_with_the_launchers_variables(tmp_path):
     proc = forked.run(["-c", RANK, "ok"], cwd=tmp_path, ranks=2)
     assert proc.returncode == 0, proc.stderr
@@ -51,6 +58,7 @@ def test_ranks_start_together_with_the_launchers_variables(tmp_path):
     assert lines[0][4] == lines[1][4] and int(lines[0][4]) > 0  # one MASTER_PORT for both
 
 
+@FORKING
 def test_a_failing_rank_stops_the_others_and_gives_its_exit_code(tmp_path):
     import time
 
@@ -71,6 +79,7 @@ print("parent", code, time.monotonic() - start < 5)
 """
 
 
+@FORKING
 def test_a_python_that_a_run_starts_is_forked_too_with_its_streams_env_path_and_exit_code(tmp_path):
     """A launcher's rank or a benchmark's run (``sys.executable ...`` inside a run): same streams, folder,
     environment and ``PYTHONPATH``, its exit code, and torch already imported (no interpreter start to pay)."""
@@ -94,6 +103,7 @@ print(child.wait())
 """
 
 
+@FORKING
 def test_signals_reach_the_forked_python_and_a_killed_one_ends_its_run(tmp_path):
     """SIGTERM is passed on to the run (its handler exits 143); SIGKILL, which cannot be passed on, ends the run
     too (the zygote sees the shim hang up), so nothing is left behind for the zygote to wait for."""
