@@ -27,7 +27,7 @@ class CPUFSDPStrategy(FSDPStrategy):
 
 def cpu_strategy(devices: int, fsdp1: bool = False):
     """What the subprocess test scripts train under: FSDP1 (``CPUFSDPStrategy``), FSDP2 over ``devices``
-    processes (Lightning's ModelParallelStrategy re-launches the script per rank), or one process."""
+    processes (ranks started by ``tests/forked.py``, or else by Lightning's launcher), or one process."""
     if fsdp1:
         return CPUFSDPStrategy()
     if devices > 1:

@@ -278,15 +278,20 @@ def _reply(replies_fd: int, code: int) -> None:
 
 def _import_time(env) -> tuple:
     """The variables a zygote's imports depend on; ``PYTHONPATH`` is not one of them: the zygote starts without it
-    and each run's entries go on its ``sys.path`` (``_use_pythonpath``)."""
+    and each run's entries go on its ``sys.path`` (``_enter``)."""
     return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME) and k != "PYTHONPATH"))
 
 
-def _use_pythonpath() -> None:
-    """This run's ``PYTHONPATH`` on ``sys.path`` where the interpreter puts it: after the script's folder (index 0,
-    which ``_become`` sets), before the standard library."""
-    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+def _enter(cwd: str, env: dict, shim: str) -> None:
+    """The run's folder and environment, its ``PYTHONPATH`` on ``sys.path`` where the interpreter puts it (after the
+    script's folder, index 0, which ``_become`` sets; before the standard library), and the shim as its
+    ``sys.executable``: the ``python ...`` it starts (a launcher's rank, a benchmark's run) is forked too."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    entries = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[1:1] = [os.path.abspath(p) for p in entries]
+    sys.executable = shim
 
 
 def _child(request: dict, links: dict, shim: str) -> None:
@@ -301,11 +306,7 @@ def _child(request: dict, links: dict, shim: str) -> None:
         opened = os.open(path, flags, 0o644)
         os.dup2(opened, fd)
         os.close(opened)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"], **links)
-    _use_pythonpath()
-    sys.executable = shim  # the run's own `python ...` (a launcher's rank, a benchmark's run) is forked too
+    _enter(request["cwd"], {**request["env"], **links}, shim)
     if request.get("ranks", 1) > 1:
         os._exit(_ranks(request))
     _become(request["argv"])
@@ -318,11 +319,7 @@ def _shim_child(request: dict, fds: list[int], shim: str) -> None:
     for target, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target)
         os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    _use_pythonpath()
-    sys.executable = shim
+    _enter(request["cwd"], request["env"], shim)
     _become(request["argv"])
 
 
