@@ -1,5 +1,6 @@
 """The HF engine: K samples per prompt as token ids, EOS handling, padding-independence, seeding."""
 
+import pytest
 import torch
 
 from sppo_lightning.module import SPPOModule
@@ -190,3 +191,49 @@ def test_generation_uses_only_the_configured_settings_not_the_folders(toy_model_
     with torch.no_grad():
         expected = response_token_logps(m.policy.eval(), b.input_ids, b.attention_mask, b.response_mask)
     torch.testing.assert_close(b.ref_logps, expected, atol=1e-4, rtol=1e-5)
+
+
+def sliding_window_policy(vocab_size: int):
+    """A random 2-layer Gemma-2 (one full, one sliding-window layer of 3 tokens, soft-capped): its cache has layers
+    a static cache cannot stand in for, so the engine keeps the growing one."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=3, pad_token_id=0,
+                          attn_logit_softcapping=2.0, final_logit_softcapping=5.0)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("policy", ["toy", "sliding-window"])
+def test_k_samples_from_one_prompt_cache_are_the_plain_calls_draws(toy_model_dir, policy):
+    """Each prompt's KV cache is computed once for its K samples (``shared_prompt_cache``: written into a static
+    cache for the toy Qwen2, the growing cache kept for a sliding-window model): the same tokens as transformers' own
+    ``num_return_sequences=K`` call with the same seed, and the same log-probs up to float rounding; prompts of
+    different lengths (left padding) included."""
+    from transformers import GenerationConfig
+
+    m = module_for(toy_model_dir)
+    tok = m.tokenizer
+    model = (m.policy if policy == "toy" else sliding_window_policy(len(tok))).eval()
+    prompts = chat_prompt_ids(tok, ("What is 3+4?", "What is 33+44?", "What is 1+99?", "What is 50+5?"))
+    params = SamplingParams(n=4, max_new_tokens=12)
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours, logps = hf_generate(model, prompts, params, tok.pad_token_id, tok.eos_token_id, 16, with_logprobs=True)
+        torch.manual_seed(seed)
+        plain = model.generate(
+            input_ids=input_ids, attention_mask=(input_ids != tok.pad_token_id).long(),
+            generation_config=GenerationConfig(
+                do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12, num_return_sequences=4,
+                pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], return_dict_in_generate=True,
+                output_logits=True,
+            ),
+        )  # fmt: skip
+        rows = [truncate_at_stop(r, {tok.eos_token_id}, tok.pad_token_id) for r in plain.sequences[:, width:].tolist()]
+        assert [r for group in ours for r in group] == rows
+        expected = torch.stack(plain.logits, 1).log_softmax(-1).gather(-1, plain.sequences[:, width:, None])[..., 0]
+        for i, row in enumerate(r for group in logps for r in group):
+            torch.testing.assert_close(torch.tensor(row), expected[i, : len(row)], atol=1e-4, rtol=0)
