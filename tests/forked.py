@@ -349,23 +349,57 @@ def _ranks(request: dict) -> int:
 
 
 def _become(argv: list[str]) -> None:
-    """Run ``python ARGV`` in this process."""
+    """Run ``python ARGV`` in this process, then end it as the interpreter ends a program (``_end``)."""
     import runpy
 
-    if argv[0] == "-c":
-        sys.argv = ["-c", *argv[2:]]
-        sys.path[0] = ""
-        exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-    elif argv[0] == "-m":
-        sys.argv = [argv[1], *argv[2:]]
-        sys.path[0] = os.getcwd()
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    else:
-        script = os.path.abspath(argv[0])
-        sys.argv = [argv[0], *argv[1:]]
-        sys.path[0] = os.path.dirname(script)
-        runpy.run_path(script, run_name="__main__")
-    raise SystemExit(0)
+    try:
+        if argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path[0] = ""
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        elif argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(argv[0])
+            sys.argv = [argv[0], *argv[1:]]
+            sys.path[0] = os.path.dirname(script)
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:  # the interpreter's own reading of it: None is 0, a message goes to stderr with 1
+        code = e.code if e.code is None or isinstance(e.code, int) else 1
+        if not (e.code is None or isinstance(e.code, int)):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:  # the interpreter prints it and ends by the signal itself (exit status 130 in a shell)
+        sys.excepthook(*sys.exc_info())
+        _end(None)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    _end(code or 0)
+
+
+def _end(code: int | None) -> None:
+    """What the interpreter does when a program ends (``Py_FinalizeEx``), short of tearing its modules down: wait for
+    the threads that are not daemons, run the ``atexit`` functions (logging's flush, ``weakref.finalize``, temporary
+    folders), flush the standard streams, then exit with ``code`` (None: by SIGINT, as after an unhandled
+    KeyboardInterrupt). The teardown, freeing a heap that holds torch, transformers and Lightning page by page of the
+    zygote's copy-on-write memory, took about 1 s per run here (a refused run: 1.15 s in all, 0.21 s without it). What
+    it would also do is flush a file the run left open; the project's code writes every file in a ``with`` block."""
+    import threading
+
+    threading._shutdown()  # what Py_FinalizeEx calls first
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its pipe gone
+            pass
+    if code is None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code)
 
 
 if __name__ == "__main__":
