@@ -36,6 +36,25 @@ def test_a_script_runs_as_main_and_an_uncaught_error_exits_1_with_its_traceback(
     assert "to stderr" in proc.stderr and "ValueError: x" in proc.stderr
 
 
+ENDINGS = """
+import atexit, sys, threading, time
+atexit.register(lambda: print("atexit ran", flush=True))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+print("buffered", end="")
+sys.exit(sys.argv[1] if sys.argv[1] == "a message" else int(sys.argv[1]) if sys.argv[1] != "none" else None)
+"""
+
+
+@pytest.mark.parametrize(("arg", "code"), [("none", 0), ("3", 3), ("a message", 1)])
+def test_a_run_ends_as_the_interpreter_ends_a_program(tmp_path, arg, code):
+    """A run ends without the interpreter's teardown (``forked._end``) but as a program does: a thread that is not a
+    daemon finishes first, atexit functions run, buffered output is written, ``sys.exit``'s argument is read as the
+    interpreter reads it (None: 0, a message: on stderr, exit 1)."""
+    proc = forked.run(["-c", ENDINGS, arg], cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (code, "bufferedthread done\natexit ran\n")
+    assert proc.stderr == ("a message\n" if code == 1 else "")
+
+
 def test_output_to_a_file_and_a_module_run(tmp_path):
     proc = forked.run(["-m", "json.tool", "--help"], cwd=tmp_path, stdout=tmp_path / "help.txt")
     assert proc.returncode == 0 and "json.tool" in (tmp_path / "help.txt").read_text()
