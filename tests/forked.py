@@ -367,10 +367,11 @@ def _become(argv: list[str]) -> None:
             sys.path[0] = os.path.dirname(script)
             runpy.run_path(script, run_name="__main__")
         code = 0
-    except SystemExit as e:  # the interpreter's own reading of it: None is 0, a message goes to stderr with 1
-        code = e.code if e.code is None or isinstance(e.code, int) else 1
-        if not (e.code is None or isinstance(e.code, int)):
-            print(e.code, file=sys.stderr)
+    except SystemExit as e:  # read as the interpreter reads it: None is 0, anything but an int goes to stderr, 1
+        code = e.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
     except KeyboardInterrupt:  # the interpreter prints it and ends by the signal itself (exit status 130 in a shell)
         sys.excepthook(*sys.exc_info())
         _end(None)
