@@ -180,8 +180,8 @@ class _Zygote:
 # ------------------------------------------------------------------------------------------- the zygote itself
 def _serve(requests_fd: int, replies_fd: int) -> None:
     """Fork a run for each request of the worker (one at a time, on the pipe) and for each ``python`` a run starts
-    (through the shim, ``forked_python.py``, on a socket; any number at once), and report each exit code. No
-    ``finally`` here: a forked run unwinds through this frame on its way to the interpreter's exit."""
+    (through the shim, ``forked_python.py``, on a socket; any number at once), and report each exit code. A forked
+    run never returns into this frame: it ends in ``_become`` (``_end``)."""
     import importlib
     import selectors
     import socket
@@ -295,8 +295,8 @@ def _enter(cwd: str, env: dict, shim: str) -> None:
 
 
 def _child(request: dict, links: dict, shim: str) -> None:
-    """Become ``python ARGV`` in ``cwd`` with ``env`` (or the parent of ``ranks`` such processes); exits through
-    ``SystemExit`` like the interpreter's own run."""
+    """Become ``python ARGV`` in ``cwd`` with ``env`` (or the parent of ``ranks`` such processes); ends as the
+    interpreter ends a program (``_end``)."""
     os.setpgid(0, 0)  # a timeout kills the group: the ranks, and the processes Lightning's launcher starts
     for fd, path, flags in (
         (0, os.devnull, os.O_RDONLY),
@@ -330,7 +330,7 @@ def _ranks(request: dict) -> int:
     pids = {}
     for rank in range(request["ranks"]):
         pid = os.fork()
-        if pid == 0:  # ends like the interpreter's own run: SystemExit or an error unwinds to its exit
+        if pid == 0:  # ends as the interpreter ends a program (_become, _end)
             os.environ["LOCAL_RANK"] = str(rank)
             _become(request["argv"])
         pids[pid] = rank
