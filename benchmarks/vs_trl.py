@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"
     python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1] [--prompts 64] [--val 400]
-        [--threads 1] [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
+        [--threads 1] [--warmup 1] [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
 
 Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
 K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions
@@ -11,9 +11,10 @@ TRL: beta 0 (no reference model; SPPO needs none either), fp32, no gradient chec
 on bf16 and checkpointing; both are off to match our demo), dropout as in the model. The two are alternated in this
 one process, ``--rounds`` times with seeds 0, 1, ...: time is the median of the rounds, accuracy (greedy, on the
 same 400 held-out problems, same scorer) their mean and standard error, since it varies by about 3 points from seed
-to seed. torch runs on ``--threads`` threads, 1 by default (on a shared machine two threads of this tiny model wait on
-each other). Last lines: ``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time), ``time_ratio_ours_over_trl=<x>``
-(wall time).
+to seed. Before the rounds each side runs ``--warmup`` iterations untimed, so that what a process does once (imports
+inside the timed call, first-use caches) falls in neither side's rounds. torch runs on ``--threads`` threads, 1 by
+default (on a shared machine two threads of this tiny model wait on each other). Last lines:
+``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time), ``time_ratio_ours_over_trl=<x>`` (wall time).
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads, both sides (1: fair on a shared machine)"
     )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed iterations of each side first (0: none), see below"
+    )
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
     args.trl_option = dict(args.trl_option)
@@ -189,17 +193,23 @@ def main() -> None:
     from sppo_lightning.toy import AdditionPrompts
 
     val = AdditionPrompts("val", num_prompts=args.val, seed=1).load()
+    both = {"lr": args.lr, "passes": args.passes, "prompts": args.prompts}
+    sides = (
+        ("ours", partial(run_ours, overrides=tuple(args.overrides), **both)),
+        ("trl", partial(run_trl, options=args.trl_option, **both)),
+    )
+    if args.warmup:
+        # What a process does once, on first use, stays out of the rounds: imports made inside the timed call (ours
+        # imports math-verify when it first scores; TRL's imports come before its timed call), caches and the heap's
+        # first growth. Without it the first round of whichever side runs first pays them alone.
+        warm = {}
+        for name, fn in sides:
+            with tempfile.TemporaryDirectory() as tmp:
+                warm[name] = fn(args.warmup, seed=args.rounds, out=Path(tmp))["seconds"]
+        print(f"warm-up (--warmup {args.warmup}), not counted: ours {warm['ours']:.1f} s, trl {warm['trl']:.1f} s")
     results = {"ours": [], "trl": []}
     for r in range(args.rounds):
-        for name, fn in (
-            (
-                "ours",
-                partial(
-                    run_ours, lr=args.lr, passes=args.passes, overrides=tuple(args.overrides), prompts=args.prompts
-                ),
-            ),
-            ("trl", partial(run_trl, lr=args.lr, passes=args.passes, options=args.trl_option, prompts=args.prompts)),
-        ):
+        for name, fn in sides:
             with tempfile.TemporaryDirectory() as tmp:
                 got = fn(args.iterations, seed=r, out=Path(tmp))
             got["accuracy"] = accuracy(got.pop("model"), got.pop("tokenizer"), val)

@@ -55,6 +55,7 @@ def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
     args = ("--iterations", "1", "--rounds", "1", "--prompts", "16", "--val", "16", "--out", str(tmp_path))
     for _ in range(2):
         out = run_script("vs_trl.py", *args)
+        assert figures(out, r"^warm-up \(--warmup 1\), not counted: ours [\d.]+ s, trl [\d.]+ s$")
         assert figures(out, r"^round 0 +ours: [\d.]+ s for 64 completions, 1 optimizer steps, greedy accuracy")
         assert figures(out, r"^round 0 +trl: [\d.]+ s for 64 completions, 1 optimizer steps, greedy accuracy")
         for side in ("ours", "trl"):
