@@ -169,11 +169,13 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads, both sides (1: fair on a shared machine)"
     )
     parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed iterations of each side first (0: none), see below"
+        "--warmup", type=int, default=1, help="untimed iterations of each side before the rounds (0: none)"
     )
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
     args.trl_option = dict(args.trl_option)
+    if args.warmup < 0:
+        parser.error(f"--warmup: {args.warmup} is not a number of iterations (0 for none)")
     if args.prompts * K % MICRO:
         parser.error(f"--prompts: {args.prompts} x {K} samples is not a whole number of {MICRO}-completion steps")
     if args.trl_option:

@@ -67,6 +67,14 @@ def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
         assert [len(record["runs"][side]) for side in ("ours", "trl")] == [1, 1]
 
 
+def test_vs_trl_refuses_a_negative_warmup(run_script, capsys):
+    """-1 would reach Lightning as max_epochs=-1: train without end. One line naming the option, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        run_script("vs_trl.py", "--warmup", "-1")
+    assert e.value.code == 2
+    assert "--warmup: -1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(HAS_TRL, reason="TRL is installed: test_vs_trl_prints_its_table_twice runs both halves")
 def test_vs_trl_our_half_runs_without_trl(tmp_path, monkeypatch):
