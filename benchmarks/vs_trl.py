@@ -174,6 +174,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
     args.trl_option = dict(args.trl_option)
+    # -1 iterations would reach Lightning as max_epochs=-1 (a run without end), 0 rounds leave nothing to compare.
+    for name in ("iterations", "rounds", "passes", "prompts", "val", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: {getattr(args, name)} must be at least 1")
     if args.warmup < 0:
         parser.error(f"--warmup: {args.warmup} is not a number of iterations (0 for none)")
     if args.prompts * K % MICRO:

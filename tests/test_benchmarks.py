@@ -67,12 +67,14 @@ def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
         assert [len(record["runs"][side]) for side in ("ours", "trl")] == [1, 1]
 
 
-def test_vs_trl_refuses_a_negative_warmup(run_script, capsys):
-    """-1 would reach Lightning as max_epochs=-1: train without end. One line naming the option, exit 2."""
+@pytest.mark.parametrize("option", ["--warmup=-1", "--iterations=-1", "--rounds=0", "--prompts=0"])
+def test_vs_trl_refuses_a_size_that_cannot_run(run_script, capsys, option):
+    """-1 iterations would reach Lightning as max_epochs=-1 (a run without end), 0 rounds or prompts nothing to time:
+    one line naming the option, exit 2."""
     with pytest.raises(SystemExit) as e:
-        run_script("vs_trl.py", "--warmup", "-1")
+        run_script("vs_trl.py", option)
     assert e.value.code == 2
-    assert "--warmup: -1" in capsys.readouterr().err
+    assert option.split("=")[0] + ":" in capsys.readouterr().err
 
 
 @pytest.mark.slow
