@@ -19,6 +19,9 @@ from pathlib import Path
 from sppo_lightning.loss import LOSSES
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from argtypes import at_least  # noqa: E402
 
 
 def accuracies(root: Path) -> list[float]:
@@ -44,7 +47,7 @@ def run(loss_type: str, epochs: int, out: Path, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=at_least(1), default=20)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare_losses")
     parser.add_argument("--loss-types", nargs="+", default=list(LOSSES), help="default: every LOSSES entry")
     parser.add_argument("extra", nargs="*", help="more CLI overrides, after --")

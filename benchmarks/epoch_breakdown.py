@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from argtypes import at_least  # noqa: E402
+
 PHASES = ("time/rollout", "time/scoring", "time/ref_logprobs", "time/train", "time/validation")
 
 
@@ -137,11 +139,13 @@ def raw_run(cli, recorder: Recorder, warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1, help="first epochs left out of the figures (warm-up)")
+    parser.add_argument("--epochs", type=at_least(1), default=3)
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="first epochs left out of the figures (warm-up)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "breakdown")
     parser.add_argument("overrides", nargs="*", help="CLI overrides such as --data.samples_per_prompt=8")
     args = parser.parse_args()
+    if args.warmup >= args.epochs:
+        parser.error(f"--warmup {args.warmup} leaves none of the {args.epochs} epochs to measure")
     torch.set_num_threads(torch.get_num_threads())
 
     recorder, cli = framework_run(args)

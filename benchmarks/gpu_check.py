@@ -44,6 +44,9 @@ from lightning.pytorch import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from argtypes import at_least  # noqa: E402
 
 RECIPE = REPO / "configs" / "qwen2.5-7b-math.yaml"
 # Qwen/Qwen2.5-0.5B(-Instruct) config.json: 24 layers, 14 query / 2 key-value heads, tied embeddings
@@ -320,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 1 iteration per row, n/a for CUDA")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "gpu_check", help="models, data, runs")
     parser.add_argument("--out", type=Path, default=None, help="the table as JSON (default <work>/table.json)")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts per iteration (64; dry run 2)")
-    parser.add_argument("--response-length", type=int, default=None, help="max response tokens (512; dry run 8)")
+    parser.add_argument("--prompts", type=at_least(1), default=None, help="prompts per iteration (64; dry run 2)")
+    parser.add_argument(
+        "--response-length", type=at_least(1), default=None, help="max response tokens (512; dry run 8)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--rows", nargs="*", default=None, help="names of the rows to run (default all)")
     args = parser.parse_args(argv)

@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from argtypes import at_least  # noqa: E402
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -100,15 +102,15 @@ def worker(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--prompt", type=int, default=96)
-    parser.add_argument("--response", type=int, default=160)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after a first, untimed one")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", type=at_least(1), default=768)
+    parser.add_argument("--layers", type=at_least(1), default=12)
+    parser.add_argument("--heads", type=at_least(1), default=12)
+    parser.add_argument("--rows", type=at_least(1), default=8)
+    parser.add_argument("--prompt", type=at_least(1), default=96)
+    parser.add_argument("--response", type=at_least(1), default=160)
+    parser.add_argument("--r", type=at_least(1), default=16)
+    parser.add_argument("--steps", type=at_least(1), default=2, help="timed steps after a first, untimed one")
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--smoke", action="store_true", help="a tiny model and one timed step: the suite's run")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--mode", choices=["full", "lora"], help=argparse.SUPPRESS)  # a worker process

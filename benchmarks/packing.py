@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from argtypes import at_least  # noqa: E402
+
 
 def math_like_groups(rows: int, vocab: int, seed: int = 0) -> list:
     from sppo_lightning.data.examples import Example
@@ -112,12 +114,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=["math", "demo"], default="math")
-    parser.add_argument("--rows", type=int, default=32, help="math: rows (= prompts); demo: prompts (x 4 rows)")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--budget", type=int, nargs="*", default=[1792], help="token budgets to measure")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", type=at_least(1), default=32, help="math: rows (= prompts); demo: prompts (x 4 rows)")
+    parser.add_argument("--hidden", type=at_least(1), default=512)
+    parser.add_argument("--layers", type=at_least(1), default=4)
+    parser.add_argument("--repeats", type=at_least(1), default=2)
+    parser.add_argument("--budget", type=at_least(1), nargs="*", default=[1792], help="token budgets to measure")
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "packing.json")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from argtypes import at_least  # noqa: E402
 from vs_trl import LR, MICRO, NEW_TOKENS, PROMPTS, K, greedy_texts, mean_and_se, run_ours, run_trl  # noqa: E402
 
 OURS = ("sppo", "sppo_pair", "dpo", "ipo", "inpo", "dno")  # the paper's loss, its baselines, the Nash learners
@@ -201,19 +202,21 @@ def evaluate(model, tokenizer, records, start_texts, judge, train_judge) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="graded")
-    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (each runs every method once)")
+    parser.add_argument("--seeds", type=at_least(1), default=1, help="how many seeds (each runs every method once)")
     parser.add_argument(
-        "--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...; the table merges every "
-        "earlier invocation's runs found in --out for the same setting, rounds and --val (split methods and seeds "
-        "over several invocations to keep each short; the time ratios come from one invocation)"
+        "--first-seed", type=at_least(0), default=0, help="seeds first-seed, first-seed + 1, ...; the table merges "
+        "every earlier invocation's runs found in --out for the same setting, rounds and --val (split methods and "
+        "seeds over several invocations to keep each short; the time ratios come from one invocation)"
     )  # fmt: skip
-    parser.add_argument("--iterations", type=int, default=10, help="generation rounds of 64 x 4 completions")
-    parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per round (x 4 samples)")
+    parser.add_argument("--iterations", type=at_least(1), default=10, help="generation rounds of 64 x 4 completions")
+    parser.add_argument("--prompts", type=at_least(1), default=PROMPTS, help="prompts per round (x 4 samples)")
     parser.add_argument("--methods", nargs="+", default=[*OURS, *TRL], choices=[*OURS, *TRL])
-    parser.add_argument("--val", type=int, default=200, help="held-out problems answered greedily")
+    parser.add_argument("--val", type=at_least(1), default=200, help="held-out problems answered greedily")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "preference")
     parser.add_argument("--eta", type=float, default=2.0, help="η of our loss types (the demo's 2 by default)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fair on a shared machine)")
+    parser.add_argument(
+        "--threads", type=at_least(1), default=1, help="torch CPU threads (1: fair on a shared machine)"
+    )
     parser.add_argument(
         "--length-bias", type=float, default=LENGTH_BIAS, help="length-biased setting: the training judge's logits "
         "per character of length difference"

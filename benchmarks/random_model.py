@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from argtypes import at_least  # noqa: E402
 
 
 def random_qwen2(hidden: int = 1024, layers: int = 16, heads: int = 16):
@@ -38,9 +41,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--hidden", type=at_least(1), default=1024)
+    parser.add_argument("--layers", type=at_least(1), default=16)
+    parser.add_argument("--heads", type=at_least(1), default=16)
     args = parser.parse_args()
 
     model, tok = random_qwen2(args.hidden, args.layers, args.heads)

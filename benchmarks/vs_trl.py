@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from argtypes import at_least  # noqa: E402
+
 PROMPTS, K, NEW_TOKENS, LR, MICRO = 64, 4, 16, 1e-4, 64
 
 
@@ -154,32 +156,28 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=10, help="generation rounds of 64 x 4 completions")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of ours and TRL")
+    parser.add_argument("--iterations", type=at_least(1), default=10, help="generation rounds of 64 x 4 completions")
+    parser.add_argument("--rounds", type=at_least(1), default=2, help="alternations of ours and TRL")
     parser.add_argument("--lr", type=float, default=LR, help="learning rate of both sides")
-    parser.add_argument("--passes", type=int, default=1, help="training passes over each round, both sides")
+    parser.add_argument("--passes", type=at_least(1), default=1, help="training passes over each round, both sides")
     parser.add_argument(
         "--trl-option", action="append", default=[], type=trl_option, metavar="KEY=VALUE",
         help="a GRPOConfig field for TRL's side, e.g. epsilon=100 (no clipping) or scale_rewards=none; repeatable",
     )  # fmt: skip
-    parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per round (x 4 samples), both sides")
-    parser.add_argument("--val", type=int, default=400, help="held-out problems answered greedily")
+    parser.add_argument(
+        "--prompts", type=at_least(1), default=PROMPTS, help="prompts per round (x 4 samples), both sides"
+    )
+    parser.add_argument("--val", type=at_least(1), default=400, help="held-out problems answered greedily")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "vs_trl")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads, both sides (1: fair on a shared machine)"
+        "--threads", type=at_least(1), default=1, help="torch CPU threads, both sides (1: fair on a shared machine)"
     )
     parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed iterations of each side before the rounds (0: none)"
+        "--warmup", type=at_least(0), default=1, help="untimed iterations of each side before the rounds (0: none)"
     )
     parser.add_argument("overrides", nargs="*", help="our side's CLI overrides, e.g. --model.eta=4 (after --)")
     args = parser.parse_args()
     args.trl_option = dict(args.trl_option)
-    # -1 iterations would reach Lightning as max_epochs=-1 (a run without end), 0 rounds leave nothing to compare.
-    for name in ("iterations", "rounds", "passes", "prompts", "val", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}: {getattr(args, name)} must be at least 1")
-    if args.warmup < 0:
-        parser.error(f"--warmup: {args.warmup} is not a number of iterations (0 for none)")
     if args.prompts * K % MICRO:
         parser.error(f"--prompts: {args.prompts} x {K} samples is not a whole number of {MICRO}-completion steps")
     if args.trl_option:

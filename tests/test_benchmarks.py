@@ -67,14 +67,35 @@ def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
         assert [len(record["runs"][side]) for side in ("ours", "trl")] == [1, 1]
 
 
-@pytest.mark.parametrize("option", ["--warmup=-1", "--iterations=-1", "--rounds=0", "--prompts=0"])
-def test_vs_trl_refuses_a_size_that_cannot_run(run_script, capsys, option):
-    """-1 iterations would reach Lightning as max_epochs=-1 (a run without end), 0 rounds or prompts nothing to time:
-    one line naming the option, exit 2."""
+@pytest.mark.parametrize(
+    ("script", "option"),
+    [
+        ("vs_trl.py", "--iterations=-1"),
+        ("vs_trl.py", "--rounds=0"),
+        ("vs_trl.py", "--warmup=-1"),
+        ("preference.py", "--seeds=0"),
+        ("epoch_breakdown.py", "--epochs=-1"),
+        ("packing.py", "--repeats=0"),
+        ("compare_losses.py", "--epochs=-1"),
+        ("random_model.py", "--layers=0"),
+        ("gpu_check.py", "--prompts=0"),
+        ("lora_vs_full.py", "--steps=0"),
+    ],
+)
+def test_a_benchmark_refuses_a_size_that_cannot_run(run_script, capsys, tmp_path, script, option):
+    """-1 epochs reached Lightning as max_epochs=-1 (a run without end), 0 rounds or repeats a traceback after the
+    work: argparse refuses them (``argtypes.at_least``), one line naming the option, exit 2."""
     with pytest.raises(SystemExit) as e:
-        run_script("vs_trl.py", option)
+        run_script(script, option, "--out", str(tmp_path / "out"))
     assert e.value.code == 2
-    assert option.split("=")[0] + ":" in capsys.readouterr().err
+    assert f"argument {option.split('=')[0]}: " in capsys.readouterr().err
+
+
+def test_epoch_breakdown_refuses_a_warmup_that_leaves_nothing(run_script, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_script("epoch_breakdown.py", "--epochs", "2", "--warmup", "2", "--out", str(tmp_path))
+    assert e.value.code == 2
+    assert "--warmup 2 leaves none of the 2 epochs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -130,7 +151,7 @@ def test_epoch_breakdown_prints_every_phase_twice(run_script, tmp_path):
 def test_epoch_breakdown_refuses_what_train_py_refuses(run_script, tmp_path, capsys):
     """Built through train.py's CLI: a setting train.py rejects stops the benchmark the same way (one line, exit 2)."""
     with pytest.raises(SystemExit) as e:
-        run_script("epoch_breakdown.py", "--epochs", "1", "--out", str(tmp_path), "--", "--data.eta=3")
+        run_script("epoch_breakdown.py", "--epochs", "2", "--out", str(tmp_path), "--", "--data.eta=3")
     assert e.value.code == 2
     assert "data.eta" in capsys.readouterr().err
 
