@@ -13,8 +13,9 @@ one process, ``--rounds`` times with seeds 0, 1, ...: time is the median of the 
 same 400 held-out problems, same scorer) their mean and standard error, since it varies by about 3 points from seed
 to seed. Before the rounds each side runs ``--warmup`` iterations untimed, so that what a process does once (imports
 inside the timed call, first-use caches) falls in neither side's rounds. torch runs on ``--threads`` threads, 1 by
-default (on a shared machine two threads of this tiny model wait on each other). Last lines:
-``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time), ``time_ratio_ours_over_trl=<x>`` (wall time).
+default (on a shared machine two threads of this tiny model wait on each other). Last lines: each round's own ratio
+(ours over the TRL run right after it) and their median, ``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time),
+``time_ratio_ours_over_trl=<x>`` (wall time; both ratios of the medians).
 """
 
 from __future__ import annotations
@@ -257,6 +258,10 @@ def main() -> None:
     record = {"settings": settings, "start_accuracy": start_acc, "runs": results}
     (args.out / "vs_trl.json").write_text(json.dumps(record, indent=2))
     cpu = {n: statistics.median(x["cpu_seconds"] for x in v) for n, v in results.items()}
+    # Each round's own ratio (ours over the TRL run right after it): how far one round's comparison moves on a machine
+    # whose speed drifts, which the ratio of the medians below does not show.
+    paired = [o["seconds"] / t["seconds"] for o, t in zip(results["ours"], results["trl"], strict=True)]
+    print(f"rounds' own ratios (wall): {' '.join(f'{x:.2f}' for x in paired)}, median {statistics.median(paired):.3f}")
     print(f"cpu_time_ratio_ours_over_trl={cpu['ours'] / cpu['trl']:.3f} (medians of the process CPU time)")
     print(f"time_ratio_ours_over_trl={median['ours'] / median['trl']:.3f}")
 

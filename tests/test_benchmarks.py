@@ -61,6 +61,7 @@ def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
         for side in ("ours", "trl"):
             assert figures(out, rf"^\| {side} \| [\d.]+ \| [\d.]+% ± [\d.]+% \| [+-][\d.]+ pts \|$"), out
         assert figures(out, r"^accuracy gap ours - trl: [+-][\d.]+ ± [\d.]+ points")
+        assert figures(out, r"^rounds' own ratios \(wall\): \d+\.\d{2}, median \d+\.\d{3}$")
         assert figures(out, r"^cpu_time_ratio_ours_over_trl=\d+\.\d{3} ")
         assert figures(out, r"^time_ratio_ours_over_trl=\d+\.\d{3}$")
         record = json.loads((tmp_path / "vs_trl.json").read_text())
