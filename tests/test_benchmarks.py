@@ -69,25 +69,25 @@ def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("script", "option"),
+    ("script", "option", "required"),
     [
-        ("vs_trl.py", "--iterations=-1"),
-        ("vs_trl.py", "--rounds=0"),
-        ("vs_trl.py", "--warmup=-1"),
-        ("preference.py", "--seeds=0"),
-        ("epoch_breakdown.py", "--epochs=-1"),
-        ("packing.py", "--repeats=0"),
-        ("compare_losses.py", "--epochs=-1"),
-        ("random_model.py", "--layers=0"),
-        ("gpu_check.py", "--prompts=0"),
-        ("lora_vs_full.py", "--steps=0"),
+        ("vs_trl.py", "--iterations=-1", ()),
+        ("vs_trl.py", "--rounds=0", ()),
+        ("vs_trl.py", "--warmup=-1", ()),
+        ("preference.py", "--seeds=0", ()),
+        ("epoch_breakdown.py", "--epochs=-1", ()),
+        ("packing.py", "--repeats=0", ()),
+        ("compare_losses.py", "--epochs=-1", ()),
+        ("random_model.py", "--layers=0", ("--out", "unused")),  # its one required option
+        ("gpu_check.py", "--prompts=0", ()),
+        ("lora_vs_full.py", "--steps=0", ()),
     ],
 )
-def test_a_benchmark_refuses_a_size_that_cannot_run(run_script, capsys, tmp_path, script, option):
+def test_a_benchmark_refuses_a_size_that_cannot_run(run_script, capsys, script, option, required):
     """-1 epochs reached Lightning as max_epochs=-1 (a run without end), 0 rounds or repeats a traceback after the
-    work: argparse refuses them (``argtypes.at_least``), one line naming the option, exit 2."""
+    work: argparse refuses them (``argtypes.at_least``) before any work, one line naming the option, exit 2."""
     with pytest.raises(SystemExit) as e:
-        run_script(script, option, "--out", str(tmp_path / "out"))
+        run_script(script, option, *required)
     assert e.value.code == 2
     assert f"argument {option.split('=')[0]}: " in capsys.readouterr().err
 
