@@ -184,6 +184,7 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
     run never returns into this frame: it ends in ``_become`` (``_end``)."""
     import importlib
     import selectors
+    import shutil
     import socket
 
     imported_with = _import_time(os.environ)  # before the imports, which may set some (OMP, tokenizers)
@@ -201,6 +202,12 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
     selector.register(requests_fd, selectors.EVENT_READ)
     selector.register(server, selectors.EVENT_READ)
     waiting: dict[int, Callable[[int], None]] = {}  # pid -> what to do with its exit code
+
+    def close_inherited() -> None:  # in a forked run: the zygote's own ends, which are not the run's
+        server.close()
+        os.close(requests_fd)
+        os.close(replies_fd)
+
     pending, open_requests = b"", True
     while open_requests or waiting:
         for key, _ in selector.select(timeout=0.05):
@@ -217,9 +224,7 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
                     request = json.loads(line)
                     pid = os.fork()
                     if pid == 0:
-                        server.close()
-                        os.close(requests_fd)
-                        os.close(replies_fd)
+                        close_inherited()
                         _child(request, links, str(shim))  # ends the process
                     os.write(replies_fd, f"{pid}\n".encode())
                     waiting[pid] = lambda code: _reply(replies_fd, code)
@@ -235,9 +240,7 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    server.close()
-                    os.close(requests_fd)
-                    os.close(replies_fd)
+                    close_inherited()
                     conn.close()
                     _shim_child(request, fds, str(shim))  # ends the process
                 for fd in fds:
@@ -264,8 +267,6 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
                 break
             waiting.pop(pid)(os.waitstatus_to_exitcode(status))
     server.close()
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
 
 
