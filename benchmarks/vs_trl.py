@@ -5,16 +5,18 @@
         [--threads 1] [--warmup 1] [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
 
 Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
-K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions
-per pass over each round on both sides (``--passes``: our ``data.passes_per_rollout``, TRL's ``num_iterations``).
-TRL: beta 0 (no reference model; SPPO needs none either), fp32, no gradient checkpointing (TRL's defaults would turn
-on bf16 and checkpointing; both are off to match our demo), dropout as in the model. The two are alternated in this
-one process, ``--rounds`` times with seeds 0, 1, ...: time is the median of the rounds, accuracy (greedy, on the
-same 400 held-out problems, same scorer) their mean and standard error, since it varies by about 3 points from seed
-to seed. Before the rounds each side runs ``--warmup`` iterations untimed, so that what a process does once (imports
-inside the timed call, first-use caches) falls in neither side's rounds. torch runs on ``--threads`` threads, 1 by
-default (on a shared machine two threads of this tiny model wait on each other). Last lines: each round's own ratio
-(ours over the TRL run right after it) and their median, ``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time),
+K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions per
+pass over each round on both sides (``--passes``: our ``data.passes_per_rollout``, TRL's ``num_iterations``). TRL:
+beta 0 (no reference model; SPPO needs none either), fp32, no gradient checkpointing (TRL's defaults would turn on
+bf16 and checkpointing; both are off to match our demo), dropout as in the model. The two are alternated in this one
+process, ``--rounds`` times with seeds 0, 1, ..., the side that runs first alternating too (ours first in even
+rounds, TRL first in odd ones: on a shared machine whose speed drifts, a drift within a round then does not always
+fall on the same side): time is the median of the rounds, accuracy (greedy, on the same 400 held-out problems, same
+scorer) their mean and standard error, since it varies by about 3 points from seed to seed. Before the rounds each
+side runs ``--warmup`` iterations untimed, so that what a process does once (imports inside the timed call,
+first-use caches) falls in neither side's rounds. torch runs on ``--threads`` threads, 1 by default (on a shared
+machine two threads of this tiny model wait on each other). Last lines: each round's own ratio (ours over the TRL
+run of the same round) and their median, ``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time),
 ``time_ratio_ours_over_trl=<x>`` (wall time; both ratios of the medians).
 """
 
@@ -214,7 +216,7 @@ def main() -> None:
         print(f"warm-up (--warmup {args.warmup}), not counted: ours {warm['ours']:.1f} s, trl {warm['trl']:.1f} s")
     results = {"ours": [], "trl": []}
     for r in range(args.rounds):
-        for name, fn in sides:
+        for name, fn in sides if r % 2 == 0 else sides[::-1]:
             with tempfile.TemporaryDirectory() as tmp:
                 got = fn(args.iterations, seed=r, out=Path(tmp))
             got["accuracy"] = accuracy(got.pop("model"), got.pop("tokenizer"), val)
@@ -258,8 +260,8 @@ def main() -> None:
     record = {"settings": settings, "start_accuracy": start_acc, "runs": results}
     (args.out / "vs_trl.json").write_text(json.dumps(record, indent=2))
     cpu = {n: statistics.median(x["cpu_seconds"] for x in v) for n, v in results.items()}
-    # Each round's own ratio (ours over the TRL run right after it): how far one round's comparison moves on a machine
-    # whose speed drifts, which the ratio of the medians below does not show.
+    # Each round's own ratio (ours over the TRL run of the same round): how far one round's comparison moves on a
+    # machine whose speed drifts, which the ratio of the medians below does not show.
     paired = [o["seconds"] / t["seconds"] for o, t in zip(results["ours"], results["trl"], strict=True)]
     print(f"rounds' own ratios (wall): {' '.join(f'{x:.2f}' for x in paired)}, median {statistics.median(paired):.3f}")
     print(f"cpu_time_ratio_ours_over_trl={cpu['ours'] / cpu['trl']:.3f} (medians of the process CPU time)")

@@ -52,20 +52,23 @@ def figures(out: str, pattern: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRL, reason=NO_TRL)
 def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
-    args = ("--iterations", "1", "--rounds", "1", "--prompts", "16", "--val", "16", "--out", str(tmp_path))
-    for _ in range(2):
-        out = run_script("vs_trl.py", *args)
-        assert figures(out, r"^warm-up \(--warmup 1\), not counted: ours [\d.]+ s, trl [\d.]+ s$")
-        assert figures(out, r"^round 0 +ours: [\d.]+ s for 64 completions, 1 optimizer steps, greedy accuracy")
-        assert figures(out, r"^round 0 +trl: [\d.]+ s for 64 completions, 1 optimizer steps, greedy accuracy")
+    """The second run takes two rounds without a warm-up: the side that runs first alternates (ours, TRL, then TRL,
+    ours), and one ratio is printed per round."""
+    args = ("--iterations", "1", "--prompts", "16", "--val", "16", "--out", str(tmp_path))
+    for rounds, warmup in ((1, 1), (2, 0)):
+        out = run_script("vs_trl.py", *args, "--rounds", str(rounds), "--warmup", str(warmup))
+        warm = figures(out, r"^warm-up \(--warmup 1\), not counted: ours [\d.]+ s, trl [\d.]+ s$")
+        assert len(warm) == warmup, out
+        runs = figures(out, r"^round (\d) +(ours|trl): [\d.]+ s for 64 completions, 1 optimizer steps, greedy accuracy")
+        assert runs == [("0", "ours"), ("0", "trl"), ("1", "trl"), ("1", "ours")][: 2 * rounds], out
         for side in ("ours", "trl"):
             assert figures(out, rf"^\| {side} \| [\d.]+ \| [\d.]+% ± [\d.]+% \| [+-][\d.]+ pts \|$"), out
         assert figures(out, r"^accuracy gap ours - trl: [+-][\d.]+ ± [\d.]+ points")
-        assert figures(out, r"^rounds' own ratios \(wall\): \d+\.\d{2}, median \d+\.\d{3}$")
+        assert figures(out, rf"^rounds' own ratios \(wall\):( \d+\.\d{{2}}){{{rounds}}}, median \d+\.\d{{3}}$"), out
         assert figures(out, r"^cpu_time_ratio_ours_over_trl=\d+\.\d{3} ")
         assert figures(out, r"^time_ratio_ours_over_trl=\d+\.\d{3}$")
         record = json.loads((tmp_path / "vs_trl.json").read_text())
-        assert [len(record["runs"][side]) for side in ("ours", "trl")] == [1, 1]
+        assert [len(record["runs"][side]) for side in ("ours", "trl")] == [rounds, rounds]
 
 
 @pytest.mark.parametrize(
