@@ -154,7 +154,8 @@ class IterationHealth:
 
     FIELDS = ("input_ids", "attention_mask", "response_mask", "prompt_lengths", "ref_logps")
 
-    def __init__(self) -> None:
+    def __init__(self, kl: bool = True) -> None:
+        self.kl = kl  # False: no KL forwards (``model.kl_metrics``); the probe is still kept and checkpointed
         self.entropy: torch.Tensor | None = None  # (Σ, count), kept on the device: no sync per micro-batch
         self.last: dict[str, torch.Tensor] | None = None
         self.probe: dict[str, torch.Tensor] | None = None
@@ -182,7 +183,8 @@ class IterationHealth:
         self.probe = checkpoint.get(PROBE_KEY)
 
     def _kl_sets(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
-        return [(name, rows) for name, rows in (("train/kl_pi_t", self.last), ("train/kl_initial", self.probe)) if rows]
+        sets = (("train/kl_pi_t", self.last), ("train/kl_initial", self.probe)) if self.kl else ()
+        return [(name, rows) for name, rows in sets if rows]
 
     def to_score(self) -> list[dict[str, torch.Tensor]]:
         """The rows to run π_θ over at the iteration's end: the last micro-batch, then the probe (those held)."""

@@ -100,6 +100,7 @@ class SPPOModule(L.LightningModule):
         lora: LoRA | None = None,
         base_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         val_judge: Oracle | None = None,
+        kl_metrics: bool = True,
     ):
         """
         Args:
@@ -161,19 +162,23 @@ class SPPOModule(L.LightningModule):
                 over the starting policy's (generated once at the start of fit, kept in
                 ``<default_root_dir>/reference_responses.jsonl`` and reused on resume), with ``val/response_length``
                 and ``val/reference_length``. None = on when ``data.oracle`` is a preference oracle (pairwise or
-                reward model), off for the rule oracle.
+                reward model), off for the rule oracle. Beside it ``val/win_rate_lc``, AlpacaEval 2's length-controlled
+                win rate (``lc_win_rate``): the same preferences read at zero length difference.
             lora: Train LoRA adapters (PEFT) instead of every weight: ``--model.lora.r=16`` turns it on with the other
                 fields defaulted (``lora.LoRA``). None = full fine-tuning. π_t is the adapter policy at the iteration's
                 start; the optimizer holds only the adapters; checkpoints keep the adapters and their optimizer state;
                 engines and ``hf_model/`` get the merged weights, ``hf_adapter/`` the PEFT adapter.
             base_dtype: With ``lora``: the dtype the frozen base weights are kept in (``bfloat16`` halves their memory)
                 while the adapters train in ``dtype``. None = ``dtype``.
-                reward model), off for the rule oracle. Beside it ``val/win_rate_lc``, AlpacaEval 2's length-controlled
-                win rate (``lc_win_rate``): the same preferences read at zero length difference.
             val_judge: The judge of ``val/win_rate`` (any oracle: pairwise, PairRM, reward model, rule), held out from
                 training so that a policy cannot raise it by exploiting the training judge; None = the training
                 oracle (``data.oracle``). When both are set, the training oracle's figures are logged too
                 (``val/win_rate_train_judge``, ``val/win_rate_lc_train_judge``).
+            kl_metrics: Log ``train/kl_pi_t`` and ``train/kl_initial`` every iteration (``health``): one no-grad
+                forward over a micro-batch each, at the iteration's end (8 % of the demo's time on a CPU, next to
+                nothing where the rollout and the steps dominate). False skips both forwards, as TRL computes its KL
+                only when ``beta`` > 0; ``train/entropy`` comes from the training forward and stays. The probe for
+                ``train/kl_initial`` is kept either way, so a run resumed with it on measures against π_0.
         """
         super().__init__()
         if eta <= 0:
@@ -204,7 +209,7 @@ class SPPOModule(L.LightningModule):
         self.initial_val_accuracy: float | None = None  # the evaluation before the first update (callbacks read it)
         self.initial_val_seconds: float | None = None
         self.guard = NonFiniteGuard(max_nonfinite_steps, self._sum_over_ranks)
-        self.health = health.IterationHealth()  # train/entropy, train/kl_pi_t, train/kl_initial (health.py)
+        self.health = health.IterationHealth(kl_metrics)  # train/entropy, train/kl_pi_t, train/kl_initial
         self._nonfinite_in_step = False  # a micro-batch of the current optimizer step had a non-finite loss
         self._initial: tuple[torch.nn.Module, ...] = ()  # π_ref for INPO, kept out of the state dict (a tuple)
 
@@ -430,6 +435,8 @@ class SPPOModule(L.LightningModule):
         row_sets = [
             SimpleNamespace(**{k: v.to(self.device) for k, v in rows.items()}) for rows in self.health.to_score()
         ]
+        if not row_sets:  # model.kl_metrics=false: no forward (the same on every rank, a setting)
+            return self.health.metrics(self._sum_over_ranks, [])
         was_training = self.policy.training
         self.policy.eval()
         try:

@@ -94,8 +94,9 @@ def toy_data(engine, **kw) -> RolloutDataModule:
     )  # fmt: skip
 
 
-def fit(tmp_path, model_dir, engine, epochs=2, lr=1e-3, **data) -> list[dict]:
-    """A toy fit (4 prompts x 4 samples, 2 steps per iteration) logged to CSV: its metrics.csv rows."""
+def fit(tmp_path, model_dir, engine, epochs=2, lr=1e-3, module: dict | None = None, **data) -> list[dict]:
+    """A toy fit (4 prompts x 4 samples, 2 steps per iteration) logged to CSV: its metrics.csv rows; ``module``:
+    more settings of the SPPOModule."""
     from lightning.pytorch.loggers import CSVLogger
 
     L.seed_everything(0)
@@ -103,7 +104,7 @@ def fit(tmp_path, model_dir, engine, epochs=2, lr=1e-3, **data) -> list[dict]:
         max_epochs=epochs, accelerator="cpu", reload_dataloaders_every_n_epochs=1, logger=CSVLogger(tmp_path),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
-    trainer.fit(SPPOModule(str(model_dir), learning_rate=lr), datamodule=toy_data(engine, **data))
+    trainer.fit(SPPOModule(str(model_dir), learning_rate=lr, **(module or {})), datamodule=toy_data(engine, **data))
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
@@ -133,6 +134,34 @@ def test_without_a_step_the_policy_is_pi_t_and_every_kl_is_zero(tmp_path, toy_mo
     assert per_iteration(rows, "rollout/logprob_gap_max") == [0.0]
     assert per_iteration(rows, "train/kl_pi_t")[0] < 1e-6
     assert per_iteration(rows, "train/kl_initial")[0] < 1e-6
+
+
+def test_kl_metrics_off_runs_no_forward_at_the_iterations_end(tmp_path, toy_model_dir, monkeypatch):
+    """``model.kl_metrics=false``: the iteration's end scores nothing (TRL at beta 0 computes no KL either), no
+    ``train/kl_*`` value is logged, ``train/entropy`` (from the training forward) still is, and the probe for
+    ``train/kl_initial`` is kept, so a run resumed with the KLs on measures against π_0."""
+    forwards, at_the_end, modules = [], [], []
+    token_logps, iteration_health = SPPOModule.token_logps, SPPOModule.iteration_health
+
+    def counted(self, batch):
+        forwards.append(batch)
+        return token_logps(self, batch)
+
+    def health_forwards(self):
+        modules.append(self)
+        before = len(forwards)
+        out = iteration_health(self)
+        at_the_end.append(len(forwards) - before)
+        return out
+
+    monkeypatch.setattr(SPPOModule, "token_logps", counted)
+    monkeypatch.setattr(SPPOModule, "iteration_health", health_forwards)
+    rows = fit(tmp_path, toy_model_dir, HFEngine(logprobs_from_rollout=True), module={"kl_metrics": False})
+    assert at_the_end == [0, 0]
+    assert len(forwards) == 4  # the 2 training steps of each of the 2 iterations, nothing else
+    assert not any(r.get("train/kl_pi_t") or r.get("train/kl_initial") for r in rows)
+    assert len(per_iteration(rows, "train/entropy")) == 2
+    assert modules[-1].health.probe is not None
 
 
 @pytest.fixture
