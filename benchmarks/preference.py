@@ -32,7 +32,8 @@ After training, each policy answers ``--val`` held-out problems greedily. Report
 those answers against the starting policy's greedy answers (mean over prompts, then mean ± s.e. over seeds; ½ = no
 change), and with ``length-biased`` the training judge's too, the length-controlled win rate and the mean answer length
 in characters; exact accuracy (the boxed-answer checker), and seconds per 1,000 completions (median over seeds, all
-methods in this one process, alternated within each seed). A graded judge of closeness need not raise exact
+methods in this one process, alternated within each seed; each method's training loop, its setup left out, as in
+``vs_trl.py``). A graded judge of closeness need not raise exact
 accuracy, and the intransitive one rewards wrong answers of the winning style: both are measured.
 Last lines: ``time_ratio_sppo_over_trl_grpo=<x>`` and ``time_ratio_sppo_over_trl_online_dpo=<x>``.
 """
@@ -46,7 +47,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from argtypes import at_least  # noqa: E402
-from vs_trl import LR, MICRO, NEW_TOKENS, PROMPTS, K, greedy_texts, mean_and_se, run_ours, run_trl  # noqa: E402
+from vs_trl import LR, MICRO, NEW_TOKENS, PROMPTS, Clock, K, greedy_texts, mean_and_se, run_ours, run_trl  # noqa: E402
 
 OURS = ("sppo", "sppo_pair", "dpo", "ipo", "inpo", "dno")  # the paper's loss, its baselines, the Nash learners
 TRL = ("trl_online_dpo", "trl_grpo")
@@ -130,6 +130,8 @@ def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float =
     from sppo_lightning.toy import MODEL_DIR
     from sppo_lightning.toy.task import addition_records
 
+    clock = Clock()
+    clock.start()
     rows = [{"prompt": r["prompt"]} for r in addition_records("train", seed=seed)]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
@@ -143,12 +145,10 @@ def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float =
     )  # fmt: skip
     trainer = OnlineDPOTrainer(
         model=model, reward_funcs=pair_preference_reward(judge), args=config, train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
+        processing_class=tokenizer, callbacks=[clock.trl_callback()],
     )  # fmt: skip
-    start = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "completions": steps * MICRO, "steps": trainer.state.global_step,
+    return {**clock.stop(), "completions": steps * MICRO, "steps": trainer.state.global_step,
             "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
 
 

@@ -4,19 +4,25 @@
     python benchmarks/vs_trl.py [--iterations 10] [--rounds 16] [--lr 1e-4] [--passes 1] [--prompts 64] [--val 400]
         [--threads 1] [--warmup 1] [--trl-option epsilon=100 ...] [-- --model.eta=4 ...]
 
-Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker),
-K = 4 samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions per
-pass over each round on both sides (``--passes``: our ``data.passes_per_rollout``, TRL's ``num_iterations``). TRL:
-beta 0 (no reference model; SPPO needs none either), fp32, no gradient checkpointing (TRL's defaults would turn on
-bf16 and checkpointing; both are off to match our demo), dropout as in the model. The two are alternated in this one
-process, ``--rounds`` times with seeds 0, 1, ..., the side that runs first alternating too (ours first in even
-rounds, TRL first in odd ones: on a shared machine whose speed drifts, a drift within a round then does not always
-fall on the same side): time is the median of the rounds, accuracy (greedy, on the same 400 held-out problems, same
-scorer) their mean and standard error, since it varies by about 3 points from seed to seed. Before the rounds each
-side runs ``--warmup`` iterations untimed, so that what a process does once (imports inside the timed call,
-first-use caches) falls in neither side's rounds. torch runs on ``--threads`` threads, 1 by default (on a shared
-machine two threads of this tiny model wait on each other). Last lines: each round's own ratio (ours over the TRL
-run of the same round) and their median, ``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time),
+Same tiny model (the shipped toy Qwen2), same prompts (2-digit addition), same reward (the boxed-answer checker), K = 4
+samples of 64 prompts per generation round, 16 new tokens, lr 1e-4, and 4 optimizer steps of 64 completions per pass
+over each round on both sides (``--passes``: our ``data.passes_per_rollout``, TRL's ``num_iterations``). TRL: beta 0 (no
+reference model; SPPO needs none either), fp32, no gradient checkpointing (TRL's defaults would turn on bf16 and
+checkpointing; both are off to match our demo), dropout as in the model. Neither side validates, logs to a file or saves
+checkpoints during the run, and ours computes no KL metric (``model.kl_metrics=false``: TRL computes its KL only when
+beta > 0); ``-- --model.kl_metrics=true`` puts our two KL forwards back. The two are alternated in this one process,
+``--rounds`` times with seeds 0, 1, ..., the side that runs first alternating too (ours first in even rounds, TRL first
+in odd ones: on a shared machine whose speed drifts, a drift within a round then does not always fall on the same side):
+time is the median of the rounds, accuracy (greedy, on the same 400 held-out problems, same scorer) their mean and
+standard error, since it varies by about 3 points from seed to seed. A side's time is its training loop, every rollout,
+score and step, from its trainer's start-of-training hook (ours: Lightning's ``on_fit_start``, TRL:
+``TrainerCallback.on_train_begin``) to the end of the call; what comes before it is done once per run (loading the model
+and the prompts, building the trainer and the optimizer: TRL's mostly before ``train()``, ours inside ``fit``), is
+printed apart as setup and is also in ``time_ratio_with_setup``. Before the rounds each side runs ``--warmup``
+iterations untimed, so that what a process does once (imports inside the timed call, first-use caches) falls in neither
+side's rounds. torch runs on ``--threads`` threads, 1 by default (on a shared machine two threads of this tiny model
+wait on each other). Last lines: each round's own ratio (ours over the TRL run of the same round) and their median, each
+side's setup and ``time_ratio_with_setup=<x>``, ``cpu_time_ratio_ours_over_trl=<x>`` (process CPU time of the loops),
 ``time_ratio_ours_over_trl=<x>`` (wall time; both ratios of the medians).
 """
 
@@ -67,6 +73,48 @@ def greedy_texts(model, tokenizer, records) -> list[list[str]]:
     return [[tokenizer.decode(r, skip_special_tokens=True) for r in g] for g in out]
 
 
+class Clock:
+    """A side's time in two parts, wall and process CPU: ``setup`` from the start of its construction to the start of
+    its training loop (loading the model and the prompts, building the trainer and the optimizer: once per run, ours
+    inside ``fit``, TRL's mostly before ``train()``), then ``seconds``, the loop (every rollout, score and step)."""
+
+    def start(self) -> None:
+        self.marks = [(time.perf_counter(), time.process_time())]
+
+    def loop_starts(self) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def stop(self) -> dict:
+        (w0, c0), (w1, c1), (w2, c2) = *self.marks, (time.perf_counter(), time.process_time())
+        return {"seconds": w2 - w1, "cpu_seconds": c2 - c1, "setup_seconds": w1 - w0, "setup_cpu_seconds": c1 - c0}
+
+    def lightning_callback(self):
+        """Marks the loop's start in our fit: Lightning calls ``on_fit_start`` after ``setup`` and ``configure_model``
+        and the optimizer, before the loop asks for the first rollout."""
+        import lightning.pytorch as L
+
+        clock = self
+
+        class LoopStart(L.Callback):
+            def on_fit_start(self, trainer, pl_module):
+                clock.loop_starts()
+
+        return LoopStart()
+
+    def trl_callback(self):
+        """Marks the loop's start in a TRL trainer's ``train()``: ``on_train_begin`` comes after the optimizer and
+        accelerate's ``prepare``, before the first batch is drawn."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class LoopStart(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.loop_starts()
+
+        return LoopStart()
+
+
 def run_ours(
     iterations: int,
     seed: int,
@@ -80,17 +128,18 @@ def run_ours(
 
     args = ["--config", str(REPO / "configs" / "demo.yaml"), f"--trainer.max_epochs={iterations}",
             "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
-            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", f"--seed_everything={seed}",
-            f"--trainer.default_root_dir={out}", f"--data.prompts_per_epoch={prompts}",
+            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--model.kl_metrics=false",
+            f"--seed_everything={seed}", f"--trainer.default_root_dir={out}", f"--data.prompts_per_epoch={prompts}",
             f"--data.samples_per_prompt={K}", f"--data.max_response_length={NEW_TOKENS}",
             f"--data.micro_batch_size={MICRO}", f"--model.learning_rate={lr}", f"--data.seed={seed}",
             f"--data.passes_per_rollout={passes}", *overrides]  # fmt: skip
+    clock = Clock()
+    clock.start()
     cli = build_run(args)
-    start, cpu = time.perf_counter(), time.process_time()
+    cli.trainer.callbacks.append(clock.lightning_callback())
     fit(cli)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"seconds": seconds, "cpu_seconds": cpu, "completions": iterations * prompts * K,
-            "steps": cli.trainer.global_step, "model": cli.model.policy, "tokenizer": cli.model.tokenizer}  # fmt: skip
+    return {**clock.stop(), "completions": iterations * prompts * K, "steps": cli.trainer.global_step,
+            "model": cli.model.policy, "tokenizer": cli.model.tokenizer}  # fmt: skip
 
 
 def run_trl(
@@ -112,6 +161,8 @@ def run_trl(
     from sppo_lightning.toy import MODEL_DIR
     from sppo_lightning.toy.task import addition_records
 
+    clock = Clock()
+    clock.start()
     rows = [{"prompt": r["prompt"], "ground_truth": r["reward_model"]["ground_truth"]}
             for r in addition_records("train", seed=seed)]  # fmt: skip
 
@@ -131,13 +182,11 @@ def run_trl(
     config = GRPOConfig(**{**settings, **(options or {})})  # --trl-option wins over the matched settings
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward_fn or reward, args=config, train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
+        processing_class=tokenizer, callbacks=[clock.trl_callback()],
     )  # fmt: skip
-    start, cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"seconds": seconds, "cpu_seconds": cpu, "completions": iterations * prompts * K,
-            "steps": trainer.state.global_step, "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
+    return {**clock.stop(), "completions": iterations * prompts * K, "steps": trainer.state.global_step,
+            "model": trainer.model, "tokenizer": tokenizer}  # fmt: skip
 
 
 def trl_option(text: str) -> tuple[str, object]:
@@ -224,7 +273,8 @@ def main() -> None:
             results[name].append(got)
             print(f"round {r} {name:>4}: {got['seconds']:.1f} s for {got['completions']} completions, "
                   f"{got['steps']} optimizer steps, greedy accuracy {got['accuracy']:.1%} "
-                  f"({got['cpu_seconds']:.1f} s CPU)", flush=True)  # fmt: skip
+                  f"({got['cpu_seconds']:.1f} s CPU; setup before the loop {got['setup_seconds']:.2f} s)",
+                  flush=True)  # fmt: skip
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,6 +314,10 @@ def main() -> None:
     # machine whose speed drifts, which the ratio of the medians below does not show.
     paired = [o["seconds"] / t["seconds"] for o, t in zip(results["ours"], results["trl"], strict=True)]
     print(f"rounds' own ratios (wall): {' '.join(f'{x:.2f}' for x in paired)}, median {statistics.median(paired):.3f}")
+    setup = {n: statistics.median(x["setup_seconds"] for x in v) for n, v in results.items()}
+    whole = {n: statistics.median(x["setup_seconds"] + x["seconds"] for x in v) for n, v in results.items()}
+    print(f"setup before the loop (median s, not in the ratios below): ours {setup['ours']:.2f}, trl "
+          f"{setup['trl']:.2f}; with it, time_ratio_with_setup={whole['ours'] / whole['trl']:.3f}")  # fmt: skip
     print(f"cpu_time_ratio_ours_over_trl={cpu['ours'] / cpu['trl']:.3f} (medians of the process CPU time)")
     print(f"time_ratio_ours_over_trl={median['ours'] / median['trl']:.3f}")
 

@@ -65,10 +65,14 @@ def test_vs_trl_prints_its_table_twice(run_script, tmp_path):
             assert figures(out, rf"^\| {side} \| [\d.]+ \| [\d.]+% ± [\d.]+% \| [+-][\d.]+ pts \|$"), out
         assert figures(out, r"^accuracy gap ours - trl: [+-][\d.]+ ± [\d.]+ points")
         assert figures(out, rf"^rounds' own ratios \(wall\):( \d+\.\d{{2}}){{{rounds}}}, median \d+\.\d{{3}}$"), out
+        setup = r"^setup before the loop \(median s, not in the ratios below\): ours [\d.]+, trl [\d.]+; with it, "
+        assert figures(out, setup + r"time_ratio_with_setup=\d+\.\d{3}$"), out
         assert figures(out, r"^cpu_time_ratio_ours_over_trl=\d+\.\d{3} ")
         assert figures(out, r"^time_ratio_ours_over_trl=\d+\.\d{3}$")
         record = json.loads((tmp_path / "vs_trl.json").read_text())
         assert [len(record["runs"][side]) for side in ("ours", "trl")] == [rounds, rounds]
+        # each side's setup (model, prompts, trainer) timed apart from its loop
+        assert all(run["setup_seconds"] > 0 and run["seconds"] > 0 for side in record["runs"].values() for run in side)
 
 
 @pytest.mark.parametrize(
