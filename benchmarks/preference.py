@@ -33,8 +33,8 @@ those answers against the starting policy's greedy answers (mean over prompts, t
 change), and with ``length-biased`` the training judge's too, the length-controlled win rate and the mean answer length
 in characters; exact accuracy (the boxed-answer checker), and seconds per 1,000 completions (median over seeds, all
 methods in this one process, alternated within each seed; each method's training loop, its setup left out, as in
-``vs_trl.py``). A graded judge of closeness need not raise exact
-accuracy, and the intransitive one rewards wrong answers of the winning style: both are measured.
+``vs_trl.py``). A graded judge of closeness need not raise exact accuracy, and the intransitive one rewards wrong
+answers of the winning style: both are measured.
 Last lines: ``time_ratio_sppo_over_trl_grpo=<x>`` and ``time_ratio_sppo_over_trl_online_dpo=<x>``.
 """
 

@@ -161,7 +161,11 @@ def test_kl_metrics_off_runs_no_forward_at_the_iterations_end(tmp_path, toy_mode
     assert len(forwards) == 4  # the 2 training steps of each of the 2 iterations, nothing else
     assert not any(r.get("train/kl_pi_t") or r.get("train/kl_initial") for r in rows)
     assert len(per_iteration(rows, "train/entropy")) == 2
-    assert modules[-1].health.probe is not None
+    saved = {}
+    modules[-1].health.save(saved)  # what the checkpoint keeps; a run resumed from it with the KLs on:
+    resumed = health.IterationHealth(kl=True)
+    resumed.load(saved)
+    assert [rows["ref_logps"].shape for rows in resumed.to_score()] == [modules[-1].health.probe["ref_logps"].shape]
 
 
 @pytest.fixture
