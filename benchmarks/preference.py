@@ -131,7 +131,6 @@ def run_trl_online_dpo(iterations: int, seed: int, out: Path, judge, lr: float =
     from sppo_lightning.toy.task import addition_records
 
     clock = Clock()
-    clock.start()
     rows = [{"prompt": r["prompt"]} for r in addition_records("train", seed=seed)]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)

@@ -76,9 +76,10 @@ def greedy_texts(model, tokenizer, records) -> list[list[str]]:
 class Clock:
     """A side's time in two parts, wall and process CPU: ``setup`` from the start of its construction to the start of
     its training loop (loading the model and the prompts, building the trainer and the optimizer: once per run, ours
-    inside ``fit``, TRL's mostly before ``train()``), then ``seconds``, the loop (every rollout, score and step)."""
+    inside ``fit``, TRL's mostly before ``train()``), then ``seconds``, the loop (every rollout, score and step).
+    Made where the side's construction starts."""
 
-    def start(self) -> None:
+    def __init__(self) -> None:
         self.marks = [(time.perf_counter(), time.process_time())]
 
     def loop_starts(self) -> None:
@@ -134,7 +135,6 @@ def run_ours(
             f"--data.micro_batch_size={MICRO}", f"--model.learning_rate={lr}", f"--data.seed={seed}",
             f"--data.passes_per_rollout={passes}", *overrides]  # fmt: skip
     clock = Clock()
-    clock.start()
     cli = build_run(args)
     cli.trainer.callbacks.append(clock.lightning_callback())
     fit(cli)
@@ -162,7 +162,6 @@ def run_trl(
     from sppo_lightning.toy.task import addition_records
 
     clock = Clock()
-    clock.start()
     rows = [{"prompt": r["prompt"], "ground_truth": r["reward_model"]["ground_truth"]}
             for r in addition_records("train", seed=seed)]  # fmt: skip
 
